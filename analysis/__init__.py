@@ -1,0 +1,1 @@
+"""Tables and figures of the study, built from run directories written by hf_entropy_callback."""
