@@ -1,0 +1,258 @@
+"""Per-example learning dynamics from stored log-probabilities: AULC, Delta L, cartography, calibration."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .entropy import CATEGORIES
+
+# numpy >= 2 renamed trapz to trapezoid.
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
+
+def gold_loss(logprobs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Unweighted cross-entropy of the gold label, ``-log p(gold)``.
+
+    Args:
+        logprobs (`np.ndarray` of shape `(points, examples, classes)`): log-probabilities.
+        labels (`Sequence[int]` of length `examples`): gold label ids.
+
+    Returns:
+        `np.ndarray` of shape `(points, examples)`, float64.
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    if lp.ndim != 3 or lp.shape[1] != y.shape[0]:
+        raise ValueError(f"gold_loss: logprobs {lp.shape} do not match {y.shape[0]} labels")
+    if y.size and (y.min() < 0 or y.max() >= lp.shape[2]):
+        raise ValueError(f"gold_loss: labels must be in 0..{lp.shape[2] - 1}")
+    return -np.take_along_axis(lp, y[None, :, None], axis=2)[..., 0]
+
+
+def progress(steps: Sequence[int]) -> np.ndarray:
+    """Training progress of each tracking point, ``step / last step``, in [0, 1]."""
+    s = np.asarray(steps, dtype=np.float64)
+    if s.size < 2 or s[-1] <= 0:
+        raise ValueError(f"progress: need at least two tracking points ending at a step > 0, got steps {s.tolist()}")
+    if np.any(np.diff(s) <= 0):
+        raise ValueError(f"progress: tracking steps must increase strictly, got {s.tolist()}")
+    return s / s[-1]
+
+
+def aulc(losses: np.ndarray, steps: Sequence[int]) -> np.ndarray:
+    """Area under each example's loss curve, trapezoidal over progress normalised to [0, 1].
+
+    With progress in [0, 1] the AULC is the time-averaged loss, so runs of different lengths
+    compare; lower means learned faster.
+
+    Args:
+        losses (`np.ndarray` of shape `(points, examples)`): per-example loss at each point.
+        steps (`Sequence[int]` of length `points`): the optimizer step of each point.
+
+    Returns:
+        `np.ndarray` of shape `(examples,)`; NaN where any of the example's losses is NaN.
+
+    Example:
+        >>> aulc(np.array([[2.0], [1.0], [0.0]]), [0, 50, 100])
+        array([1.])
+    """
+    x = progress(steps)
+    loss = np.asarray(losses, dtype=np.float64)
+    if loss.shape[0] != x.shape[0]:
+        raise ValueError(f"aulc: {loss.shape[0]} loss rows for {x.shape[0]} tracking points")
+    return _trapezoid(loss, x, axis=0)
+
+
+def delta_loss(losses: np.ndarray) -> np.ndarray:
+    """Loss at the last tracking point minus loss at the first (> 0 means un-learning)."""
+    loss = np.asarray(losses, dtype=np.float64)
+    return loss[-1] - loss[0]
+
+
+def cartography(logprobs: np.ndarray, labels: Sequence[int]):
+    """Dataset Cartography statistics per example (Swayamdipta et al., 2020).
+
+    confidence = mean p(gold) over tracking points; variability = its (population) standard
+    deviation; correctness = share of points at which the argmax is the gold label.
+
+    Returns:
+        `pandas.DataFrame` with columns `confidence`, `variability`, `correctness`.
+    """
+    import pandas as pd
+
+    lp = np.asarray(logprobs, dtype=np.float64)
+    p_gold = np.exp(-gold_loss(lp, labels))
+    correct = lp.argmax(axis=2) == np.asarray(labels)[None, :]
+    return pd.DataFrame(
+        {"confidence": p_gold.mean(axis=0), "variability": p_gold.std(axis=0), "correctness": correct.mean(axis=0)}
+    )
+
+
+def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10) -> float:
+    """ECE with `n_bins` equal-width confidence bins: sum_b (n_b / n) |accuracy_b - confidence_b|."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    if len(y) == 0:
+        return float("nan")
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    # Bin b holds confidences in (b/n, (b+1)/n]; confidence 0 cannot occur for a distribution.
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: Sequence[str], n_bins: int = 10):
+    """Calibration per entropy category at one tracking point.
+
+    Args:
+        logprobs_point (`np.ndarray` of shape `(examples, classes)`): log-probabilities at one point.
+        labels (`Sequence[int]`): gold labels.
+        categories (`Sequence[str]`): entropy category of each example.
+        n_bins (`int`, *optional*, defaults to 10): ECE bins.
+
+    Returns:
+        `pandas.DataFrame` with one row per category (and "all"): `n`, `accuracy`,
+        `pred_entropy` (mean entropy of the predicted distribution, nats), `max_confidence`, `ece`.
+    """
+    import pandas as pd
+
+    lp = np.asarray(logprobs_point, dtype=np.float64)
+    probs = np.exp(lp)
+    y = np.asarray(labels)
+    cats = np.asarray(categories)
+    pred_h = -(probs * np.where(probs > 0, lp, 0.0)).sum(axis=1)
+    rows = []
+    groups = [c for c in CATEGORIES if (cats == c).any()] + [c for c in dict.fromkeys(cats) if c not in CATEGORIES]
+    for name in groups + ["all"]:
+        m = np.ones(len(y), bool) if name == "all" else cats == name
+        rows.append(
+            {
+                "category": name,
+                "n": int(m.sum()),
+                "accuracy": float((probs[m].argmax(axis=1) == y[m]).mean()),
+                "pred_entropy": float(pred_h[m].mean()),
+                "max_confidence": float(probs[m].max(axis=1).mean()),
+                "ece": expected_calibration_error(probs[m], y[m], n_bins),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def accuracy(logprobs_point: np.ndarray, labels: Sequence[int]) -> float:
+    """Share of examples whose most probable class is the gold label."""
+    lp = np.asarray(logprobs_point)
+    return float((lp.argmax(axis=-1) == np.asarray(labels)).mean())
+
+
+def example_dynamics(run, name: str = "train"):
+    """One row per tracked example of set `name`: its metadata plus aulc, delta_loss, first/last loss
+    and the cartography statistics.
+
+    Args:
+        run (`Run`): from `load_run`.
+        name (`str`, *optional*, defaults to `"train"`): the tracked set.
+
+    Returns:
+        `pandas.DataFrame`
+    """
+    ex = run.set_examples(name)
+    loss = run.losses(name)
+    out = ex.copy()
+    out["loss_first"] = loss[0]
+    out["loss_last"] = loss[-1]
+    out["aulc"] = aulc(loss, run.steps)
+    out["delta_loss"] = delta_loss(loss)
+    carto = cartography(run.logprobs[name], ex["label"].to_numpy())
+    for col in carto.columns:
+        out[col] = carto[col].to_numpy()
+    return out
+
+
+def correlation_table(x: np.ndarray, ys, x_name: str = "entropy"):
+    """Spearman rho and Kendall tau-b (scipy) of `x` against each named array in `ys`, NaNs dropped.
+
+    Returns:
+        `pandas.DataFrame` with columns `x`, `y`, `method`, `n`, `r`, `p_val`.
+    """
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    x = np.asarray(x, dtype=np.float64)
+    for y_name, y in ys.items():
+        y = np.asarray(y, dtype=np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        for method, fn in (("spearman", stats.spearmanr), ("kendall", stats.kendalltau)):
+            if ok.sum() < 3:
+                r, p = np.nan, np.nan
+            else:
+                res = fn(x[ok], y[ok])
+                r, p = float(res.statistic), float(res.pvalue)
+            rows.append({"x": x_name, "y": y_name, "method": method, "n": int(ok.sum()), "r": r, "p_val": p})
+    return pd.DataFrame(rows)
+
+
+def run_summary(run, name: str = "train", validation_set: Optional[str] = "validation") -> dict:
+    """Headline numbers of one run.
+
+    Spearman and Kendall tau-b (scipy's default tau-b) of entropy against AULC and against Delta L,
+    with p-values and n; mean Delta L and AULC per entropy category; final accuracy on the
+    validation set when it is tracked; and how many examples have a NaN loss.
+
+    Returns:
+        `dict` with keys `correlations` (list of rows), `categories` (list of rows), `n_examples`,
+        `n_nan`, `final_step`, and `validation_accuracy` (or None).
+    """
+    dyn = example_dynamics(run, name)
+    corr = correlation_table(dyn["entropy"].to_numpy(), {"aulc": dyn["aulc"], "delta_loss": dyn["delta_loss"]})
+    cats = []
+    for cat in [c for c in CATEGORIES if (dyn["category"] == c).any()]:
+        sub = dyn[dyn["category"] == cat]
+        cats.append(
+            {
+                "category": cat,
+                "n": len(sub),
+                "mean_delta_loss": float(sub["delta_loss"].mean()),
+                "mean_aulc": float(sub["aulc"].mean()),
+                "mean_loss_first": float(sub["loss_first"].mean()),
+                "mean_loss_last": float(sub["loss_last"].mean()),
+            }
+        )
+    val_acc = None
+    if validation_set and validation_set in run.logprobs:
+        vex = run.set_examples(validation_set)
+        val_acc = accuracy(run.logprobs[validation_set][-1], vex["label"].to_numpy())
+    return {
+        "set": name,
+        "n_examples": int(len(dyn)),
+        "n_nan": int(np.isnan(dyn["aulc"]).sum()),
+        "final_step": int(run.steps[-1]),
+        "validation_accuracy": val_acc,
+        "correlations": corr.to_dict("records"),
+        "categories": cats,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable rendering of `run_summary`'s result."""
+    lines = [f"tracked set {summary['set']!r}: {summary['n_examples']} examples, final step {summary['final_step']}"]
+    if summary.get("n_nan"):
+        lines.append(f"WARNING: {summary['n_nan']} examples have a NaN loss (diverged run?)")
+    if summary.get("validation_accuracy") is not None:
+        lines.append(f"ChaosNLI validation accuracy: {summary['validation_accuracy']:.4f}")
+    for row in summary["correlations"]:
+        lines.append(f"{row['method']:>8} entropy vs {row['y']:<10} r = {row['r']:+.4f}  p = {row['p_val']:.3g}  n = {row['n']}")
+    lines.append(f"{'category':>10} {'n':>6} {'mean dL':>9} {'mean AULC':>10} {'loss0':>8} {'lossT':>8}")
+    for c in summary["categories"]:
+        lines.append(
+            f"{c['category']:>10} {c['n']:>6} {c['mean_delta_loss']:>+9.4f} {c['mean_aulc']:>10.4f} "
+            f"{c['mean_loss_first']:>8.4f} {c['mean_loss_last']:>8.4f}"
+        )
+    return "\n".join(lines)
