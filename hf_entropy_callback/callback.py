@@ -159,6 +159,7 @@ class AnnotationEntropyCallback(TrainerCallback):
             self._check_columns(name, ds)
         self._reset_trajectory()
         self._warned_unlearning = False
+        self._nan_warned: set = set()
 
     # ---- preparation -------------------------------------------------------------------------
 
@@ -312,7 +313,9 @@ class AnnotationEntropyCallback(TrainerCallback):
                 msg = f"NaN loss on {int(bad.sum())} tracked examples of set {name!r} at step {step} (e.g. {ids})"
                 if self.nan_policy == "raise":
                     raise FloatingPointError(msg)
-                warnings.warn(msg + "; recorded as NaN, the run summary reports them", RuntimeWarning, stacklevel=3)
+                if name not in self._nan_warned:  # once per set: later points usually stay NaN
+                    self._nan_warned.add(name)
+                    warnings.warn(msg + "; recorded as NaN, the run summary reports them", RuntimeWarning, stacklevel=3)
 
     def losses(self, name: str) -> np.ndarray:
         """Gold-label cross-entropy so far, shape (points, examples)."""
@@ -367,6 +370,7 @@ class AnnotationEntropyCallback(TrainerCallback):
         self._prepare(self.tokenizer or processing_class or kwargs.get("tokenizer"), int(model.config.num_labels))
         self._reset_trajectory()
         self._warned_unlearning = False
+        self._nan_warned = set()
         self._config = self._collect_config(args, model)
         if state.global_step > 0:
             self._resume(args, state)
