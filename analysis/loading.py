@@ -1,0 +1,223 @@
+"""Loading many run directories into tidy tables (one pass per run; log-probabilities are not kept).
+
+Per run, everything the report needs is derived right after loading, with
+`hf_entropy_callback.dynamics`, so memory stays flat however many runs there are:
+
+- ``runs``: one row per run (condition keys, seed, status, Spearman / Kendall of entropy vs
+  AULC, validation accuracy, divergence);
+- ``examples``: one row per (usable run, tracked example): `dynamics.example_dynamics`;
+- ``curves``: per (run, tracking point, category) the mean, sd and n of the tracked loss;
+- ``calibration``: per (run, set, category) `dynamics.calibration` at the final point;
+- ``entropy``: per dataset, the tracked examples of every set (for the entropy histogram).
+
+A run is *diverged* when any tracked loss of its train set is not finite. Diverged runs are
+listed (status "diverged", with their rho over the finite examples) but kept out of every
+aggregate, comparison and figure.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
+from hf_entropy_callback.entropy import CATEGORIES
+from hf_entropy_callback.runs import RunFormatError, load_run
+
+from .conditions import describe_run, discover_runs, replicate_warnings, run_ids
+
+
+@dataclass
+class Study:
+    """Everything the report needs, from all runs (see the module docstring)."""
+
+    runs: pd.DataFrame
+    examples: pd.DataFrame
+    curves: pd.DataFrame
+    calibration: pd.DataFrame
+    entropy: pd.DataFrame
+    notes: List[str] = field(default_factory=list)
+    configs: Dict[str, dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def usable(self) -> pd.DataFrame:
+        """The runs that enter aggregates (not diverged)."""
+        return self.runs[~self.runs["diverged"]]
+
+
+def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarray, cats: np.ndarray) -> pd.DataFrame:
+    progress = steps / steps[-1]
+    frames = []
+    for cat in [c for c in CATEGORIES if (cats == c).any()] + ["all"]:
+        sub = losses[:, cats == cat] if cat != "all" else losses
+        n = np.isfinite(sub).sum(axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN points of a diverged run
+            mean, sd = np.nanmean(sub, axis=1), np.nanstd(sub, axis=1, ddof=1)
+        frames.append(
+            pd.DataFrame(
+                {"run_id": run_id, "point": np.arange(len(steps)), "step": steps, "progress": progress,
+                 "epoch": epochs, "category": cat, "mean": mean, "sd": sd, "n": n}
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _calibration(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
+    frames = []
+    for name in sets:
+        if name not in run.logprobs:
+            continue
+        final = run.logprobs[name][-1]
+        if not np.isfinite(final).all():
+            continue  # a diverged run has no meaningful final distribution
+        ex = run.set_examples(name)
+        cal = calibration(final, ex["label"].to_numpy(), ex["category"].to_numpy())
+        frames.append(cal.assign(run_id=run_id, set=name))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Optional[str] = "validation"):
+    """Derive one run's row and tables (see the module docstring) from a loaded `Run`.
+
+    Returns
+    -------
+    row : dict
+        The run's entry of ``Study.runs`` (without the condition columns).
+    tables : dict
+        ``examples``, ``curves``, ``calibration`` DataFrames (``calibration`` may be None).
+    """
+    if train_set not in run.logprobs:
+        raise RunFormatError(f"{run.path}: no tracked set {train_set!r} (it has {run.sets})")
+    ex = run.set_examples(train_set)
+    losses = run.losses(train_set)
+    steps = run.steps.astype(np.float64)
+    finite = np.isfinite(losses)
+    bad_points = np.flatnonzero(~finite.all(axis=1))
+    dyn = example_dynamics(run, train_set)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on constant input; the NaN it returns is what we report
+        corr = correlation_table(dyn["entropy"].to_numpy(), {"aulc": dyn["aulc"].to_numpy()}).set_index("method")
+    val_acc = math.nan
+    n_val = 0
+    if validation_set and validation_set in run.logprobs:
+        vex = run.set_examples(validation_set)
+        n_val = len(vex)
+        final = run.logprobs[validation_set][-1]
+        if np.isfinite(final).all():
+            val_acc = accuracy(final, vex["label"].to_numpy())
+    row = {
+        "path": run.path,
+        "n_train": len(ex),
+        "n_validation": n_val,
+        "n_points": len(steps),
+        "final_step": int(steps[-1]),
+        "n": int(corr.loc["spearman", "n"]),
+        "rho": corr.loc["spearman", "r"],
+        "p_val": corr.loc["spearman", "p_val"],
+        "tau": corr.loc["kendall", "r"],
+        "tau_p_val": corr.loc["kendall", "p_val"],
+        "validation_accuracy": val_acc,
+        "n_nonfinite": int((~finite.all(axis=0)).sum()),
+        "first_nonfinite_step": int(steps[bad_points[0]]) if len(bad_points) else None,
+        "diverged": bool(len(bad_points)),
+    }
+    tables = {
+        "examples": dyn.assign(run_id=run_id),
+        "curves": _curves(run_id, losses, steps, run.points["epoch"].to_numpy(np.float64), ex["category"].to_numpy()),
+        "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else [])),
+    }
+    return row, tables
+
+
+def load_study(
+    paths: Sequence[str],
+    train_set: str = "train",
+    validation_set: Optional[str] = "validation",
+    progress: Optional[bool] = None,
+    skip_invalid: bool = False,
+) -> Study:
+    """Discover, load and summarise every run below `paths`.
+
+    Parameters
+    ----------
+    paths : sequence of str
+        Folders holding run directories (searched recursively).
+    train_set : str
+        The tracked set with per-example trajectories.
+    validation_set : str or None
+        The tracked set used for validation accuracy.
+    progress : bool or None
+        Show a tqdm progress bar (None: only on a terminal).
+    skip_invalid : bool
+        Skip (and note) runs that fail to load instead of raising.
+
+    Raises
+    ------
+    NoRunsFoundError
+        When no run is found.
+    RunFormatError
+        When a run cannot be read (names its directory), unless `skip_invalid`.
+    """
+    from tqdm.auto import tqdm
+
+    dirs, notes = discover_runs(paths)
+    ids = run_ids(dirs)
+    rows, configs, parts = [], {}, {"examples": [], "curves": [], "calibration": []}
+    entropy: Dict[str, pd.DataFrame] = {}
+    disable = None if progress is None else not progress
+    for tdir, run_id in tqdm(list(zip(dirs, ids)), desc="loading runs", unit="run", disable=disable):
+        try:
+            run = load_run(tdir)
+            row, tables = summarize_run(run, run_id, train_set, validation_set)
+        except (RunFormatError, ValueError, KeyError, OSError) as err:
+            if not skip_invalid:
+                if isinstance(err, RunFormatError):
+                    raise
+                raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
+            notes.append(f"{tdir}: skipped, {err}")
+            continue
+        desc = describe_run(run.config)
+        rows.append({"run_id": run_id, **desc, **row})
+        configs[run_id] = dict(run.config)
+        if not row["diverged"]:
+            for key, frame in tables.items():
+                if frame is not None:
+                    parts[key].append(frame)
+        # The entropy histogram wants a dataset's full tracked split: prefer a run that keeps all examples.
+        ds = desc["dataset"]
+        if ds not in entropy or (desc["composition"] == "all" and entropy[ds].attrs.get("composition") != "all"):
+            frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
+            frame.attrs["composition"] = desc["composition"]
+            entropy[ds] = frame
+        del run
+    if not rows:
+        from .conditions import NoRunsFoundError
+
+        raise NoRunsFoundError(f"no loadable runs below {', '.join(map(str, paths))}")
+    runs = pd.DataFrame(rows)
+    runs["status"] = np.where(runs["diverged"], "diverged", "ok")
+    notes += replicate_warnings(runs, configs)
+    for r in runs[runs["diverged"]].itertuples():
+        notes.append(
+            f"{r.run_id} ({r.condition}, seed {r.seed:g}): diverged, non-finite losses from step "
+            f"{r.first_nonfinite_step} on ({r.n_nonfinite} of {r.n_train} examples); excluded from aggregates"
+        )
+
+    def cat(key):
+        return pd.concat(parts[key], ignore_index=True) if parts[key] else pd.DataFrame()
+
+    return Study(
+        runs=runs,
+        examples=cat("examples"),
+        curves=cat("curves"),
+        calibration=cat("calibration"),
+        entropy=pd.concat(list(entropy.values()), ignore_index=True),
+        notes=notes,
+        configs=configs,
+    )
