@@ -1,0 +1,57 @@
+"""Build the study's report from run directories.
+
+    python -m analysis RUNS_DIR [RUNS_DIR ...] --out REPORT_DIR
+
+Finds every run below the given folders (``entropy_tracking/run_config.json``), groups them into
+conditions (model x method x rank x dataset x variant, seeds as replicates) and writes REPORT_DIR
+with index.md (and index.html) linking every table (markdown + CSV) and figure (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from hf_entropy_callback.runs import RunFormatError
+
+from .conditions import NoRunsFoundError
+from .report import build_report
+from .tables import ALPHA
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding run directories (recursive)")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder to write")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default %(default)s)")
+    parser.add_argument("--train-set", default="train", help="tracked set with trajectories (default %(default)s)")
+    parser.add_argument("--validation-set", default="validation",
+                        help="tracked set for validation accuracy (default %(default)s)")
+    parser.add_argument("--no-html", action="store_true", help="write index.md only")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip (and list in the report) runs that cannot be read instead of stopping")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        report = build_report(
+            args.runs, args.out, alpha=args.alpha, train_set=args.train_set, validation_set=args.validation_set,
+            html_index=not args.no_html, progress=False if args.quiet else None, skip_invalid=args.skip_invalid,
+        )
+    except (NoRunsFoundError, RunFormatError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    n_fig = sum(len(v) for v in report.figures.values())
+    print(f"wrote {report.index}: {len(report.tables) } tables, {n_fig} figures "
+          f"({time.perf_counter() - start:.1f} s)")
+    for note in report.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

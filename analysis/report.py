@@ -1,0 +1,659 @@
+"""Building the report folder: every table (markdown + CSV) and figure (PNG), linked from index.md / index.html.
+
+Layout of the folder::
+
+    index.md, index.html   the report, in the order of the study's analyses
+    tables/NAME.csv        the full tidy table (raw numbers)
+    tables/NAME.md         the same table formatted for reading
+    figures/NAME.png       the figures
+
+The folder is built under a temporary name beside the target and renamed into place, so a
+reader never sees a half-written report; an existing report folder is replaced, any other
+non-empty folder is left alone (error).
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+from hf_entropy_callback.chaosnli import NLI_LABELS
+
+from . import figures as F
+from . import tables as T
+from .conditions import CONDITION_KEYS, condition_table
+from .loading import Study, load_study
+
+REPORT_MARKER = "index.md"
+#: Tables longer than this are linked from the index, not shown inline.
+INLINE_ROWS = 60
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_number(col: str, v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if math.isinf(v):
+            return "∞" if v > 0 else "−∞"
+        if col.startswith("p_") or col.endswith("_p_val") or col in ("p_val", "p_max"):
+            return f"{v:.3g}"
+        if "share" in col or col == "sign_concordance":
+            return f"{100 * v:.1f}%"
+        if v.is_integer() and (col in ("rank", "seed", "n", "n_examples", "final_step", "first_nonfinite_step", "W")
+                               or col.startswith("n_")):
+            return str(int(v))
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}"
+    return str(v)
+
+
+def format_table(frame: pd.DataFrame, drop_keys: bool = True) -> pd.DataFrame:
+    """A display copy of a tidy table: ``X_mean``/``X_sd`` pairs merged into "X (mean ± sd)", numbers as text.
+
+    Missing values become "—" (so a single-run condition reads "0.250 ± —"); p-values get three
+    significant digits, shares a percent sign, other floats three decimals. When `drop_keys` and
+    the table has a ``condition`` column, the condition key columns are dropped (the condition's
+    label names them).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from analysis.report import format_table
+    >>> df = pd.DataFrame({"condition": ["A", "B"], "rho_mean": [0.2, 0.25], "rho_sd": [0.1, float("nan")],
+    ...                    "p_max": [0.0123456, 0.04]})
+    >>> format_table(df)
+      condition rho (mean ± sd)   p_max
+    0         A   0.200 ± 0.100  0.0123
+    1         B     0.250 ± —     0.04
+    """
+    df = frame.copy()
+    if drop_keys and "condition" in df:
+        df = df.drop(columns=[k for k in CONDITION_KEYS if k in df])
+    out = {}
+    for col in df.columns:
+        if col.endswith("_sd") and f"{col[:-3]}_mean" in df:
+            continue
+        if col.endswith("_mean") and f"{col[:-5]}_sd" in df:
+            base = col[:-5]
+            out[f"{base} (mean ± sd)"] = [
+                f"{_fmt_number(base, m)} ± {_fmt_number(base, s)}" for m, s in zip(df[col], df[f"{base}_sd"])
+            ]
+        else:
+            out[col] = [_fmt_number(col, v) for v in df[col]]
+    return pd.DataFrame(out, index=range(len(df)))
+
+
+def markdown_table(display: pd.DataFrame) -> str:
+    """Render a (formatted) DataFrame as a GitHub-flavoured markdown table."""
+    def cell(v) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(cell(c) for c in display.columns) + " |"
+    rule = "|" + "|".join("---" for _ in display.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in display.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+# --------------------------------------------------------------------------------------------
+# The document: sections of blocks rendered to markdown and HTML
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TableItem:
+    """A table of the report: the tidy frame (CSV) and how it is displayed."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    caption: str = ""
+    display: Optional[pd.DataFrame] = None
+    inline: bool = True
+
+    def shown(self) -> pd.DataFrame:
+        return self.display if self.display is not None else format_table(self.frame)
+
+
+@dataclass
+class FigureItem:
+    name: str
+    paths: List[str]
+    caption: str
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: List[Union[str, TableItem, FigureItem]] = field(default_factory=list)
+
+    def text(self, s: str):
+        self.blocks.append(s)
+
+    def note(self, s: str):
+        self.blocks.append("Note: " + s)
+
+
+# --------------------------------------------------------------------------------------------
+# Display transformations (wide views of tidy tables)
+# --------------------------------------------------------------------------------------------
+
+
+def _delta_wide(dl: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for cond, g in dl.groupby("condition", sort=False):
+        g = g.set_index("category")
+        row = {"condition": cond, "n_runs": _fmt_number("n_runs", g["n_runs"].iloc[0])}
+        for cat in ("clean", "ambiguous", "contested", "all"):
+            if cat in g.index:
+                row[f"ΔL {cat}"] = (f"{_fmt_number('', g.loc[cat, 'delta_loss_mean'])} ± "
+                                    f"{_fmt_number('', g.loc[cat, 'delta_loss_sd'])}")
+            else:
+                row[f"ΔL {cat}"] = "—"
+        if "contested" in g.index:
+            row["contested with ΔL > 0"] = _fmt_number("share", g.loc["contested", "unlearning_share_mean"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _binning_compact(b: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (cond, scheme), g in b.groupby(["condition", "scheme"], sort=False):
+        g = g.sort_values("bin_order")
+        rows.append({
+            "condition": cond,
+            "scheme": scheme,
+            "mean AULC per bin, low → high entropy (nats)": ", ".join(
+                f"{bn} {v:.3f}" for bn, v in zip(g["bin"], g["aulc_mean"])),
+            "monotonic": "yes" if g["monotonic"].iloc[0] else "no",
+        })
+    return pd.DataFrame(rows)
+
+
+def _regression_wide(reg: pd.DataFrame) -> pd.DataFrame:
+    """One row per condition: the entropy and token-length terms (coefficient, beta, largest p) and R²."""
+    rows = []
+    for cond, g in reg.groupby("condition", sort=False):
+        g = g.set_index("term")
+        row = {"condition": cond, "n_runs": _fmt_number("n_runs", g["n_runs"].iloc[0])}
+        for term in ("entropy", "token_length"):
+            if term in g.index:
+                row[f"{term} coef (mean ± sd)"] = (f"{_fmt_number('', g.loc[term, 'coef_mean'])} ± "
+                                                   f"{_fmt_number('', g.loc[term, 'coef_sd'])}")
+                row[f"{term} beta"] = _fmt_number("", g.loc[term, "beta_mean"])
+                row[f"{term} p_max"] = _fmt_number("p_max", g.loc[term, "p_max"])
+        labels = [t for t in g.index if str(t).startswith("label=")]
+        row["gold-label terms p_max"] = _fmt_number("p_max", g.loc[labels, "p_max"].min()) if labels else "—"
+        row["R² (mean)"] = _fmt_number("", g["r2_mean"].iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _comparison_display(t: pd.DataFrame, vary: str) -> pd.DataFrame:
+    keys = [k for k in ("model", "method", "rank", "dataset", "composition", "label_noise", "loss") if k in t and k != vary]
+    cols = [*keys, vary, "category", "n_runs", "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd", "aulc_mean",
+            "aulc_sd", "rho_mean", "rho_sd"]
+    return format_table(t[[c for c in cols if c in t]], drop_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Computing everything
+# --------------------------------------------------------------------------------------------
+
+
+def compute_tables(study: Study, alpha: float = T.ALPHA) -> Dict[str, pd.DataFrame]:
+    """Every table of the report, by name (empty DataFrames where no run applies)."""
+    runs, ex = study.runs, study.examples
+    label_names = list(NLI_LABELS)
+    out: Dict[str, pd.DataFrame] = {}
+    out["runs"] = runs[[c for c in ("run_id", "condition", "seed", "status", "n_train", "n_validation", "n_points",
+                                    "final_step", "path") if c in runs]]
+    out["rho_by_condition"] = T.rho_by_condition(runs, alpha)
+    out["per_seed"] = T.per_seed_table(runs)
+    has_ex = not ex.empty
+    out["delta_loss"] = T.delta_loss_table(runs, ex) if has_ex else pd.DataFrame()
+    out["entropy_distribution"] = T.entropy_distribution(study.entropy)
+    out["rank_sweep"] = T.rank_sweep(runs)
+    out["rank_trend"] = T.rank_trend(out["rank_sweep"]) if not out["rank_sweep"].empty else pd.DataFrame()
+    out["architecture"] = T.architecture_table(runs)
+    out["partial_corr_runs"] = T.partial_correlation(runs, ex) if has_ex else pd.DataFrame()
+    out["partial_corr"] = T.summarize_partial(out["partial_corr_runs"])
+    out["regression_runs"] = T.regression(runs, ex, label_names) if has_ex else pd.DataFrame()
+    out["regression"] = T.summarize_terms(out["regression_runs"])
+    out["kendall_runs"], out["kendall"] = T.kendall_vs_spearman(runs)
+    out["composition"] = T.composition_comparison(runs, ex) if has_ex else pd.DataFrame()
+    out["binning"] = T.binning_table(runs, ex) if has_ex else pd.DataFrame()
+    out["noise_levels"] = T.noise_levels(runs, ex) if has_ex else pd.DataFrame()
+    out["noise_tests"] = T.noise_tests(runs, ex) if has_ex else pd.DataFrame()
+    out["soft_label"] = T.soft_label_comparison(runs, ex) if has_ex else pd.DataFrame()
+    out["calibration"] = T.calibration_table(runs, study.calibration)
+    out["cartography_runs"] = T.cartography_table(runs, ex) if has_ex else pd.DataFrame()
+    out["cartography"] = T.summarize_runs(out["cartography_runs"], ["rho_conf_aulc", "r2_confidence", "r2_full",
+                                                                     "delta_r2"], ["p_delta"])
+    return out
+
+
+def _table(name, title, tables, caption="", display=None, inline=None) -> TableItem:
+    frame = tables[name]
+    if inline is None:
+        inline = len(frame) <= INLINE_ROWS
+    return TableItem(name, title, frame, caption, display, inline)
+
+
+def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]], alpha: float) -> List[Section]:
+    """The report's sections, in the order of the study's analyses."""
+    runs = study.runs
+    t = tables
+    sections: List[Section] = []
+    conds = condition_table(runs)
+
+    s = Section("Runs")
+    s.text(f"{len(runs)} runs in {len(conds)} conditions (model × method × rank × dataset × variant; seeds are "
+           f"replicates); {int(runs['diverged'].sum())} diverged. Datasets: {', '.join(sorted(runs['dataset'].unique()))}.")
+    s.blocks.append(_table("runs", "Run inventory", t, "Every run found, with its status.", inline=False))
+    if study.notes:
+        s.text("Warnings:\n" + "\n".join(f"- {n}" for n in study.notes))
+    sections.append(s)
+
+    s = Section("1. Loss trajectories by entropy category")
+    if figs["trajectories"]:
+        s.blocks.append(FigureItem("trajectories", figs["trajectories"],
+                                   "Mean tracked loss −log p(gold) (nats) of the clean / ambiguous / contested train "
+                                   "examples over training, averaged over seeds; band: 95% CI of the mean over examples "
+                                   "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT."))
+    else:
+        s.note("no usable run in the main setting.")
+    if figs["trajectories_variants"]:
+        s.blocks.append(FigureItem("trajectories_variants", figs["trajectories_variants"],
+                                   "The same for the variants (composition, label noise, loss), beside their main-setting "
+                                   "condition."))
+    sections.append(s)
+
+    s = Section("2. Spearman rho(entropy, AULC) per condition")
+    s.text(f"rho per run over its tracked train examples; mean ± sd across seeds (sd over runs, ddof 1; — with one "
+           f"run). A condition's p-value is the largest of its seeds' p-values (intersection–union test: significant "
+           f"only if every seed is; seeds share their examples, so their tests are not independent and Fisher/Stouffer "
+           f"combination would overstate the evidence). p_bonf / p_bh: that p corrected over the {len(conds)} "
+           f"conditions with pingouin.multicomp (Bonferroni / Benjamini–Hochberg); sig_* at alpha = {alpha:g}. "
+           f"Diverged runs are excluded from the mean (n_diverged).")
+    s.blocks.append(_table("rho_by_condition", "rho(entropy, AULC) per condition", t))
+    s.blocks.append(_table("per_seed", "Per-seed breakdown", t,
+                           "p_bonf / p_bh: each run's p corrected over all usable runs. validation_accuracy: argmax "
+                           "accuracy on the validation set at the last tracking point. Diverged runs: status "
+                           "'diverged', rho over the examples whose losses stayed finite.", inline=True))
+    sections.append(s)
+
+    s = Section("3. Mean Delta L per entropy category")
+    if t["delta_loss"].empty:
+        s.note("no usable runs.")
+    else:
+        s.text("ΔL = loss at the last tracking point − loss at the first (nats; > 0: un-learning), mean over a "
+               "category's examples per run, then mean ± sd across seeds.")
+        s.blocks.append(_table("delta_loss", "Mean ΔL per condition and category", t,
+                               display=_delta_wide(t["delta_loss"]), inline=True))
+    sections.append(s)
+
+    s = Section("4. Entropy distribution")
+    s.blocks.append(_table("entropy_distribution", "Entropy categories per dataset", t,
+                           "All tracked examples (train and validation) of each dataset, from a run that kept every "
+                           "example. clean H < 0.4 ≤ ambiguous ≤ 0.7 < contested (nats)."))
+    if figs["entropy_histogram"]:
+        s.blocks.append(FigureItem("entropy_histogram", figs["entropy_histogram"],
+                                   "Annotation entropy per dataset, stacked by category; dashed: the 0.4 / 0.7 thresholds."))
+    sections.append(s)
+
+    s = Section("5. Rank sweep")
+    if t["rank_sweep"].empty:
+        s.note("no model has main-setting LoRA runs at two or more ranks; rank sweep skipped.")
+    else:
+        s.blocks.append(_table("rank_sweep", "rho per LoRA rank (full FT on its own row)", t,
+                               display=format_table(t["rank_sweep"], drop_keys=False)))
+        s.blocks.append(_table("rank_trend", "Spearman of rank vs rho", t,
+                               "Over the per-rank mean rho (one point per rank); needs three or more ranks. "
+                               "monotonic: mean rho strictly increases with rank. rho_full: full fine-tuning.",
+                               display=format_table(t["rank_trend"], drop_keys=False)))
+    if figs["rho_vs_rank"]:
+        s.blocks.append(FigureItem("rho_vs_rank", figs["rho_vs_rank"],
+                                   "rho vs LoRA rank per model (error bars: sd over seeds); encoders solid, decoders "
+                                   "dashed; squares: full fine-tuning."))
+    sections.append(s)
+
+    s = Section("6. Partial correlation and multiple regression")
+    if t["partial_corr"].empty:
+        s.note("no usable runs.")
+    else:
+        s.text("Spearman partial correlation of entropy and AULC controlling for token length (pingouin.partial_corr), "
+               "per run, then mean ± sd across seeds; p_max: the largest seed p-value.")
+        s.blocks.append(_table("partial_corr", "Partial correlation (covariate: token length)", t))
+        s.blocks.append(_table("partial_corr_runs", "Partial correlation per run", t, inline=False))
+        s.text("OLS AULC ~ entropy + token_length + gold label (dummy-coded, reference: entailment) per run "
+               "(pingouin.linear_regression); beta: standardised coefficient; coefficients in nats of AULC per unit.")
+        s.blocks.append(_table("regression", "Multiple regression, per condition", t,
+                               "Entropy and token-length terms; the CSV has every term, the gold-label dummies "
+                               "included ('gold-label terms p_max': the smallest of their largest-seed p-values).",
+                               display=_regression_wide(t["regression"]), inline=True))
+        s.blocks.append(_table("regression_runs", "Multiple regression per run", t, inline=False))
+    sections.append(s)
+
+    s = Section("7. Training-set composition")
+    if t["composition"].empty:
+        s.note("no runs with a composition other than 'all'; comparison skipped.")
+    else:
+        s.text("Runs trained on a restricted ChaosNLI part (low = clean only, high = contested only, balanced) beside "
+               "the matching composition='all' runs (same model, method, rank, dataset, noise, loss).")
+        s.blocks.append(_table("composition", "Composition vs all", t,
+                               display=_comparison_display(t["composition"], "composition")))
+    sections.append(s)
+
+    s = Section("8. Alternative binning")
+    if t["binning"].empty:
+        s.note("no usable runs.")
+    else:
+        s.text("Mean AULC per bin under the fixed categories, quartile and tercile bins of entropy (per run, then "
+               "averaged over seeds); monotonic: strictly increasing with entropy.")
+        s.blocks.append(_table("binning", "Mean AULC by entropy bin", t, display=_binning_compact(t["binning"]),
+                               inline=True))
+    if figs["aulc_bins"]:
+        s.blocks.append(FigureItem("aulc_bins", figs["aulc_bins"],
+                                   "Mean AULC (nats) per entropy bin, main-setting conditions; error bars: sd over "
+                                   "seeds; line style: LoRA solid, IA3 dash-dot, full FT dashed."))
+    sections.append(s)
+
+    s = Section("9. Kendall tau-b vs Spearman")
+    s.blocks.append(_table("kendall", "tau-b / rho over all usable runs", t,
+                           "ratio = tau / rho per run (about 2/3 is usual for a monotonic association); sign "
+                           "concordance: share of runs where tau and rho have the same sign."))
+    s.blocks.append(_table("kendall_runs", "tau-b and rho per run", t, inline=False))
+    sections.append(s)
+
+    s = Section("10. Label-noise injection")
+    if t["noise_levels"].empty:
+        s.note("no runs with label_noise > 0; noise analysis skipped.")
+    else:
+        s.blocks.append(_table("noise_levels", "rho and ΔL per noise level", t,
+                               display=_comparison_display(t["noise_levels"], "label_noise")))
+        if t["noise_tests"].empty:
+            s.note("no noisy run has a noise-free twin with the same seed; paired tests skipped.")
+        else:
+            s.text("Paired Wilcoxon signed-rank test (pingouin.wilcoxon, two-sided) of per-example AULC between each "
+                   "noisy run and its noise-free twin (same model, method, rank, dataset and seed), on the shared "
+                   "examples; subsets: all, the noised examples, the others. cohen_d: paired d_av "
+                   "(pingouin.compute_effsize); > 0 means higher AULC with noise.")
+            shown = t["noise_tests"].drop(columns=["run_id", "baseline_run_id"], errors="ignore")
+            s.blocks.append(_table("noise_tests", "Paired tests, noisy vs noise-free", t,
+                                   display=format_table(shown, drop_keys=False)))
+    if figs["noise"]:
+        s.blocks.append(FigureItem("noise", figs["noise"], "rho and mean ΔL per category against the noise level "
+                                                            "(error bars: sd over seeds)."))
+    sections.append(s)
+
+    s = Section("11. Soft-label training")
+    if t["soft_label"].empty:
+        s.note("no runs with a loss other than 'ce'; soft-label comparison skipped.")
+    else:
+        s.text("Runs trained on the annotator distribution (e.g. loss = soft_kl) beside the matching hard-label "
+               "(ce) runs; the tracked loss is the gold-label cross-entropy in both.")
+        s.blocks.append(_table("soft_label", "Soft vs hard labels", t,
+                               display=_comparison_display(t["soft_label"], "loss")))
+    sections.append(s)
+
+    s = Section("12–13. Gradient alignment and gradient norms")
+    s.note("not computed: run directories (format version 1) store per-example log-probabilities, not gradients.")
+    sections.append(s)
+
+    s = Section("14. Calibration per category")
+    if t["calibration"].empty:
+        s.note("no usable runs with finite final log-probabilities.")
+    else:
+        s.text("At the final tracking point (hf_entropy_callback.dynamics.calibration): mean entropy of the predicted "
+               "distribution (nats), mean max probability, ECE (10 equal-width bins), accuracy; mean ± sd across seeds.")
+        s.blocks.append(_table("calibration", "Calibration per condition, set and category", t, inline=False))
+    if figs["calibration"]:
+        s.blocks.append(FigureItem("calibration", figs["calibration"], "Calibration per category at the final point."))
+    sections.append(s)
+
+    s = Section("15. Dataset cartography")
+    if t["cartography"].empty:
+        s.note("no usable runs.")
+    else:
+        s.text("confidence = mean p(gold) over tracking points, variability = its sd. rho_conf_aulc: Spearman of "
+               "confidence vs AULC. r2_confidence: OLS AULC ~ confidence; r2_full: + entropy; delta_r2: the "
+               "increment from entropy; p_delta_max: the largest seed p of the nested F test.")
+        s.blocks.append(_table("cartography", "Cartography: confidence vs AULC and the R² added by entropy", t))
+        s.blocks.append(_table("cartography_runs", "Cartography per run", t, inline=False))
+    if figs["cartography"]:
+        s.blocks.append(FigureItem("cartography", figs["cartography"],
+                                   "Cartography maps (lowest seed of each main-setting condition), coloured by entropy "
+                                   "category."))
+    sections.append(s)
+
+    s = Section("16. Decoders vs encoders")
+    if t["architecture"].empty:
+        s.note("no main-setting LoRA runs.")
+    else:
+        s.blocks.append(_table("architecture", "rho by architecture and LoRA rank", t,
+                               "Pooled over the models of an architecture and their seeds (sd: over all those runs).",
+                               display=format_table(t["architecture"], drop_keys=False)))
+        if figs["rho_vs_rank"]:
+            s.text("See the rho-vs-rank figure in section 5 (encoders solid, decoders dashed).")
+    sections.append(s)
+    return sections
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _render_markdown(sections: Sequence[Section], header: str, folder: str) -> str:
+    lines = [header, ""]
+    lines.append("Contents: " + " · ".join(f"[{s.title}](#{_anchor(s.title)})" for s in sections))
+    for s in sections:
+        lines += ["", f"## {s.title}", ""]
+        for b in s.blocks:
+            if isinstance(b, str):
+                lines += [b, ""]
+            elif isinstance(b, TableItem):
+                links = f"([markdown](tables/{b.name}.md), [CSV](tables/{b.name}.csv))"
+                lines += [f"**{b.title}** {links}", ""]
+                if b.caption:
+                    lines += [b.caption, ""]
+                if b.frame.empty:
+                    lines += ["(empty)", ""]
+                elif b.inline:
+                    lines += [markdown_table(b.shown()), ""]
+                else:
+                    lines += [f"{len(b.frame)} rows: see the linked files.", ""]
+            elif isinstance(b, FigureItem):
+                for p in b.paths:
+                    rel = os.path.relpath(p, folder)
+                    lines += [f"![{b.name}]({rel})", ""]
+                lines += [f"*{b.caption}*", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _anchor(title: str) -> str:
+    keep = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -")
+    return keep.strip().replace(" ", "-")
+
+
+def _render_html(sections: Sequence[Section], header: str, folder: str) -> str:
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Annotation entropy report</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:0.8em;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;"
+        "text-align:right}th{background:#f0f0f0}td:first-child{text-align:left}img{max-width:100%}"
+        ".note{color:#8a4b00}</style></head><body>",
+    ]
+    head, *rest = header.split("\n")
+    parts.append(f"<h1>{esc(head.lstrip('# '))}</h1>")
+    parts += [f"<p>{esc(line)}</p>" for line in rest if line.strip()]
+    parts.append("<p>" + " · ".join(f"<a href='#{_anchor(s.title)}'>{esc(s.title)}</a>" for s in sections) + "</p>")
+    for s in sections:
+        parts.append(f"<h2 id='{_anchor(s.title)}'>{esc(s.title)}</h2>")
+        for b in s.blocks:
+            if isinstance(b, str):
+                if b.startswith("Warnings:"):
+                    items = "".join(f"<li>{esc(x[2:])}</li>" for x in b.split("\n")[1:])
+                    parts.append(f"<p class='note'>Warnings:</p><ul class='note'>{items}</ul>")
+                else:
+                    cls = " class='note'" if b.startswith("Note:") else ""
+                    parts.append(f"<p{cls}>{esc(b)}</p>")
+            elif isinstance(b, TableItem):
+                parts.append(f"<h3>{esc(b.title)} <small>(<a href='tables/{b.name}.md'>markdown</a>, "
+                             f"<a href='tables/{b.name}.csv'>CSV</a>)</small></h3>")
+                if b.caption:
+                    parts.append(f"<p>{esc(b.caption)}</p>")
+                if b.frame.empty:
+                    parts.append("<p>(empty)</p>")
+                elif b.inline:
+                    parts.append(b.shown().to_html(index=False, escape=True, border=0))
+                else:
+                    parts.append(f"<p>{len(b.frame)} rows: see the linked files.</p>")
+            elif isinstance(b, FigureItem):
+                for p in b.paths:
+                    parts.append(f"<p><img src='{esc(os.path.relpath(p, folder))}' alt='{esc(b.name)}'></p>")
+                parts.append(f"<p><em>{esc(b.caption)}</em></p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _write_tables(sections: Sequence[Section], folder: str) -> List[str]:
+    os.makedirs(os.path.join(folder, "tables"), exist_ok=True)
+    written = []
+    for s in sections:
+        for b in s.blocks:
+            if not isinstance(b, TableItem):
+                continue
+            csv = os.path.join(folder, "tables", f"{b.name}.csv")
+            b.frame.to_csv(csv, index=False)
+            md = os.path.join(folder, "tables", f"{b.name}.md")
+            body = markdown_table(b.shown()) if not b.frame.empty else "(empty)"
+            with open(md, "w") as fh:
+                fh.write(f"# {b.title}\n\n{b.caption}\n\n{body}\n" if b.caption else f"# {b.title}\n\n{body}\n")
+            written += [csv, md]
+    return written
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote."""
+
+    folder: str
+    index: str
+    tables: Dict[str, pd.DataFrame]
+    figures: Dict[str, List[str]]
+    notes: List[str]
+    timings: Dict[str, float]
+
+
+def _replace_folder(tmp: str, target: str) -> None:
+    """Move the finished report `tmp` to `target`, replacing an older report but nothing else."""
+    if os.path.exists(target):
+        if not os.path.isdir(target):
+            raise FileExistsError(f"{target}: exists and is not a folder")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, REPORT_MARKER)):
+            raise FileExistsError(f"{target}: folder is not empty and holds no {REPORT_MARKER}; refusing to replace it")
+        old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-")
+        os.rmdir(old)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def build_report(
+    paths: Sequence[str],
+    out_dir: str,
+    alpha: float = T.ALPHA,
+    train_set: str = "train",
+    validation_set: Optional[str] = "validation",
+    html_index: bool = True,
+    progress: Optional[bool] = None,
+    skip_invalid: bool = False,
+) -> Report:
+    """Load every run below `paths` and write the full report to `out_dir`.
+
+    Parameters
+    ----------
+    paths : sequence of str
+        Folders holding run directories (searched recursively).
+    out_dir : str
+        The report folder (created; an older report there is replaced).
+    alpha : float
+        Significance level of the significance flags.
+    train_set, validation_set : str
+        Tracked set names for trajectories and for validation accuracy.
+    html_index : bool
+        Also write index.html.
+    progress : bool or None
+        tqdm progress bar while loading (None: on a terminal only).
+    skip_invalid : bool
+        Skip runs that cannot be read (listed in the report) instead of failing.
+
+    Returns
+    -------
+    report : Report
+
+    Raises
+    ------
+    NoRunsFoundError, RunFormatError, FileExistsError
+    """
+    timings = {}
+    t0 = time.perf_counter()
+    study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid)
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables = compute_tables(study, alpha)
+    timings["tables"] = time.perf_counter() - t0
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    try:
+        t0 = time.perf_counter()
+        figs = F.all_figures(study, tables, os.path.join(tmp, "figures"))
+        timings["figures"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sections = compose(study, tables, figs, alpha)
+        _write_tables(sections, tmp)
+        n_fig = sum(len(v) for v in figs.values())
+        header = (
+            f"# Annotation entropy and per-example learning dynamics: report\n"
+            f"{len(study.runs)} runs from {', '.join(map(str, paths))}; {len(tables)} tables, {n_fig} figures; "
+            f"built {datetime.datetime.now().isoformat(timespec='seconds')}."
+        )
+        with open(os.path.join(tmp, "index.md"), "w") as fh:
+            fh.write(_render_markdown(sections, header, tmp))
+        if html_index:
+            with open(os.path.join(tmp, "index.html"), "w") as fh:
+                fh.write(_render_html(sections, header, tmp))
+        timings["write"] = time.perf_counter() - t0
+        _replace_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Paths of figures as they are after the move.
+    figs = {k: [os.path.join(out_dir, os.path.relpath(p, tmp)) for p in v] for k, v in figs.items()}
+    return Report(out_dir, os.path.join(out_dir, "index.md"), tables, figs, study.notes, timings)
