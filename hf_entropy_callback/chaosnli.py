@@ -54,6 +54,9 @@ def _download(url: str, cache_dir: Optional[str]) -> str:
     target = os.path.join(cache_dir, name)
     if os.path.exists(target):
         return target
+    from .offline import require_url
+
+    require_url(url, "Pass the path of a local ChaosNLI jsonl file or of the chaosNLI_v1.0.zip archive instead.")
     fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".part-")
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:

@@ -180,6 +180,10 @@ def load_bulk(
     elif _looks_like_path(source):
         raise FileNotFoundError(f"Bulk training file not found: {source}")
     else:
+        from .offline import require_hub
+
+        hint = "Pass a local jsonl/json/csv file with premise, hypothesis and label instead."
+        require_hub(f"Bulk corpus {source!r}", hint)
         try:
             hub = datasets.load_dataset(source, config, split=split)
         except Exception as err:
