@@ -566,13 +566,19 @@ class Report:
     timings: Dict[str, float]
 
 
-def _replace_folder(tmp: str, target: str) -> None:
-    """Move the finished report `tmp` to `target`, replacing an older report but nothing else."""
+def _check_target(target: str) -> None:
+    """Refuse a target that exists and is not a report folder (an older report is fine: it is replaced)."""
     if os.path.exists(target):
         if not os.path.isdir(target):
             raise FileExistsError(f"{target}: exists and is not a folder")
         if os.listdir(target) and not os.path.isfile(os.path.join(target, REPORT_MARKER)):
             raise FileExistsError(f"{target}: folder is not empty and holds no {REPORT_MARKER}; refusing to replace it")
+
+
+def _replace_folder(tmp: str, target: str) -> None:
+    """Move the finished report `tmp` to `target`, replacing an older report but nothing else."""
+    _check_target(target)
+    if os.path.exists(target):
         old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-")
         os.rmdir(old)
         os.replace(target, old)
@@ -620,6 +626,8 @@ def build_report(
     NoRunsFoundError, RunFormatError, FileExistsError
     """
     timings = {}
+    out_dir = os.path.abspath(out_dir)
+    _check_target(out_dir)  # fail before the work, not after it
     t0 = time.perf_counter()
     study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid)
     timings["load"] = time.perf_counter() - t0
@@ -627,7 +635,6 @@ def build_report(
     tables = compute_tables(study, alpha)
     timings["tables"] = time.perf_counter() - t0
 
-    out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")

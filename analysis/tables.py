@@ -685,7 +685,8 @@ def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True
     setting, the seed included. Examples are paired by ``example_id`` (those tracked in both runs
     with finite AULC). Per pair and subset ("all"; with `subsets` also "noised" — the examples
     whose label the noise replaced — and "not noised"): the Wilcoxon signed-rank test
-    (pingouin.wilcoxon, two-sided) and Cohen's d for paired samples (pingouin.compute_effsize,
+    (pingouin.wilcoxon, two-sided; zero differences dropped, continuity correction when scipy
+    uses the normal approximation) and Cohen's d for paired samples (pingouin.compute_effsize,
     ``paired=True``: d_av, the mean difference over the square root of the average of the two
     variances). Positive d: higher AULC with noise.
 
