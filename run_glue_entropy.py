@@ -267,7 +267,7 @@ def parse_args(argv: Optional[List[str]] = None):
             values = {**preset_values(values["preset"], values.get("output_dir")), **values}
         return parser.parse_dict({**_study_defaults(), **values})
     # A preset's values go first so that explicit flags (later) win.
-    probe = HfArgumentParser(EntropyArguments).parse_known_args(argv)[0]
+    probe = HfArgumentParser(EntropyArguments, add_help=False).parse_known_args(argv)[0]
     if probe.preset:
         out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output_dir"), None)
         argv = _as_argv(preset_values(probe.preset, out)) + argv
@@ -411,7 +411,7 @@ def main(argv: Optional[List[str]] = None):
     with training_args.main_process_first(desc="tokenization"):
         train_tok = train.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                               remove_columns=[c for c in train.column_names if c not in keep], desc="Tokenizing")
-        val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c != "label"],
+        val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c not in keep],
                           desc="Tokenizing validation")
 
     method = "full" if ent_args.peft == "none" else ent_args.peft
@@ -465,7 +465,7 @@ def main(argv: Optional[List[str]] = None):
         use_class_weights=ent_args.use_class_weights,
     )
     if trainer.class_weights is not None:
-        run_config["class_weights"] = trainer.class_weights.tolist()
+        callback.run_config["class_weights"] = trainer.class_weights.tolist()
 
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -1,0 +1,182 @@
+"""run_glue_entropy.py end to end on tiny random models and generated data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hf_entropy_callback import load_run
+from hf_entropy_callback.callback import tracking_schedule
+from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_glue_entropy  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "run_glue_entropy.py")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    return {
+        "chaosnli": write_synthetic_chaosnli(str(root / "chaos.jsonl"), n=60),
+        "bulk": write_synthetic_bulk(str(root / "bulk.jsonl"), n=40),
+        "bert": save_tiny_model(str(root / "bert"), "bert"),
+        "qwen2": save_tiny_model(str(root / "qwen2"), "qwen2"),
+    }
+
+
+def _values(inputs, out, model="bert", **extra):
+    values = dict(
+        model_name_or_path=inputs[model],
+        chaosnli_file=inputs["chaosnli"],
+        train_file=inputs["bulk"],
+        bulk_size=40,
+        output_dir=str(out),
+        num_train_epochs=2,
+        per_device_train_batch_size=16,
+        learning_rate=5e-3,
+        track_every=2,
+        max_seq_length=32,
+        r=4,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    values.update(extra)
+    return values
+
+
+def _argv(inputs, out, model="bert", **extra):
+    return run_glue_entropy._as_argv(_values(inputs, out, model, **extra))
+
+
+# ChaosNLI 60 -> 48 train / 12 validation; + 40 bulk = 88 examples; batch 16 -> 6 steps per epoch.
+HAND_SCHEDULE = [(0, "step0"), (2, "interval"), (4, "interval"), (6, "interval+epoch_end"), (8, "interval"),
+                 (10, "interval"), (12, "interval+epoch_end+final")]
+
+
+@pytest.mark.parametrize("model,peft", [("bert", "none"), ("bert", "lora"), ("bert", "ia3"), ("qwen2", "lora"), ("qwen2", "ia3")])
+def test_methods_end_to_end(inputs, tmp_path, model, peft):
+    summary = run_glue_entropy.main(_argv(inputs, tmp_path, model, peft=peft))
+    run = load_run(str(tmp_path))
+    assert tracking_schedule(88, 16, 2, track_every=2) == HAND_SCHEDULE
+    assert list(zip(run.points["step"], run.points["reason"])) == HAND_SCHEDULE
+    assert len(run.set_examples("train")) == 48 and len(run.set_examples("validation")) == 12
+    cfg = run.config
+    assert cfg["method"] == {"none": "full", "lora": "lora", "ia3": "ia3"}[peft]
+    assert cfg["architecture"] == ("decoder" if model == "qwen2" else "encoder")
+    assert cfg["n_train"] == 88 and cfg["trainable_params"] > 0 and len(cfg["class_weights"]) == 3
+    if peft != "none":
+        assert cfg["trainable_params"] < cfg["total_params"]
+    assert summary["n_examples"] == 48 and summary["validation_accuracy"] is not None
+    with open(tmp_path / "entropy_tracking" / "summary.json") as fh:
+        assert json.load(fh)["n_examples"] == 48
+    with open(tmp_path / "eval_results.json") as fh:
+        assert "eval_accuracy" in json.load(fh)
+    # the saved model reloads for evaluation and reproduces the last tracked point
+    _check_reload(tmp_path, inputs[model], peft, run)
+
+
+def _check_reload(out, base, peft, run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    if peft == "none":
+        model = AutoModelForSequenceClassification.from_pretrained(str(out))
+    else:
+        from peft import PeftModel
+
+        base_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+        base_model.config.pad_token_id = tok.pad_token_id
+        model = PeftModel.from_pretrained(base_model, str(out))
+    model.eval()
+    from hf_entropy_callback import load_chaosnli
+    from hf_entropy_callback.data import split_chaosnli
+
+    chaos = split_chaosnli(load_chaosnli(run.config["chaosnli_file"]), 0.2, seed=42)["validation"]
+    enc = tok(list(chaos["premise"]), list(chaos["hypothesis"]), padding=True, return_tensors="pt")
+    if model.config.model_type == "distilbert":
+        enc.pop("token_type_ids")
+    with torch.no_grad():
+        lp = torch.log_softmax(model(**enc).logits, -1).numpy()
+    np.testing.assert_allclose(lp, run.logprobs["validation"][-1], atol=1e-4)
+
+
+def test_json_config_file(inputs, tmp_path):
+    cfg = _values(inputs, tmp_path / "out", composition="balanced", label_noise=0.5, loss="soft_kl")
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(cfg))
+    run_glue_entropy.main([str(path)])
+    run = load_run(str(tmp_path / "out"))
+    assert run.config["composition"] == "balanced" and run.config["loss"] == "soft_kl"
+    ex = run.set_examples("train")
+    counts = ex["category"].value_counts()
+    assert counts.nunique() == 1  # balanced: equal numbers per category
+    clean = ex[ex["category"] == "clean"]
+    assert clean["noised"].sum() == round(0.5 * len(clean)) and not ex[ex["category"] != "clean"]["noised"].any()
+
+
+def test_resume_from_last_checkpoint(inputs, tmp_path):
+    full = tmp_path / "full"
+    run_glue_entropy.main(_argv(inputs, full, save_strategy="epoch"))
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    # as if interrupted after the first epoch: only checkpoint-6 and no final outputs remain
+    shutil.rmtree(cut / "checkpoint-12")
+    shutil.rmtree(cut / "entropy_tracking")
+    run_glue_entropy.main(_argv(inputs, cut, save_strategy="epoch"))  # finds checkpoint-6 by itself
+    a, b = load_run(str(full)), load_run(str(cut))
+    assert a.points[["step", "reason"]].equals(b.points[["step", "reason"]])
+    for name in ("train", "validation"):
+        np.testing.assert_allclose(a.logprobs[name], b.logprobs[name], atol=1e-6)
+
+
+def test_smoke_preset_cli(tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "spearman entropy vs aulc" in proc.stdout and "contested" in proc.stdout
+    assert load_run(str(out)).config["preset"] == "smoke"
+
+
+def test_help_lists_study_flags():
+    proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    for flag in ("--task", "--chaosnli_file", "--train_file", "--bulk_size", "--chaosnli_val_fraction", "--composition",
+                 "--label_noise", "--loss", "--track_every", "--peft", "--r", "--lora_alpha", "--lora_dropout",
+                 "--target_modules", "--learning_rate", "--resume_from_checkpoint"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "extra,error,match",
+    [
+        (dict(peft="qlora"), ValueError, "--peft must be one of"),
+        (dict(task="rte"), ValueError, "--task must be snli or mnli"),
+        (dict(composition="medium"), ValueError, "--composition"),
+        (dict(label_noise=1.5), ValueError, "--label_noise"),
+        (dict(chaosnli_file="/nonexistent/chaos.jsonl"), FileNotFoundError, "ChaosNLI file not found"),
+        (dict(train_file="/nonexistent/bulk.jsonl"), FileNotFoundError, "Bulk training file not found"),
+        (dict(model_name_or_path="/nonexistent/model"), FileNotFoundError, "model folder not found"),
+        (dict(model_name_or_path="someone/unreachable-model"), ConnectionError, "cannot be reached"),
+        (dict(resume_from_checkpoint="/nonexistent/ckpt"), FileNotFoundError, "no such checkpoint"),
+    ],
+)
+def test_bad_flags_and_missing_files(inputs, tmp_path, extra, error, match, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(error, match=match):
+        run_glue_entropy.main(_argv(inputs, tmp_path, **extra))
+    assert not os.path.exists(tmp_path / "entropy_tracking")
+
+
+def test_unknown_flag_is_rejected(inputs, tmp_path):
+    proc = subprocess.run([sys.executable, SCRIPT, "--no_such_flag", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no_such_flag" in proc.stderr
