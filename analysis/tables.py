@@ -451,22 +451,30 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
 
 
 def _design(d: pd.DataFrame, label_names: Optional[Sequence[str]]) -> pd.DataFrame:
-    """entropy, token_length (when it varies) and the gold label dummy-coded against the lowest label present."""
-    cols = {"entropy": d["entropy"].astype(float)}
-    if d["token_length"].nunique() > 1:
-        cols["token_length"] = d["token_length"].astype(float)
+    """entropy, token_length and the gold label dummy-coded against the lowest label present.
+
+    A column that adds nothing to the rank of the design (with the intercept) is left out, in
+    that order of priority: e.g. a constant token length, or one that the label determines.
+    """
+    cols = {"entropy": d["entropy"].astype(float), "token_length": d["token_length"].astype(float)}
     labels = sorted(int(v) for v in d["label"].unique())
     for lab in labels[1:]:
         name = label_names[lab] if label_names is not None and lab < len(label_names) else str(lab)
         cols[f"label={name}"] = (d["label"] == lab).astype(float)
-    return pd.DataFrame(cols, index=d.index)
+    kept, X = {}, np.ones((len(d), 1))
+    for name, col in cols.items():
+        trial = np.column_stack([X, col.to_numpy()])
+        if np.linalg.matrix_rank(trial) == trial.shape[1]:
+            kept[name], X = col, trial
+    return pd.DataFrame(kept, index=d.index)
 
 
 def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional[Sequence[str]] = None):
     """Multiple regression AULC ~ entropy + token_length + gold label (dummy-coded), per run (pingouin.linear_regression).
 
     The reference class of the label dummies is the lowest label id present (entailment for NLI).
-    ``beta`` is the standardised coefficient, ``coef * sd(x) / sd(AULC)``.
+    ``beta`` is the standardised coefficient, ``coef * sd(x) / sd(AULC)``. A term collinear with
+    the ones before it (entropy, token_length, then the labels) is left out of that run's model.
 
     Returns
     -------

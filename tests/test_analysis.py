@@ -673,3 +673,22 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
         build_report([str(tmp_path / "runs")], str(target), progress=False)
     assert (target / "notes.txt").read_text() == "keep me"
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".precious")]  # no temp folder left
+
+
+def test_regression_leaves_out_a_collinear_term():
+    rng = np.random.default_rng(0)
+    label = np.arange(60) % 3
+    ex = pd.DataFrame({"run_id": "r", "entropy": rng.uniform(0, 1, 60), "label": label,
+                       "token_length": np.where(label == 0, 13, 16)})  # length fixed by "label is not 0"
+    ex["aulc"] = ex["entropy"] + 0.2 * (ex["label"] == 2) + rng.normal(0, 0.01, 60)
+    runs = pd.DataFrame({"run_id": ["r"], "condition": ["A"], "diverged": [False]})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pingouin warns on a rank-deficient design
+        t = tables.regression(runs, ex)
+    # token_length = 13 + 3 (label=1) + 3 (label=2): once label=1 is in, label=2 adds nothing and is left out.
+    assert t["term"].tolist() == ["Intercept", "entropy", "token_length", "label=1"]
+    X = np.column_stack([np.ones(60), ex["entropy"], ex["token_length"], ex["label"] == 1]).astype(float)
+    coef = np.linalg.lstsq(X, ex["aulc"].to_numpy(), rcond=None)[0]
+    assert t["coef"].to_numpy() == pytest.approx(coef, abs=1e-8)
