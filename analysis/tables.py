@@ -885,20 +885,21 @@ def binning_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     9  T3         4.0      0.864       True
     """
     u = _usable(runs)[["run_id", "condition"]]
-    frames = []
-    for run_id, ex in examples[examples["run_id"].isin(u["run_id"])].groupby("run_id", sort=False):
-        ex = _finite(ex, ["entropy", "aulc"])
-        if ex.empty:
-            continue
-        for scheme in BINNINGS:
-            bins = entropy_bins(ex["entropy"].to_numpy(float), ex["category"].to_numpy(), scheme)
-            g = ex.assign(bin=bins).groupby("bin", sort=False)
-            part = g.agg(n=("aulc", "size"), aulc=("aulc", "mean"), entropy_min=("entropy", "min"),
-                         entropy_max=("entropy", "max")).reset_index()
-            frames.append(part.assign(run_id=run_id, scheme=scheme))
-    if not frames:
+    ex = _finite(examples[examples["run_id"].isin(u["run_id"])], ["entropy", "aulc"])
+    if ex.empty:
         return pd.DataFrame()
-    per_run = pd.concat(frames, ignore_index=True).merge(u, on="run_id")
+    # Bin labels per run (quantiles are a run's own), then one groupby over all runs and schemes.
+    parts = []
+    for scheme in BINNINGS:
+        labels = np.empty(len(ex), dtype=object)
+        for idx in ex.groupby("run_id", sort=False).indices.values():
+            labels[idx] = entropy_bins(ex["entropy"].to_numpy(float)[idx], ex["category"].to_numpy()[idx], scheme)
+        parts.append(pd.DataFrame({"run_id": ex["run_id"].to_numpy(), "scheme": scheme, "bin": labels,
+                                   "entropy": ex["entropy"].to_numpy(float), "aulc": ex["aulc"].to_numpy(float)}))
+    long = pd.concat(parts, ignore_index=True)
+    per_run = long.groupby(["run_id", "scheme", "bin"], sort=False).agg(
+        n=("aulc", "size"), aulc=("aulc", "mean"), entropy_min=("entropy", "min"), entropy_max=("entropy", "max")
+    ).reset_index().merge(u, on="run_id")
     by = ["condition", "scheme", "bin"]
     out = mean_sd(per_run, by, ["aulc"])
     extra = per_run.groupby(by, sort=False).agg(n_examples=("n", "mean"), entropy_min=("entropy_min", "min"),
