@@ -180,3 +180,19 @@ def test_bad_flags_and_missing_files(inputs, tmp_path, extra, error, match, monk
 def test_unknown_flag_is_rejected(inputs, tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--no_such_flag", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no_such_flag" in proc.stderr
+
+
+@pytest.mark.parametrize("script,count", [("main_matrix.sh", 78), ("rank_sweep.sh", 14), ("ablations.sh", 18)])
+def test_sweeps_dry_run_parse(tmp_path, script, count):
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), MODELS="/models")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "sweeps", script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = proc.stdout.strip().splitlines()
+    assert len(commands) == count and len(set(commands)) == count
+    for line in commands:
+        argv = line.split()
+        assert argv[:3] == ["accelerate", "launch", "run_glue_entropy.py"]
+        model_args, data_args, ent_args, training_args = run_glue_entropy.parse_args(argv[3:])
+        assert model_args.model_name_or_path.startswith("/models/")
+        assert training_args.output_dir.startswith(str(tmp_path))
+        assert training_args.num_train_epochs == 5 and training_args.per_device_train_batch_size == 32
