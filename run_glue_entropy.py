@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import datasets
+import evaluate
 import numpy as np
 import transformers
 from transformers import (
@@ -40,6 +41,7 @@ from hf_entropy_callback import (
     ClassWeightedTrainer,
     load_chaosnli,
     load_run,
+    nli_metric,
 )
 from hf_entropy_callback.data import (
     COMPOSITIONS,
@@ -450,9 +452,12 @@ def main(argv: Optional[List[str]] = None):
         run_config=run_config,
     )
 
+    # Our own evaluate module: evaluate.load("accuracy") would fetch code from the hub.
+    metric = evaluate.load(nli_metric.__file__)
+
     def compute_metrics(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=pred.label_ids)
 
     trainer = ClassWeightedTrainer(
         model=model,

@@ -8,7 +8,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from .entropy import CATEGORIES, DEFAULT_THRESHOLDS, annotation_entropy, entropy_category
+from .peft_setup import count_parameters
 from .runs import TRACKING_DIRNAME, Run, RunFormatError, load_run, write_run
 
 logger = logging.getLogger(__name__)
@@ -413,8 +414,7 @@ class AnnotationEntropyCallback(TrainerCallback):
 
     def _collect_config(self, args, model) -> Dict[str, Any]:
         config = getattr(model, "config", None)
-        n_total = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_train, n_total = count_parameters(model)
         world, _ = _dist()
         base = {
             "model_name_or_path": getattr(config, "_name_or_path", None),

@@ -1,5 +1,4 @@
 import os
-import warnings
 
 import datasets
 import numpy as np

@@ -116,3 +116,17 @@ def test_bad_configuration(tmp_path):
         ClassWeightedTrainer(model=model, args=args(tmp_path), train_dataset=bad)
     # plain Trainer stays usable side by side
     assert isinstance(ClassWeightedTrainer(model=model, args=args(tmp_path), train_dataset=train), Trainer)
+
+
+def test_nli_metric_through_evaluate_offline(monkeypatch):
+    import evaluate
+    from sklearn.metrics import f1_score
+
+    from hf_entropy_callback import nli_metric
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = evaluate.load(nli_metric.__file__)
+    pred, ref = [0, 1, 2, 2, 1, 0, 0], [0, 1, 1, 2, 2, 0, 1]
+    out = metric.compute(predictions=pred, references=ref)
+    assert out["accuracy"] == pytest.approx(4 / 7)
+    assert out["macro_f1"] == pytest.approx(f1_score(ref, pred, average="macro"))
