@@ -163,6 +163,23 @@ def load_study(
         When no run is found.
     RunFormatError
         When a run cannot be read (names its directory), unless `skip_invalid`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from analysis.synthetic import write_synthetic_run
+    >>> from analysis.loading import load_study
+    >>> root = tempfile.mkdtemp()
+    >>> for seed in (1, 2):
+    ...     _ = write_synthetic_run(f"{root}/lora_s{seed}", {"seed": seed}, n_train=60, n_val=20,
+    ...                             steps=[0, 50, 100])
+    >>> study = load_study([root], progress=False)
+    >>> study.runs[["run_id", "condition", "seed", "n", "status"]]
+         run_id                      condition  seed   n status
+    0  lora_s1  roberta-base · LoRA r=8 · snli   1.0  60     ok
+    1  lora_s2  roberta-base · LoRA r=8 · snli   2.0  60     ok
+    >>> len(study.examples), sorted(study.curves["category"].unique())
+    (120, ['all', 'ambiguous', 'clean', 'contested'])
     """
     from tqdm.auto import tqdm
 
@@ -203,6 +220,9 @@ def load_study(
     runs = pd.DataFrame(rows)
     runs["status"] = np.where(runs["diverged"], "diverged", "ok")
     notes += replicate_warnings(runs, configs)
+    val_bad = runs[~runs["diverged"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
+    for r in val_bad.itertuples():
+        notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
     for r in runs[runs["diverged"]].itertuples():
         notes.append(
             f"{r.run_id} ({r.condition}, seed {r.seed:g}): diverged, non-finite losses from step "

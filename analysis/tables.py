@@ -523,7 +523,18 @@ def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional
 
 
 def summarize_terms(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Per condition and regression term: mean ± sd of the coefficient across seeds, mean beta and R^2, max p."""
+    """Per condition and regression term: mean ± sd of the coefficient across seeds, mean beta and R^2, max p.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from analysis.tables import summarize_terms
+    >>> reg = pd.DataFrame({"condition": "A", "term": ["entropy", "entropy"], "coef": [1.0, 2.0],
+    ...                     "beta": [0.3, 0.5], "p_val": [0.01, 0.02], "r2": [0.2, 0.4]})
+    >>> summarize_terms(reg)[["term", "n_runs", "coef_mean", "beta_mean", "p_max", "r2_mean"]]
+          term  n_runs  coef_mean  beta_mean  p_max  r2_mean
+    0  entropy       2        1.5        0.4   0.02      0.3
+    """
     if per_run.empty:
         return per_run
     out = mean_sd(per_run, ["condition", "term"], ["coef"])
@@ -540,7 +551,17 @@ def summarize_terms(per_run: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_partial(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Per condition: plain rho and partial rho (mean ± sd across seeds) and the largest partial p-value."""
+    """Per condition: plain rho and partial rho (mean ± sd across seeds) and the largest partial p-value.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from analysis.tables import summarize_partial
+    >>> pc = pd.DataFrame({"condition": "A", "rho": [0.3, 0.4], "partial_r": [0.25, 0.35], "p_val": [0.01, 0.03]})
+    >>> summarize_partial(pc)[["condition", "n_runs", "rho_mean", "partial_r_mean", "p_max"]]
+      condition  n_runs  rho_mean  partial_r_mean  p_max
+    0         A       2      0.35             0.3   0.03
+    """
     if per_run.empty:
         return per_run
     out = mean_sd(per_run, ["condition"], ["rho", "partial_r"]).drop(columns=["rho_sd"])
@@ -828,7 +849,17 @@ def cartography_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFram
 
 
 def summarize_runs(per_run: pd.DataFrame, values: Sequence[str], p_cols: Sequence[str] = ()) -> pd.DataFrame:
-    """Per condition: mean ± sd across seeds of `values` and the largest of each p-value column in `p_cols`."""
+    """Per condition: mean ± sd across seeds of `values` and the largest of each p-value column in `p_cols`.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from analysis.tables import summarize_runs
+    >>> ct = pd.DataFrame({"condition": "A", "delta_r2": [0.01, 0.03], "p_delta": [0.2, 0.001]})
+    >>> summarize_runs(ct, ["delta_r2"], ["p_delta"]).round(4)
+      condition  n_runs  delta_r2_mean  delta_r2_sd  p_delta_max
+    0         A       2           0.02       0.0141          0.2
+    """
     if per_run.empty:
         return per_run
     out = mean_sd(per_run, ["condition"], values)

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import conditions, report, synthetic, tables
+from analysis import conditions, loading, report, synthetic, tables
 from analysis.__main__ import main as cli_main
 from analysis.conditions import NoRunsFoundError, describe_run, discover_runs
 from analysis.loading import load_study
@@ -600,7 +600,7 @@ def test_format_table_hand_case():
 
 
 def test_doctests_of_the_analysis_modules():
-    for module in (tables, conditions, synthetic, report):
+    for module in (tables, conditions, synthetic, report, loading):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__
 
@@ -692,3 +692,20 @@ def test_regression_leaves_out_a_collinear_term():
     X = np.column_stack([np.ones(60), ex["entropy"], ex["token_length"], ex["label"] == 1]).astype(float)
     coef = np.linalg.lstsq(X, ex["aulc"].to_numpy(), rcond=None)[0]
     assert t["coef"].to_numpy() == pytest.approx(coef, abs=1e-8)
+
+
+def test_non_finite_validation_only_is_noted_not_diverged(tmp_path):
+    from hf_entropy_callback.runs import write_run
+
+    path = _write(tmp_path / "runs", "valnan", {"seed": 1}, FLAT)
+    run = load_run(path)
+    lp = dict(run.logprobs)
+    lp["validation"] = lp["validation"].copy()
+    lp["validation"][-1, :3] = np.nan
+    write_run(path, run.config, run.examples, run.points, lp)
+    study = load_study([str(tmp_path / "runs")], progress=False)
+    row = study.runs.iloc[0]
+    assert not row["diverged"] and np.isnan(row["validation_accuracy"]) and np.isfinite(row["rho"])
+    assert any("valnan" in n and "validation" in n for n in study.notes)
+    # Calibration keeps the train set and leaves out the validation set it cannot compute.
+    assert set(study.calibration["set"]) == {"train"}
