@@ -55,6 +55,8 @@ def _fmt_number(col: str, v) -> str:
         v = float(v)
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
+        if col == "label_noise":
+            return f"{v:g}"
         if col.startswith("p_") or col.endswith("_p_val") or col in ("p_val", "p_max"):
             return f"{v:.3g}"
         if "share" in col or col == "sign_concordance":
@@ -358,7 +360,8 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         s.note("no runs with a composition other than 'all'; comparison skipped.")
     else:
         s.text("Runs trained on a restricted ChaosNLI part (low = clean only, high = contested only, balanced) beside "
-               "the matching composition='all' runs (same model, method, rank, dataset, noise, loss).")
+               "the matching composition='all' runs (same model, method, rank, dataset, noise, loss). A restricted run "
+               "tracks only its own ChaosNLI examples, so its rho is over a narrower entropy range.")
         s.blocks.append(_table("composition", "Composition vs all", t,
                                display=_comparison_display(t["composition"], "composition")))
     sections.append(s)
