@@ -1,6 +1,5 @@
 """hf_entropy_callback: per-example learning dynamics vs annotation entropy for HuggingFace transformers."""
 
-from .callback import AnnotationEntropyCallback
 from .chaosnli import NLI_LABELS, ChaosNLIFormatError, category_table, load_chaosnli
 from .entropy import (
     CATEGORIES,
@@ -12,24 +11,36 @@ from .entropy import (
     tercile_bins,
 )
 from .runs import Run, RunFormatError, load_run
-from .trainer import ClassWeightedTrainer
 
 __version__ = "0.1.0"
 
+# The Trainer-side classes import torch and transformers; load them on first use so that reading
+# runs and data (e.g. the analysis) stays light.
+_LAZY = {"AnnotationEntropyCallback": ".callback", "ClassWeightedTrainer": ".trainer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AnnotationEntropyCallback",
-    "ClassWeightedTrainer",
-    "Run",
-    "RunFormatError",
-    "load_run",
     "CATEGORIES",
+    "ClassWeightedTrainer",
     "DEFAULT_THRESHOLDS",
     "NLI_LABELS",
     "ChaosNLIFormatError",
+    "Run",
+    "RunFormatError",
     "annotation_entropy",
     "category_table",
     "entropy_category",
     "load_chaosnli",
+    "load_run",
     "quantile_bins",
     "quartile_bins",
     "tercile_bins",

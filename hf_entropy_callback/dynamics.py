@@ -71,11 +71,16 @@ def delta_loss(losses: np.ndarray) -> np.ndarray:
     return loss[-1] - loss[0]
 
 
-def cartography(logprobs: np.ndarray, labels: Sequence[int]):
+def cartography(logprobs: np.ndarray, labels: Sequence[int], losses: Optional[np.ndarray] = None):
     """Dataset Cartography statistics per example (Swayamdipta et al., 2020).
 
     confidence = mean p(gold) over tracking points; variability = its (population) standard
     deviation; correctness = share of points at which the argmax is the gold label.
+
+    Args:
+        logprobs (`np.ndarray` of shape `(points, examples, classes)`): log-probabilities.
+        labels (`Sequence[int]`): gold labels.
+        losses (`np.ndarray`, *optional*): `gold_loss(logprobs, labels)` when already computed.
 
     Returns:
         `pandas.DataFrame` with columns `confidence`, `variability`, `correctness`.
@@ -83,7 +88,7 @@ def cartography(logprobs: np.ndarray, labels: Sequence[int]):
     import pandas as pd
 
     lp = np.asarray(logprobs, dtype=np.float64)
-    p_gold = np.exp(-gold_loss(lp, labels))
+    p_gold = np.exp(-(gold_loss(lp, labels) if losses is None else losses))
     correct = lp.argmax(axis=2) == np.asarray(labels)[None, :]
     return pd.DataFrame(
         {"confidence": p_gold.mean(axis=0), "variability": p_gold.std(axis=0), "correctness": correct.mean(axis=0)}
@@ -118,24 +123,36 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
         n_bins (`int`, *optional*, defaults to 10): ECE bins.
 
     Returns:
-        `pandas.DataFrame` with one row per category (and "all"): `n`, `accuracy`,
-        `pred_entropy` (mean entropy of the predicted distribution, nats), `max_confidence`, `ece`.
+        `pandas.DataFrame` with one row per category (and "all"): `n`, `n_nan` (examples with
+        non-finite log-probabilities, left out of the other columns), `accuracy`, `pred_entropy`
+        (mean entropy of the predicted distribution, nats), `max_confidence`, `ece`.
     """
     import pandas as pd
 
     lp = np.asarray(logprobs_point, dtype=np.float64)
+    finite = np.isfinite(lp).all(axis=1)
+    n_nan_by = dict(zip(*np.unique(np.asarray(categories)[~finite], return_counts=True)))
+    lp = lp[finite]
     probs = np.exp(lp)
-    y = np.asarray(labels)
-    cats = np.asarray(categories)
+    y = np.asarray(labels)[finite]
+    cats = np.asarray(categories)[finite]
     pred_h = -(probs * np.where(probs > 0, lp, 0.0)).sum(axis=1)
     rows = []
-    groups = [c for c in CATEGORIES if (cats == c).any()] + [c for c in dict.fromkeys(cats) if c not in CATEGORIES]
+    all_cats = np.asarray(categories)
+    groups = [c for c in CATEGORIES if (all_cats == c).any()] + [c for c in dict.fromkeys(all_cats) if c not in CATEGORIES]
     for name in groups + ["all"]:
         m = np.ones(len(y), bool) if name == "all" else cats == name
+        if not m.any():
+            nan = float("nan")
+            n_nan = int(sum(n_nan_by.values())) if name == "all" else int(n_nan_by.get(name, 0))
+            rows.append({"category": name, "n": 0, "n_nan": n_nan, "accuracy": nan, "pred_entropy": nan,
+                         "max_confidence": nan, "ece": nan})
+            continue
         rows.append(
             {
                 "category": name,
                 "n": int(m.sum()),
+                "n_nan": int(sum(n_nan_by.values())) if name == "all" else int(n_nan_by.get(name, 0)),
                 "accuracy": float((probs[m].argmax(axis=1) == y[m]).mean()),
                 "pred_entropy": float(pred_h[m].mean()),
                 "max_confidence": float(probs[m].max(axis=1).mean()),
@@ -146,8 +163,11 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
 
 
 def accuracy(logprobs_point: np.ndarray, labels: Sequence[int]) -> float:
-    """Share of examples whose most probable class is the gold label."""
+    """Share of examples whose most probable class is the gold label; NaN when any row is not finite
+    (argmax would silently read a NaN row as a prediction of class 0)."""
     lp = np.asarray(logprobs_point)
+    if not np.isfinite(lp).all():
+        return float("nan")
     return float((lp.argmax(axis=-1) == np.asarray(labels)).mean())
 
 
@@ -169,7 +189,7 @@ def example_dynamics(run, name: str = "train"):
     out["loss_last"] = loss[-1]
     out["aulc"] = aulc(loss, run.steps)
     out["delta_loss"] = delta_loss(loss)
-    carto = cartography(run.logprobs[name], ex["label"].to_numpy())
+    carto = cartography(run.logprobs[name], ex["label"].to_numpy(), losses=loss)
     for col in carto.columns:
         out[col] = carto[col].to_numpy()
     return out

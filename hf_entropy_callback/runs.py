@@ -96,6 +96,9 @@ def write_run(
     missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
     if missing:
         raise RunFormatError(f"write_run: examples table lacks columns {missing}")
+    unmatched = sorted(set(examples["set"]) - set(logprobs))
+    if unmatched:
+        raise RunFormatError(f"write_run: examples of sets {unmatched} have no logprobs")
     for name, arr in logprobs.items():
         n_set = int((examples["set"] == name).sum())
         if arr.ndim != 3 or arr.shape[0] != len(points) or arr.shape[1] != n_set:

@@ -118,9 +118,11 @@ def test_run_roundtrip_and_summary_against_scipy(tmp_path):
 
 def test_write_is_atomic_and_load_checks(tmp_path):
     run, *_ = _synthetic_run(tmp_path)
-    bad_lp = {"train": run.logprobs["train"][:2]}
+    bad_lp = {"train": run.logprobs["train"][:2], "validation": run.logprobs["validation"]}
     with pytest.raises(RunFormatError, match="shape"):
         write_run(str(tmp_path / "entropy_tracking"), {}, run.examples, run.points, bad_lp)
+    with pytest.raises(RunFormatError, match=r"sets \['validation'\] have no logprobs"):
+        write_run(str(tmp_path / "entropy_tracking"), {}, run.examples, run.points, {"train": run.logprobs["train"]})
     # the failed write left the previous run intact and no temporary folder behind
     assert load_run(str(tmp_path)).logprobs["train"].shape[0] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entropy_tracking"]
@@ -134,3 +136,14 @@ def test_write_is_atomic_and_load_checks(tmp_path):
     cfg.write_text(json.dumps(meta))
     with pytest.raises(RunFormatError, match="version 0 is not supported"):
         load_run(str(tmp_path))
+
+
+def test_nan_rows_are_not_read_as_predictions():
+    lp = np.log(np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]]))
+    bad = np.vstack([lp, [[np.nan] * 3]])
+    assert accuracy(lp, [0, 1]) == 1.0
+    assert np.isnan(accuracy(bad, [0, 1, 0]))  # argmax would call the NaN row "class 0", i.e. right
+    cal = calibration(bad, [0, 1, 0], ["clean", "clean", "contested"]).set_index("category")
+    assert cal.loc["clean", "n"] == 2 and cal.loc["clean", "accuracy"] == 1.0 and cal.loc["clean", "n_nan"] == 0
+    assert cal.loc["contested", "n"] == 0 and cal.loc["contested", "n_nan"] == 1 and np.isnan(cal.loc["contested", "ece"])
+    assert cal.loc["all", "n_nan"] == 1
