@@ -14,12 +14,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import pandas as pd
 
+from hf_entropy_callback.peft_setup import DECODER_MODEL_TYPES
 from hf_entropy_callback.runs import TRACKING_DIRNAME
 
 #: Columns that identify a condition, in display order.
 CONDITION_KEYS = ("model", "architecture", "method", "rank", "dataset", "variant")
 #: Model types treated as decoder-only when a run's config has no ``architecture``.
-DECODER_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral", "gpt2", "gemma", "gemma2", "phi", "phi3", "opt", "falcon"})
+DECODER_TYPES = DECODER_MODEL_TYPES
 #: Settings that should be equal across the seeds of one condition.
 REPLICATE_SETTINGS = (
     "model_name_or_path",

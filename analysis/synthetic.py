@@ -45,6 +45,7 @@ import pandas as pd
 
 from hf_entropy_callback.entropy import annotation_entropy, entropy_category
 from hf_entropy_callback.runs import TRACKING_DIRNAME, write_run
+from hf_entropy_callback.schedule import tracking_schedule
 
 from .conditions import is_decoder
 
@@ -91,21 +92,16 @@ def tracking_points(
     """
     if min(num_train_examples, batch_size, num_epochs, track_every) < 1:
         raise ValueError("tracking_points: every argument must be a positive integer")
+    # The schedule is the callback's own, so synthetic runs have the points a real run records.
+    schedule = tracking_schedule(num_train_examples, batch_size, num_epochs, track_every=track_every)
     per_epoch = math.ceil(num_train_examples / batch_size)
-    last = per_epoch * num_epochs
-    reasons: Dict[int, List[str]] = {0: ["step0"]}
-    for step in range(track_every, last + 1, track_every):
-        reasons.setdefault(step, []).append("interval")
-    for epoch in range(1, num_epochs + 1):
-        reasons.setdefault(epoch * per_epoch, []).append("epoch_end")
-    reasons.setdefault(last, []).append("final")
-    steps = sorted(reasons)
+    steps = np.asarray([s for s, _ in schedule], dtype=np.int64)
     return pd.DataFrame(
         {
             "point": np.arange(len(steps)),
-            "step": np.asarray(steps, dtype=np.int64),
-            "epoch": np.asarray(steps, dtype=np.float64) / per_epoch,
-            "reason": ["+".join(reasons[s]) for s in steps],
+            "step": steps,
+            "epoch": steps.astype(np.float64) / per_epoch,
+            "reason": [r for _, r in schedule],
         }
     )
 

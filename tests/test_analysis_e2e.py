@@ -1,0 +1,48 @@
+"""The real path: two tiny runs trained with run_glue_entropy.py, then the report built from them."""
+
+import os
+import sys
+
+import pandas as pd
+import pytest
+
+from hf_entropy_callback import load_run
+from hf_entropy_callback.dynamics import run_summary
+from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_glue_entropy  # noqa: E402
+
+from analysis.__main__ import main as analysis_main  # noqa: E402
+
+
+def test_report_from_two_trained_runs(tmp_path):
+    chaos = write_synthetic_chaosnli(str(tmp_path / "chaos.jsonl"), n=60)
+    bulk = write_synthetic_bulk(str(tmp_path / "bulk.jsonl"), n=40)
+    model = save_tiny_model(str(tmp_path / "bert"), "bert")
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        run_glue_entropy.main(run_glue_entropy._as_argv(dict(
+            model_name_or_path=model, chaosnli_file=chaos, train_file=bulk, bulk_size=40, seed=seed,
+            output_dir=str(runs / f"tiny-lora-s{seed}"), num_train_epochs=2, per_device_train_batch_size=16,
+            learning_rate=5e-3, track_every=2, max_seq_length=32, r=4, save_strategy="no", use_cpu=True,
+            disable_tqdm=True,
+        )))
+    report = tmp_path / "report"
+    assert analysis_main([str(runs), "--out", str(report), "--quiet"]) == 0
+    assert (report / "index.md").stat().st_size > 0 and (report / "index.html").stat().st_size > 0
+    pngs = list((report / "figures").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 0 for p in pngs)
+
+    per_seed = pd.read_csv(report / "tables" / "per_seed.csv")
+    assert sorted(per_seed["seed"]) == [1, 2]
+    for seed in (1, 2):
+        summary = run_summary(load_run(str(runs / f"tiny-lora-s{seed}")))
+        rho = next(r["r"] for r in summary["correlations"] if r["y"] == "aulc" and r["method"] == "spearman")
+        row = per_seed[per_seed["seed"] == seed].iloc[0]
+        assert row["rho"] == pytest.approx(rho)
+        assert row["validation_accuracy"] == pytest.approx(summary["validation_accuracy"])
+    by_cond = pd.read_csv(report / "tables" / "rho_by_condition.csv")
+    assert len(by_cond) == 1 and by_cond["n_runs"].iloc[0] == 2
+    assert by_cond["rho_mean"].iloc[0] == pytest.approx(per_seed["rho"].mean())
