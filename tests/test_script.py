@@ -196,3 +196,22 @@ def test_sweeps_dry_run_parse(tmp_path, script, count):
         assert model_args.model_name_or_path.startswith("/models/")
         assert training_args.output_dir.startswith(str(tmp_path))
         assert training_args.num_train_epochs == 5 and training_args.per_device_train_batch_size == 32
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "snli")), reason="../shared/data absent")
+def test_real_data_pipeline():
+    data = os.path.join(ROOT, "..", "shared", "data")
+    args = run_glue_entropy.DataArguments(
+        task="snli", chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_snli.jsonl"),
+        train_file=os.path.join(data, "snli", "snli_train_subset.jsonl"),
+    )
+    train, tracked, val = run_glue_entropy.build_datasets(args, 42)
+    assert len(tracked) == 1211 and len(val) == 303 and len(train) == 1211 + 20000  # the study's 21,211
+    assert set(tracked["example_id"]).isdisjoint(val["example_id"])
+    args = run_glue_entropy.DataArguments(
+        task="mnli", chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_mnli_m.jsonl"),
+        train_file=os.path.join(data, "mnli", "mnli_train_subset.jsonl"),
+    )
+    with pytest.warns(UserWarning, match="only 9999 exist"):
+        train, tracked, val = run_glue_entropy.build_datasets(args, 42)
+    assert len(tracked) + len(val) == 1599 and len(train) == len(tracked) + 9999
