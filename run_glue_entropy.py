@@ -79,6 +79,9 @@ class ModelArguments:
         default=None, metadata={"help": "A .gguf file inside model_name_or_path to load (dequantised; needs `gguf`)."}
     )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Where hub downloads are stored."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: a branch, tag or commit id."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token for private models."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
 
 
@@ -114,6 +117,12 @@ class DataArguments:
     max_train_samples: Optional[int] = field(
         default=None, metadata={"help": "Truncate the training set (ChaosNLI examples come first) for quick runs."}
     )
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Truncate the validation set used by Trainer.evaluate (not the tracked one)."}
+    )
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every training batch to max_seq_length (default: pad per batch)."}
+    )
     max_tracked_samples: Optional[int] = field(
         default=None,
         metadata={"help": "Keep at most this many ChaosNLI train and validation examples (stratified sample)."},
@@ -134,7 +143,11 @@ class EntropyArguments:
     """Fine-tuning method, loss and tracking."""
 
     peft: str = field(default="lora", metadata={"help": "none (full fine-tuning), lora or ia3."})
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    r: int = field(
+        default=8,
+        metadata={"aliases": ["--lora_r"], "help": "LoRA rank (--lora_r is the same flag; torchrun's own parser "
+                  "reads a bare --r as an abbreviation unless the script is preceded by --)."},
+    )
     lora_alpha: Optional[float] = field(
         default=None, metadata={"help": f"LoRA alpha; default {LORA_ALPHA_RATIO:g} x r (alpha/r constant)."}
     )
@@ -334,7 +347,12 @@ def _check_model_source(model_args: ModelArguments) -> None:
 
 def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArguments):
     _check_model_source(model_args)
-    common = dict(cache_dir=model_args.cache_dir, trust_remote_code=model_args.trust_remote_code)
+    common = dict(
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
     if model_args.gguf_file:
         common["gguf_file"] = model_args.gguf_file
     config = AutoConfig.from_pretrained(
@@ -344,7 +362,9 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
         label2id={n: i for i, n in enumerate(NLI_LABELS)},
         **common,
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **common)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, use_fast=model_args.use_fast_tokenizer, **common
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
         model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, **common
     )
@@ -408,8 +428,11 @@ def main(argv: Optional[List[str]] = None):
     logger.info(f"{len(train)} training examples ({len(tracked)} tracked), {len(val)} validation; "
                 f"trainable parameters {trainable:,} of {total:,}")
 
+    padding = "max_length" if data_args.pad_to_max_length else False
+
     def tokenize(batch):
-        return tokenizer(batch["premise"], batch["hypothesis"], truncation=True, max_length=data_args.max_seq_length)
+        return tokenizer(batch["premise"], batch["hypothesis"], padding=padding, truncation=True,
+                         max_length=data_args.max_seq_length)
 
     keep = ["label"] + ([SOFT_LABEL_COLUMN] if ent_args.loss == "soft_kl" else [])
     with training_args.main_process_first(desc="tokenization"):
@@ -418,6 +441,8 @@ def main(argv: Optional[List[str]] = None):
         val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c not in keep],
                           desc="Tokenizing validation")
 
+    if data_args.max_eval_samples is not None:
+        val_tok = val_tok.select(range(min(data_args.max_eval_samples, len(val_tok))))
     method = "full" if ent_args.peft == "none" else ent_args.peft
     run_config = {
         "model_name_or_path": model_args.model_name_or_path,
@@ -482,7 +507,7 @@ def main(argv: Optional[List[str]] = None):
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
-        metrics = dict(trainer.evaluate(), eval_samples=len(val))
+        metrics = dict(trainer.evaluate(), eval_samples=len(val_tok))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
 

@@ -62,32 +62,14 @@ def tiny_config(arch: str, vocab_size: int, num_labels: int = 3, pad_token_id: i
     common = dict(num_labels=num_labels, pad_token_id=pad_token_id, vocab_size=vocab_size)
     if arch == "distilbert":
         return AutoConfig.for_model(arch, dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64, **common)
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
     if arch in DECODER_ARCHS:
-        return AutoConfig.for_model(
-            arch,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-            **common,
-        )
-    extra = {"type_vocab_size": 2} if arch in ("bert", "deberta-v2") else {}
+        dims.update(num_key_value_heads=2, tie_word_embeddings=False)
+    else:
+        dims["type_vocab_size"] = 2  # our word-level tokenizer emits token type ids for pairs
     if arch == "roberta":
-        # our word-level tokenizer emits token type ids for pairs, so allow two types
-        extra = {"type_vocab_size": 2, "max_position_embeddings": 72}
-    return AutoConfig.for_model(
-        arch,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=extra.pop("max_position_embeddings", 64),
-        **extra,
-        **common,
-    )
+        dims["max_position_embeddings"] = 72  # RoBERTa's positions start after the padding index
+    return AutoConfig.for_model(arch, **dims, **common)
 
 
 def tiny_model(arch: str, tokenizer, num_labels: int = 3, seed: int = 0):

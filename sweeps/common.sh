@@ -30,7 +30,7 @@ data_args() {  # task -> ChaosNLI file and bulk corpus
 method_args() {  # method rank -> flags
   case "$1" in
     full) echo "--peft none" ;;
-    lora) echo "--peft lora --r $2" ;;
+    lora) echo "--peft lora --lora_r $2" ;;  # --lora_r: torchrun's parser mistakes a bare --r
     ia3) echo "--peft ia3" ;;
   esac
 }

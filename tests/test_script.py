@@ -215,3 +215,28 @@ def test_real_data_pipeline():
     with pytest.warns(UserWarning, match="only 9999 exist"):
         train, tracked, val = run_glue_entropy.build_datasets(args, 42)
     assert len(tracked) + len(val) == 1599 and len(train) == len(tracked) + 9999
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_process_script_run(inputs, tmp_path):
+    argv = _argv(inputs, tmp_path / "two", max_eval_samples=5)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # "--" keeps torchrun's parser from reading the script's --r as an abbreviation of its own flags
+    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "29531", "--", SCRIPT, *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = load_run(str(tmp_path / "two"))
+    assert run.config["world_size"] == 2
+    # 88 examples / (2 x 16) -> 3 steps per epoch
+    assert list(zip(run.points["step"], run.points["reason"])) == tracking_schedule(88, 16, 2, track_every=2, world_size=2)
+    for name, n in (("train", 48), ("validation", 12)):
+        ex = run.set_examples(name)
+        assert len(ex) == n and ex["example_id"].is_unique and np.isfinite(run.logprobs[name]).all()
+    assert proc.stdout.count("spearman entropy vs aulc") == 1  # one process writes and reports
+    with open(tmp_path / "two" / "eval_results.json") as fh:
+        assert json.load(fh)["eval_samples"] == 5
+
+
+def test_lora_r_alias():
+    assert run_glue_entropy.parse_args(["--lora_r", "16", "--output_dir", "x"])[2].r == 16
+    assert run_glue_entropy.parse_args(["--r", "4", "--output_dir", "x"])[2].r == 4
