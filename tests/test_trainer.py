@@ -55,6 +55,9 @@ class GradCapture(TrainerCallback):
 
 def _first_step_grads(tmp_path, arch, batch, accum, loss_type="ce"):
     tok, model, raw, train = setup(arch, n=64)
+    # one padded length for every batch, so 32 vs 16 + 16 differ only in how the loss is summed
+    train = train.map(lambda r: tok.pad({k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
+                                        padding="max_length", max_length=32))
     if loss_type == "soft_kl":
         train = train.add_column("label_counts", [list(c) for c in raw["label_counts"]])
     cap = GradCapture()
@@ -92,7 +95,7 @@ def test_loss_matches_manual_weighted_ce(tmp_path):
     loss = trainer.compute_loss(model, {**batch, "labels": labels})
     logits = model(**batch).logits
     manual = (F.cross_entropy(logits, labels, reduction="none") * trainer.class_weights[labels]).mean()
-    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
 
 
 def test_peft_wrapped_model_trains(tmp_path):

@@ -19,9 +19,14 @@ def tracked_and_train(tok, n=50, seed=0):
 
 
 def no_dropout(model):
+    """Switch every dropout off, including attention dropout that some versions keep as a float attribute
+    (transformers 4.x BERT passes `self.dropout_prob` to SDPA)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
     return model
 
 
