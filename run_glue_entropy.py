@@ -125,7 +125,8 @@ class DataArguments:
     )
     max_tracked_samples: Optional[int] = field(
         default=None,
-        metadata={"help": "Keep at most this many ChaosNLI train and validation examples (stratified sample)."},
+        metadata={"help": "Keep about this many ChaosNLI train and validation examples each (stratified sample, "
+                  "rounded per entropy category)."},
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
 
@@ -301,7 +302,7 @@ def _stratified_head(ds, n: Optional[int], seed: int):
     return split_chaosnli(ds, val_fraction=frac, seed=seed)["validation"]
 
 
-def build_datasets(data_args: DataArguments, seed_for_sampling: int):
+def build_datasets(data_args: DataArguments):
     """(training set, tracked ChaosNLI train part, ChaosNLI validation part), all with example ids."""
     chaos = load_chaosnli(data_args.chaosnli_file, subset=data_args.task)
     split = split_chaosnli(chaos, data_args.chaosnli_val_fraction, seed=data_args.split_seed)
@@ -422,7 +423,7 @@ def main(argv: Optional[List[str]] = None):
         raise FileNotFoundError(f"--resume_from_checkpoint: no such checkpoint folder {checkpoint}")
 
     set_seed(training_args.seed)
-    train, tracked, val = build_datasets(data_args, training_args.seed)
+    train, tracked, val = build_datasets(data_args)
     model, tokenizer, decoder = load_model_and_tokenizer(model_args, ent_args)
     trainable, total = count_parameters(model)
     logger.info(f"{len(train)} training examples ({len(tracked)} tracked), {len(val)} validation; "

@@ -205,7 +205,7 @@ def test_real_data_pipeline():
         task="snli", chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_snli.jsonl"),
         train_file=os.path.join(data, "snli", "snli_train_subset.jsonl"),
     )
-    train, tracked, val = run_glue_entropy.build_datasets(args, 42)
+    train, tracked, val = run_glue_entropy.build_datasets(args)
     assert len(tracked) == 1211 and len(val) == 303 and len(train) == 1211 + 20000  # the study's 21,211
     assert set(tracked["example_id"]).isdisjoint(val["example_id"])
     args = run_glue_entropy.DataArguments(
@@ -213,7 +213,7 @@ def test_real_data_pipeline():
         train_file=os.path.join(data, "mnli", "mnli_train_subset.jsonl"),
     )
     with pytest.warns(UserWarning, match="only 9999 exist"):
-        train, tracked, val = run_glue_entropy.build_datasets(args, 42)
+        train, tracked, val = run_glue_entropy.build_datasets(args)
     assert len(tracked) + len(val) == 1599 and len(train) == len(tracked) + 9999
 
 
