@@ -54,7 +54,14 @@ from hf_entropy_callback.data import (
 )
 from hf_entropy_callback.dynamics import format_summary, run_summary
 from hf_entropy_callback.offline import require_hub
-from hf_entropy_callback.peft_setup import METHODS, apply_peft, count_parameters, is_decoder
+from hf_entropy_callback.peft_setup import (
+    LORA_ALPHA_RATIO,
+    METHODS,
+    apply_peft,
+    count_parameters,
+    is_decoder,
+    lora_alpha_for,
+)
 from hf_entropy_callback.runs import save_summary
 from hf_entropy_callback.trainer import SOFT_LABEL_COLUMN
 
@@ -62,8 +69,6 @@ logger = logging.getLogger(__name__)
 
 #: The one learning rate of every configuration (the paper does not state it; see README).
 DEFAULT_LEARNING_RATE = 1e-4
-#: LoRA alpha / r, held constant across ranks.
-LORA_ALPHA_RATIO = 2.0
 PRESETS = ("smoke", "demo")
 
 
@@ -380,7 +385,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
         model,
         ent_args.peft,
         r=ent_args.r,
-        lora_alpha=ent_args.lora_alpha if ent_args.lora_alpha is not None else LORA_ALPHA_RATIO * ent_args.r,
+        lora_alpha=lora_alpha_for(ent_args.r, ent_args.lora_alpha),
         lora_dropout=ent_args.lora_dropout,
         target_modules=ent_args.target_modules,
         feedforward_modules=ent_args.feedforward_modules,
@@ -450,8 +455,7 @@ def main(argv: Optional[List[str]] = None):
         "architecture": "decoder" if decoder else "encoder",
         "method": method,
         "rank": ent_args.r if method == "lora" else None,
-        "lora_alpha": (ent_args.lora_alpha if ent_args.lora_alpha is not None else LORA_ALPHA_RATIO * ent_args.r)
-        if method == "lora" else None,
+        "lora_alpha": lora_alpha_for(ent_args.r, ent_args.lora_alpha) if method == "lora" else None,
         "lora_dropout": ent_args.lora_dropout if method == "lora" else None,
         "dataset": data_args.task,
         "composition": data_args.composition,

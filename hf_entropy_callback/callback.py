@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from .dynamics import accuracy, gold_loss
 from .entropy import CATEGORIES, DEFAULT_THRESHOLDS, annotation_entropy, entropy_category
 from .peft_setup import count_parameters
 from .runs import TRACKING_DIRNAME, Run, RunFormatError, load_run, write_run
@@ -321,8 +322,9 @@ class AnnotationEntropyCallback(TrainerCallback):
 
     def losses(self, name: str) -> np.ndarray:
         """Gold-label cross-entropy so far, shape (points, examples)."""
-        lp = np.stack(self.logprobs[name]) if self.logprobs[name] else np.zeros((0, len(self.sets[name].labels), 1))
-        return -np.take_along_axis(lp, self.sets[name].labels[None, :, None], axis=2)[..., 0].astype(np.float64)
+        if not self.logprobs[name]:
+            return np.zeros((0, len(self.sets[name].labels)))
+        return gold_loss(np.stack(self.logprobs[name]), self.sets[name].labels)
 
     def point_metrics(self, point: int = -1) -> Dict[str, float]:
         """Metrics of one tracking point: mean loss per category, accuracy per set, Spearman rho."""
@@ -332,7 +334,7 @@ class AnnotationEntropyCallback(TrainerCallback):
         for k, (name, tset) in enumerate(self.sets.items()):
             loss = self.losses(name)[point]
             lp = self.logprobs[name][point]
-            metrics[f"entropy/{name}_accuracy"] = float((lp.argmax(axis=1) == tset.labels).mean())
+            metrics[f"entropy/{name}_accuracy"] = accuracy(lp, tset.labels)
             metrics[f"entropy/{name}_loss"] = float(np.mean(loss))
             if k > 0:
                 continue  # per-category curves and rho for the first (training) set only

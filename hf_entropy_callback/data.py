@@ -320,11 +320,3 @@ def build_training_set(chaosnli_train, bulk=None):
     if len(set(merged["example_id"])) != len(merged["example_id"]):
         raise DataFormatError("build_training_set: example ids are not unique across the ChaosNLI and bulk parts")
     return datasets.Dataset.from_dict(merged)
-
-
-def class_counts(labels: Sequence[int], num_labels: int) -> np.ndarray:
-    """Number of examples per class id, checking every id is in range."""
-    arr = np.asarray(labels, dtype=np.int64)
-    if arr.size and (arr.min() < 0 or arr.max() >= num_labels):
-        raise ValueError(f"labels must be in 0..{num_labels - 1}, got range {arr.min()}..{arr.max()}")
-    return np.bincount(arr, minlength=num_labels)

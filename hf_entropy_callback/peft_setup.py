@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 METHODS = ("none", "lora", "ia3")
+#: LoRA alpha / r, held constant across ranks when alpha is not given.
+LORA_ALPHA_RATIO = 2.0
+
+
+def lora_alpha_for(r: int, lora_alpha: Optional[float] = None) -> float:
+    """The LoRA alpha used for rank `r`: `lora_alpha` when given, else `LORA_ALPHA_RATIO * r`."""
+    return LORA_ALPHA_RATIO * r if lora_alpha is None else lora_alpha
 
 #: Model types that classify from the last token (a `score` head) and want LEFT padding.
 DECODER_MODEL_TYPES = frozenset(
@@ -109,7 +116,7 @@ def apply_peft(
         config = LoraConfig(
             task_type=TaskType.SEQ_CLS,
             r=r,
-            lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+            lora_alpha=lora_alpha_for(r, lora_alpha),
             lora_dropout=lora_dropout,
             target_modules=list(target_modules),
             modules_to_save=modules_to_save,
