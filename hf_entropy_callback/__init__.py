@@ -5,18 +5,24 @@ from .entropy import (
     CATEGORIES,
     DEFAULT_THRESHOLDS,
     annotation_entropy,
+    category_thresholds,
     entropy_category,
     quantile_bins,
     quartile_bins,
     tercile_bins,
 )
+from .labels import LabelSpaceError
 from .runs import Run, RunFormatError, load_run
 
 __version__ = "0.1.0"
 
 # The Trainer-side classes import torch and transformers; load them on first use so that reading
 # runs and data (e.g. the analysis) stays light.
-_LAZY = {"AnnotationEntropyCallback": ".callback", "ClassWeightedTrainer": ".trainer"}
+_LAZY = {
+    "AnnotationEntropyCallback": ".callback",
+    "ClassWeightedTrainer": ".trainer",
+    "EntropyTracker": ".tracker",
+}
 
 
 def __getattr__(name):
@@ -32,11 +38,14 @@ __all__ = [
     "CATEGORIES",
     "ClassWeightedTrainer",
     "DEFAULT_THRESHOLDS",
+    "EntropyTracker",
+    "LabelSpaceError",
     "NLI_LABELS",
     "ChaosNLIFormatError",
     "Run",
     "RunFormatError",
     "annotation_entropy",
+    "category_thresholds",
     "category_table",
     "entropy_category",
     "load_chaosnli",

@@ -8,6 +8,8 @@ import numpy as np
 
 #: The study's fixed thresholds in nats: clean < 0.4 <= ambiguous <= 0.7 < contested.
 DEFAULT_THRESHOLDS: Tuple[float, float] = (0.4, 0.7)
+#: Number of classes the study's thresholds are stated for (NLI: entailment, neutral, contradiction).
+STUDY_NUM_CLASSES = 3
 #: Category names, from low to high entropy.
 CATEGORIES: Tuple[str, str, str] = ("clean", "ambiguous", "contested")
 
@@ -81,6 +83,36 @@ def entropy_category(h: Union[float, ArrayLike], thresholds: Tuple[float, float]
         raise ValueError("entropy_category: entropy contains NaN")
     out = np.where(arr < low, CATEGORIES[0], np.where(arr <= high, CATEGORIES[1], CATEGORIES[2]))
     return str(out) if out.ndim == 0 else out
+
+
+def category_thresholds(num_classes: int, thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS) -> Tuple[float, float]:
+    """The study's category thresholds carried over to `num_classes` classes.
+
+    The rule: a threshold keeps its share of the maximum entropy ``ln K``. The study's 0.4 and 0.7
+    nats for K = 3 are 36.4% and 63.7% of ``ln 3``; for K classes they become
+    ``0.4 * ln K / ln 3`` and ``0.7 * ln K / ln 3``. So "clean" means the same degree of agreement
+    relative to the most uncertain distribution whatever the number of classes; for K = 3 the
+    thresholds are exactly the study's.
+
+    Args:
+        num_classes (`int`): K, at least 2.
+        thresholds (`Tuple[float, float]`, *optional*, defaults to `(0.4, 0.7)`): thresholds for K = 3.
+
+    Returns:
+        `Tuple[float, float]` in nats.
+
+    Example:
+        >>> category_thresholds(3)
+        (0.4, 0.7)
+        >>> [round(t, 4) for t in category_thresholds(2)]
+        [0.2524, 0.4417]
+    """
+    if int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"category_thresholds: num_classes must be an integer >= 2, got {num_classes}")
+    if num_classes == STUDY_NUM_CLASSES:
+        return tuple(float(t) for t in thresholds)
+    scale = np.log(num_classes) / np.log(STUDY_NUM_CLASSES)
+    return tuple(float(t * scale) for t in thresholds)
 
 
 def quantile_bins(h: ArrayLike, n_bins: int) -> np.ndarray:

@@ -139,3 +139,29 @@ def count_parameters(model) -> Tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def describe_adaptation(model) -> dict:
+    """How `model` is fine-tuned, read from the model itself, for a run's configuration.
+
+    Returns `method` ("full", "lora", "ia3" or the peft type in lower case), `architecture`
+    ("encoder" / "decoder") and, for LoRA, `rank`, `lora_alpha`, `lora_dropout`; for adapters
+    also `target_modules`. Used when a user's own script passes no run configuration, so the run
+    is never reported under an unknown method.
+    """
+    out = {"architecture": "decoder" if is_decoder(model) else "encoder", "method": "full"}
+    peft_config = getattr(model, "peft_config", None)
+    if not peft_config:
+        return out
+    name = getattr(model, "active_adapter", None)
+    if not isinstance(name, str) or name not in peft_config:
+        name = next(iter(peft_config))
+    cfg = peft_config[name]
+    kind = str(getattr(getattr(cfg, "peft_type", None), "value", getattr(cfg, "peft_type", "adapter"))).lower()
+    out["method"] = kind
+    targets = getattr(cfg, "target_modules", None)
+    if targets is not None:
+        out["target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets)
+    if kind == "lora":
+        out.update(rank=int(cfg.r), lora_alpha=float(cfg.lora_alpha), lora_dropout=float(cfg.lora_dropout))
+    return out

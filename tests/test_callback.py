@@ -33,9 +33,16 @@ def test_schedule_function_matches_hand_list():
     assert tracking_schedule(100, 8, 1, track_every=0, gradient_accumulation_steps=2, world_size=2)[-1] == (4, "epoch_end+final")
 
 
+def _validation(raw, n=12):
+    """The first `n` examples under their own ids (an example is tracked in one set only)."""
+    rows = {k: v[:n] for k, v in raw.to_dict().items()}
+    rows["uid"] = [f"val-{u}" for u in rows["uid"]]
+    return datasets.Dataset.from_dict(rows)
+
+
 def _train(tmp_path, arch="bert", trainer_cls=ClassWeightedTrainer, extra_callbacks=(), n=50, **kw):
     tok, model, raw, train = setup(arch, n=n)
-    val = datasets.Dataset.from_dict({k: v[:12] for k, v in raw.to_dict().items()})
+    val = _validation(raw)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=4, batch_size=16)
     trainer = trainer_cls(
         model=no_dropout(model),
@@ -83,8 +90,8 @@ def test_padding_side_is_respected_for_decoders(tmp_path):
     tok, model, raw, train = setup("qwen2", n=20)
     assert tok.padding_side == "left"
     cb = AnnotationEntropyCallback(raw, tokenizer=tok, batch_size=20)
-    cb._prepare(tok, 3)
-    batched = cb.compute_logprobs(model.eval(), cb.sets["train"])
+    cb.tracker.prepare(model, tok)
+    batched = cb.tracker.compute_logprobs(model.eval(), "train")
     np.testing.assert_allclose(batched, _direct_logprobs(model, tok, raw), atol=2e-5)
 
 
@@ -133,7 +140,7 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path):
     assert not os.path.exists(tmp_path / "cut" / "entropy_tracking")
     # a fresh process: new model object, new callback, resumed from the last checkpoint
     tok, model, raw, train = setup("bert", n=50)
-    val = datasets.Dataset.from_dict({k: v[:12] for k, v in raw.to_dict().items()})
+    val = _validation(raw)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=4, batch_size=16)
     trainer = ClassWeightedTrainer(model=no_dropout(model), args=args(tmp_path / "cut", **kw), train_dataset=train, processing_class=tok, callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-10"))
@@ -153,6 +160,7 @@ def test_resume_without_saved_trajectory_warns(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-7"))
     run = load_run(str(tmp_path))
     assert run.steps[0] == 8 and run.config["resumed_without_history"] is True
+    assert run.config["history_complete"] is False
 
 
 def test_tokenized_tracked_set_and_user_trainer(tmp_path):
@@ -179,7 +187,7 @@ def test_bad_tracked_sets():
         AnnotationEntropyCallback(raw.remove_columns(["hypothesis"]))
     # entropy derived from label_counts when absent
     cb = AnnotationEntropyCallback(raw.remove_columns(["entropy"]))
-    cb._prepare(tok, 3)
+    cb.tracker.prepare(model, tok)
     np.testing.assert_allclose(cb.sets["train"].entropy, raw["entropy"])
 
 
@@ -221,4 +229,4 @@ def test_decoder_without_pad_token_is_refused():
     tok.pad_token = None
     cb = AnnotationEntropyCallback(raw)
     with pytest.raises(ValueError, match="no pad token"):
-        cb._prepare(tok, 3)
+        cb.tracker.prepare(model, tok)
