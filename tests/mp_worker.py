@@ -3,9 +3,8 @@
 import json
 import sys
 
-import datasets
 import torch
-from tiny import args, no_dropout, setup
+from tiny import args, no_dropout, setup, validation_copy
 from transformers import TrainerCallback
 
 from hf_entropy_callback import AnnotationEntropyCallback, ClassWeightedTrainer
@@ -26,7 +25,7 @@ class FirstGrads(TrainerCallback):
 def main(out, per_device_batch, n_tracked):
     tok, model, raw, train = setup("bert", n=50)
     # an odd-sized tracked set, so a distributed sampler would have to pad it
-    val = datasets.Dataset.from_dict({k: v[:n_tracked] for k, v in raw.to_dict().items()})
+    val = validation_copy(raw, n_tracked)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=2, batch_size=4)
     trainer = ClassWeightedTrainer(
         model=no_dropout(model),

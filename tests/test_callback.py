@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import args, no_dropout, setup
+from tiny import args, no_dropout, setup, validation_copy
 from transformers import Trainer, TrainerCallback
 
 from hf_entropy_callback import AnnotationEntropyCallback, ClassWeightedTrainer, load_run
@@ -33,16 +33,9 @@ def test_schedule_function_matches_hand_list():
     assert tracking_schedule(100, 8, 1, track_every=0, gradient_accumulation_steps=2, world_size=2)[-1] == (4, "epoch_end+final")
 
 
-def _validation(raw, n=12):
-    """The first `n` examples under their own ids (an example is tracked in one set only)."""
-    rows = {k: v[:n] for k, v in raw.to_dict().items()}
-    rows["uid"] = [f"val-{u}" for u in rows["uid"]]
-    return datasets.Dataset.from_dict(rows)
-
-
 def _train(tmp_path, arch="bert", trainer_cls=ClassWeightedTrainer, extra_callbacks=(), n=50, **kw):
     tok, model, raw, train = setup(arch, n=n)
-    val = _validation(raw)
+    val = validation_copy(raw)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=4, batch_size=16)
     trainer = trainer_cls(
         model=no_dropout(model),
@@ -140,7 +133,7 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path):
     assert not os.path.exists(tmp_path / "cut" / "entropy_tracking")
     # a fresh process: new model object, new callback, resumed from the last checkpoint
     tok, model, raw, train = setup("bert", n=50)
-    val = _validation(raw)
+    val = validation_copy(raw)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=4, batch_size=16)
     trainer = ClassWeightedTrainer(model=no_dropout(model), args=args(tmp_path / "cut", **kw), train_dataset=train, processing_class=tok, callbacks=[cb])
     trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-10"))
