@@ -56,6 +56,17 @@ class TrackedSet:
     order: np.ndarray  # length-sorted positions, so batches need little padding
 
 
+def join_reasons(reasons: Sequence[str]) -> str:
+    """Reasons of one point, each once, in the order of `REASONS` (others after, as given).
+
+    Example:
+        >>> join_reasons(["final", "epoch_end", "final"])
+        'epoch_end+final'
+    """
+    unique = list(dict.fromkeys(r for r in reasons if r))
+    return "+".join(sorted(unique, key=lambda r: (REASONS.index(r) if r in REASONS else len(REASONS), unique.index(r))))
+
+
 def distributed_world() -> Tuple[int, int]:
     """(world size, rank) of torch.distributed, or (1, 0) when not initialised."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -555,8 +566,7 @@ class EntropyTracker:
         step = int(step)
         if self.steps and step <= self.steps[-1]:
             if step == self.steps[-1]:
-                have = self.reasons[-1].split("+")
-                self.reasons[-1] = "+".join(have + [r for r in reason.split("+") if r not in have])
+                self.reasons[-1] = join_reasons(self.reasons[-1].split("+") + reason.split("+"))
                 return {}
             raise ValueError(f"EntropyTracker.track: step {step} is before the last recorded step {self.steps[-1]}")
         wrapped = unwrap_model(model)
@@ -569,7 +579,7 @@ class EntropyTracker:
                 wrapped.train()
         self.steps.append(step)
         self.epochs.append(float(epoch) if epoch is not None else float("nan"))
-        self.reasons.append(reason)
+        self.reasons.append(join_reasons(reason.split("+")))
         for name, lp in current.items():
             self.logprobs[name].append(lp)
         self._check_nan(step, current)
@@ -599,7 +609,7 @@ class EntropyTracker:
             reasons.append("final")
         if not reasons:
             return {}
-        return self.track(model, step, epoch, "+".join(reasons))
+        return self.track(model, step, epoch, join_reasons(reasons))
 
     def _check_nan(self, step: int, current: Mapping[str, np.ndarray]) -> None:
         for name, lp in current.items():
