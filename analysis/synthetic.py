@@ -60,7 +60,7 @@ STUDY_TRAIN_SIZE = 21211
 def tracking_points(
     num_train_examples: int = STUDY_TRAIN_SIZE,
     batch_size: int = 32,
-    num_epochs: int = 5,
+    num_epochs: float = 5,
     track_every: int = 100,
 ) -> pd.DataFrame:
     """The tracking schedule of a run: step 0, every `track_every` steps, every epoch end, the final step.
@@ -71,8 +71,9 @@ def tracking_points(
         Size of the training set (tracked and bulk examples together).
     batch_size : int
         Examples per optimizer step (the last batch of an epoch may be smaller).
-    num_epochs : int
-        Number of epochs.
+    num_epochs : float
+        Number of epochs; may be fractional, as ``num_train_epochs`` in the Trainer (the last,
+        partial epoch ends at the final step).
     track_every : int
         Interval, in optimizer steps, of the regular tracking points.
 
@@ -89,9 +90,14 @@ def tracking_points(
     (39, 3315, 'epoch_end+final')
     >>> pts.step.iloc[:9].tolist()
     [0, 100, 200, 300, 400, 500, 600, 663, 700]
+    >>> last = tracking_points(21211, batch_size=32, num_epochs=2.5).iloc[-1]  # ceil(2.5 * 663) steps
+    >>> int(last.step), round(float(last.epoch), 4), last.reason
+    (1658, 2.5008, 'epoch_end+final')
     """
-    if min(num_train_examples, batch_size, num_epochs, track_every) < 1:
-        raise ValueError("tracking_points: every argument must be a positive integer")
+    if min(num_train_examples, batch_size, track_every) < 1 or not num_epochs > 0:
+        raise ValueError("tracking_points: num_train_examples, batch_size and track_every must be positive "
+                         f"integers and num_epochs a positive number, got {num_train_examples}, {batch_size}, "
+                         f"{track_every} and {num_epochs}")
     # The schedule is the callback's own, so synthetic runs have the points a real run records.
     schedule = tracking_schedule(num_train_examples, batch_size, num_epochs, track_every=track_every)
     per_epoch = math.ceil(num_train_examples / batch_size)
@@ -364,7 +370,8 @@ def write_synthetic_run(
         points = tracking_points(
             STUDY_TRAIN_SIZE,
             int(cfg.get("per_device_train_batch_size") or 32),
-            int(cfg.get("num_train_epochs") or 5),
+            # float, not int: the Trainer accepts a fractional number of epochs (2.5 -> 2.5 epochs, not 2).
+            float(cfg.get("num_train_epochs") or 5),
             int(cfg.get("track_every") or 100),
         )
     else:
