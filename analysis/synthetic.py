@@ -59,6 +59,7 @@ STUDY_TRAIN_SIZE = 21211
 
 def tracking_points(
     num_train_examples: int = STUDY_TRAIN_SIZE,
+    *,
     batch_size: int = 32,
     num_epochs: float = 5,
     track_every: int = 100,
@@ -179,6 +180,7 @@ def dynamics_for(config: Mapping[str, Any]) -> Dynamics:
 
 def make_examples(
     dataset: str = "snli",
+    *,
     n_train: int = STUDY_TRACKED_TRAIN,
     n_val: int = STUDY_TRACKED_VALIDATION,
     num_classes: int = 3,
@@ -237,7 +239,7 @@ def make_examples(
     )
 
 
-def apply_variant(examples: pd.DataFrame, composition: str = "all", label_noise: float = 0.0, seed: int = 42):
+def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noise: float = 0.0, seed: int = 42):
     """Restrict the train examples to a composition and inject label noise, with the library's own data code.
 
     Uses `hf_entropy_callback.data.select_composition` and `inject_label_noise` so the synthetic
@@ -269,6 +271,7 @@ def synthetic_logprobs(
     progress: Sequence[float],
     dynamics: Dynamics,
     rng: np.random.Generator,
+    *,
     num_classes: int = 3,
 ) -> np.ndarray:
     """Log-probabilities, shape (points, examples, classes), following the module's loss model."""
@@ -329,6 +332,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
 def write_synthetic_run(
     path: str,
     config: Optional[Mapping[str, Any]] = None,
+    *,
     n_train: int = STUDY_TRACKED_TRAIN,
     n_val: int = STUDY_TRACKED_VALIDATION,
     steps: Optional[Sequence[int]] = None,
@@ -369,10 +373,10 @@ def write_synthetic_run(
     if steps is None:
         points = tracking_points(
             STUDY_TRAIN_SIZE,
-            int(cfg.get("per_device_train_batch_size") or 32),
+            batch_size=int(cfg.get("per_device_train_batch_size") or 32),
             # float, not int: the Trainer accepts a fractional number of epochs (2.5 -> 2.5 epochs, not 2).
-            float(cfg.get("num_train_epochs") or 5),
-            int(cfg.get("track_every") or 100),
+            num_epochs=float(cfg.get("num_train_epochs") or 5),
+            track_every=int(cfg.get("track_every") or 100),
         )
     else:
         steps = np.asarray(steps, dtype=np.int64)
@@ -384,8 +388,10 @@ def write_synthetic_run(
                 "reason": ["step0" if s == 0 else "interval" for s in steps[:-1]] + ["final"],
             }
         )
-    examples = make_examples(str(cfg.get("dataset") or "snli"), n_train, n_val, num_classes, example_seed)
-    examples = apply_variant(examples, cfg.get("composition") or "all", float(cfg.get("label_noise") or 0.0), seed)
+    examples = make_examples(str(cfg.get("dataset") or "snli"), n_train=n_train, n_val=n_val, num_classes=num_classes,
+                             example_seed=example_seed)
+    examples = apply_variant(examples, composition=cfg.get("composition") or "all",
+                             label_noise=float(cfg.get("label_noise") or 0.0), seed=seed)
     dyn = dynamics or dynamics_for(cfg)
     progress = points["step"].to_numpy(np.float64) / points["step"].iloc[-1]
     # Trajectories differ by model, method and rank but not by variant: a noisy run and its
@@ -396,7 +402,7 @@ def write_synthetic_run(
     for name in ("train", "validation"):
         ex = examples[examples["set"] == name].sort_values("index")
         if len(ex):
-            logprobs[name] = synthetic_logprobs(ex, progress, dyn, rng, num_classes)
+            logprobs[name] = synthetic_logprobs(ex, progress, dyn, rng, num_classes=num_classes)
     cfg.setdefault("synthetic_dynamics", asdict(dyn))
     return write_run(os.path.join(path, TRACKING_DIRNAME), cfg, examples, points, logprobs)
 
