@@ -1,24 +1,55 @@
-"""The study's figures (PNG), drawn with matplotlib's object API (no pyplot state, Agg canvas).
+"""The study's figures, drawn with matplotlib's object API (no pyplot state).
 
-Every function takes tidy tables from `analysis.loading` / `analysis.tables`, writes one or more
-PNG files and returns their paths. Losses and entropies are in nats. Grids are split into pages
+Two layers, as in seaborn: *panel* functions (``*_panel``) draw one panel into a given axes
+(``ax=``, a new figure when omitted) and return that axes; *plot* functions (``*_plot``,
+`entropy_histogram`) lay panels out in a grid, into a given figure or sequence of axes
+(``axes=``) or a new figure, and return the figure, or None when there is nothing to draw.
+Neither writes anything: `save_figure` does, and `all_figures` draws and saves the report's set.
+Every function takes tidy tables from `analysis.loading` / `analysis.tables`, data first and
+options keyword-only. Losses and entropies are in nats. The report's grids are split into pages
 of at most `MAX_ROWS` rows so the number of files stays small however many runs there are.
+
+Examples
+--------
+A panel in a layout of one's own (here two panels side by side), then saved:
+
+>>> import os, tempfile
+>>> binning = pd.DataFrame({"condition": "LoRA r=8", "method": "lora", "scheme": "fixed",
+...                         "bin": ["clean", "ambiguous", "contested"], "bin_order": [0, 1, 2],
+...                         "aulc_mean": [0.3, 0.6, 0.9], "aulc_sd": 0.05})
+>>> fig = Figure(figsize=(8, 3))
+>>> left, right = fig.subplots(1, 2)
+>>> aulc_bins_panel(binning, ax=right) is right
+True
+>>> len(right.lines) > 0, len(left.lines)
+(True, 0)
+>>> path = save_figure(fig, os.path.join(tempfile.mkdtemp(), "figure2.png"))
+>>> os.path.getsize(path) > 0
+True
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from hf_entropy_callback.entropy import CATEGORIES, DEFAULT_THRESHOLDS
 
 from .conditions import method_label, order_conditions
+
+__all__ = [
+    "save_figure", "all_figures", "condition_curves",
+    "trajectory_panel", "trajectory_plot", "entropy_histogram_panel", "entropy_histogram",
+    "aulc_bins_panel", "aulc_bins_plot", "rank_panel", "rank_plot", "cartography_panel", "cartography_plot",
+    "calibration_panel", "calibration_plot", "noise_rho_panel", "noise_delta_panel", "noise_plot",
+]
 
 CATEGORY_COLORS = {"clean": "#1b9e77", "ambiguous": "#7570b3", "contested": "#d95f02", "all": "#555555"}
 METHOD_STYLES = {"lora": "-", "ia3": "-.", "full": "--"}
@@ -32,10 +63,46 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str) -> str:
+def save_figure(fig: Union[Figure, Axes], path: str, *, dpi: int = DPI) -> str:
+    """Write a figure (or the figure of an axes) to `path`, creating its folder; returns `path`.
+
+    The format follows the file extension (PNG, PDF, SVG, ...).
+    """
+    fig = fig.figure if isinstance(fig, Axes) else fig
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=dpi)
     return path
+
+
+def _new_axes(width: float = 4.6, height: float = 3.2) -> Axes:
+    return _new_figure(width, height).add_subplot()
+
+
+def _grid_into(axes, n_rows: int, n_cols: int, what: str, **grid_kw):
+    """(figure, 2-d array of axes, whether we made the figure) for a grid of panels.
+
+    `axes` is None (a new figure with the report's fixed margins), a `Figure` (the grid is added
+    to it) or a sequence of axes with exactly ``n_rows * n_cols`` elements, taken row by row.
+    """
+    if axes is None:
+        fig, grid = _grid(n_rows, n_cols, **grid_kw)
+        return fig, grid, True
+    if isinstance(axes, Figure):
+        return axes, axes.subplots(n_rows, n_cols, squeeze=False, sharey=grid_kw.get("sharey", True)), False
+    flat = np.asarray(axes, dtype=object).ravel()
+    if flat.size != n_rows * n_cols or not all(isinstance(a, Axes) for a in flat):
+        raise ValueError(f"{what}: needs {n_rows} x {n_cols} = {n_rows * n_cols} panels, got {flat.size} "
+                         f"(pass a Figure, or that many axes)")
+    return flat[0].figure, flat.reshape(n_rows, n_cols), False
+
+
+def _grid_legend(fig: Figure, grid, own: bool, handles, title: str, **kw) -> None:
+    """The report's legend above the grid; on a caller's figure, inside the first panel instead, so
+    as not to draw over their layout."""
+    if own:
+        _top_legend(fig, handles, title, **kw)
+    else:
+        grid.flat[0].legend(handles=handles, title=title, fontsize=7, title_fontsize=7)
 
 
 def _paged(path: str, page: int, pages: int) -> str:
@@ -114,17 +181,55 @@ def _method_column(row) -> str:
     return method_label(row["method"], float(row["rank"]) if pd.notna(row["rank"]) else math.nan)
 
 
-def trajectory_figures(
-    curves: pd.DataFrame, runs: pd.DataFrame, path: str, variants: bool = False
-) -> List[str]:
-    """Mean tracked loss by entropy category over training, one panel per condition.
 
-    Main setting (``variants=False``): one row per model x dataset, one column per method
-    (LoRA ranks, IA3, full FT), so LoRA and full fine-tuning sit side by side. Variants
-    (``variants=True``): one row per model x dataset x method, one column per variant, the
-    main-setting run first. Lines: mean over examples, averaged over seeds; band: 95% CI of the
-    mean over examples, averaged over seeds. Returns the files written (none without data).
+def _line(color, label, ls="-", marker=None):
+    from matplotlib.lines import Line2D
+
+    return Line2D([0], [0], color=color, lw=2, ls=ls, marker=marker, label=label)
+
+
+def _one(frame: pd.DataFrame, column: str, value, what: str):
+    """`value`, or the only value of `column`; an error naming the choices when there are several."""
+    if value is not None or column not in frame:
+        return value
+    values = sorted(frame[column].dropna().unique())
+    if len(values) > 1:
+        raise ValueError(f"{what}: the data hold several {column}s ({', '.join(map(str, values))}); pass {column}=")
+    return values[0] if values else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Trajectories
+# ------------------------------------------------------------------------------------------------
+
+
+def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Optional[Axes] = None,
+                     title: Optional[str] = None) -> Axes:
+    """Mean tracked loss by entropy category over training for one condition (its runs `run_ids`).
+
+    Lines: mean over examples, averaged over the runs; bands: 95% CI of the mean over examples,
+    averaged over the runs (see `condition_curves`). Returns the axes drawn into.
     """
+    ax = ax if ax is not None else _new_axes(3.6, 2.8)
+    _, xlabel = _x_axis(curves)
+    cc = condition_curves(curves, list(run_ids))
+    for cat in [c for c in CATEGORIES if (cc["category"] == c).any()]:
+        d = cc[cc["category"] == cat]
+        ax.plot(d["x"], d["mean"], color=CATEGORY_COLORS[cat], lw=1.6, label=cat)
+        ax.fill_between(d["x"], d["mean"] - d["half_width"], d["mean"] + d["half_width"],
+                        color=CATEGORY_COLORS[cat], alpha=0.25, lw=0)
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    _few_ticks(ax, x_integer=xlabel == "epoch")
+    ax.tick_params(labelsize=7.5, labelleft=True)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("loss −log p(gold) (nats)", fontsize=8)
+    return ax
+
+
+def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool):
+    """(row keys, column keys, {(row, column): runs}) of the trajectory grid, or None without data."""
     u = runs[~runs["diverged"]]
     if variants:
         groups = u[u["variant"] != "base"][["model", "dataset", "method", "rank"]].drop_duplicates()
@@ -134,7 +239,7 @@ def trajectory_figures(
         keep = u[u["variant"] == "base"]
         row_keys, col_key = ["dataset", "model"], "_col"
     if keep.empty or curves.empty:
-        return []
+        return None
     keep = order_conditions(keep.assign(_col=[_method_column(r) for _, r in keep.iterrows()]))
     keep["_row"] = [tuple(r) for r in keep[row_keys].astype(str).itertuples(index=False)]
     if variants:
@@ -147,75 +252,119 @@ def trajectory_figures(
                                             col_rows["rank"].fillna(math.inf), col_rows["_col"]))]
     rows = list(dict.fromkeys(keep["_row"]))
     panels = {key: grp for key, grp in keep.groupby(["_row", col_key], sort=False)}
-    _, xlabel = _x_axis(curves)
-    pages = math.ceil(len(rows) / MAX_ROWS)
-    out = []
-    for page in range(pages):
-        page_rows = rows[page * MAX_ROWS:(page + 1) * MAX_ROWS]
-        fig, axes = _grid(len(page_rows), len(cols), top=0.85)
-        for i, rkey in enumerate(page_rows):
-            for j, ckey in enumerate(cols):
-                ax = axes[i, j]
-                sel = panels.get((rkey, ckey))
-                if sel is None:
-                    ax.set_axis_off()
-                    continue
-                cc = condition_curves(curves, list(sel["run_id"]))
-                for cat in [c for c in CATEGORIES if (cc["category"] == c).any()]:
-                    d = cc[cc["category"] == cat]
-                    ax.plot(d["x"], d["mean"], color=CATEGORY_COLORS[cat], lw=1.6)
-                    ax.fill_between(d["x"], d["mean"] - d["half_width"], d["mean"] + d["half_width"],
-                                    color=CATEGORY_COLORS[cat], alpha=0.25, lw=0)
-                first = sel.iloc[0]
-                title = f"{first['model']} · {first['dataset']}\n{_method_column(first)}"
-                if variants:
-                    title += f" · {ckey}"
-                ax.set_title(f"{title} ({len(sel)} seed{'s' if len(sel) != 1 else ''})", fontsize=8)
-                ax.grid(alpha=0.3)
-                _few_ticks(ax, x_integer=xlabel == "epoch")
-                ax.tick_params(labelsize=7.5, labelleft=True)
-                ax.set_xlabel(xlabel, fontsize=8)
-                if j == 0:
-                    ax.set_ylabel("loss −log p(gold) (nats)", fontsize=8)
-        _top_legend(fig, [_line(CATEGORY_COLORS[c], c) for c in CATEGORIES],
-                    "entropy category (line: mean over examples and seeds; band: 95% CI of the mean)")
-        out.append(_save(fig, _paged(path, page, pages)))
-    return out
+    return rows, cols, panels
 
 
-def _line(color, label, ls="-", marker=None):
-    from matplotlib.lines import Line2D
+def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool = False, page: int = 0,
+                    max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+    """Mean tracked loss by entropy category over training, one `trajectory_panel` per condition.
 
-    return Line2D([0], [0], color=color, lw=2, ls=ls, marker=marker, label=label)
+    Main setting (``variants=False``): one row per model x dataset, one column per method
+    (LoRA ranks, IA3, full FT), so LoRA and full fine-tuning sit side by side. Variants
+    (``variants=True``): one row per model x dataset x method, one column per variant, the
+    main-setting run first. Rows come in pages of `max_rows` (None: all rows); `page` picks one.
+
+    Parameters
+    ----------
+    axes : Figure or sequence of Axes, optional
+        Where to draw: a figure (the grid is added to it) or exactly rows x columns axes, row by
+        row; default a new figure.
+
+    Returns
+    -------
+    figure : Figure or None
+        The figure drawn into; None without usable runs or curves, or past the last page.
+    """
+    layout = _trajectory_layout(curves, runs, variants)
+    if layout is None:
+        return None
+    rows, cols, panels = layout
+    if max_rows:
+        rows = rows[page * max_rows:(page + 1) * max_rows]
+    if not rows:
+        return None
+    fig, grid, own = _grid_into(axes, len(rows), len(cols), "trajectory_plot", top=0.85)
+    for i, rkey in enumerate(rows):
+        for j, ckey in enumerate(cols):
+            ax = grid[i, j]
+            sel = panels.get((rkey, ckey))
+            if sel is None:
+                ax.set_axis_off()
+                continue
+            first = sel.iloc[0]
+            title = f"{first['model']} · {first['dataset']}\n{_method_column(first)}"
+            if variants:
+                title += f" · {ckey}"
+            trajectory_panel(curves, list(sel["run_id"]), ax=ax,
+                             title=f"{title} ({len(sel)} seed{'s' if len(sel) != 1 else ''})")
+            if j > 0:
+                ax.set_ylabel("")
+    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c) for c in CATEGORIES],
+                 "entropy category (line: mean over examples and seeds; band: 95% CI of the mean)")
+    return fig
 
 
-def entropy_histogram(entropy: pd.DataFrame, distribution: pd.DataFrame, path: str,
-                      thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS) -> List[str]:
-    """Histogram of annotation entropy per dataset, stacked by category, thresholds dashed, shares in the legend."""
+# ------------------------------------------------------------------------------------------------
+# Entropy histogram
+# ------------------------------------------------------------------------------------------------
+
+
+def entropy_histogram_panel(entropy: pd.DataFrame, distribution: Optional[pd.DataFrame] = None, *,
+                            dataset: Optional[str] = None, thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS,
+                            bins=30, ax: Optional[Axes] = None) -> Axes:
+    """Histogram of one dataset's annotation entropy, stacked by category, thresholds dashed.
+
+    `distribution` (the ``entropy_distribution`` table) gives the shares in the legend; without it
+    they are counted from `entropy`. `dataset` may be left out when the data hold one. Returns the
+    axes drawn into.
+    """
+    ax = ax if ax is not None else _new_axes()
+    data = entropy.drop_duplicates(["dataset", "example_id"]) if "dataset" in entropy else entropy
+    ds = _one(data, "dataset", dataset, "entropy_histogram_panel")
+    d = data[data["dataset"] == ds] if ds is not None else data
+    cats = [c for c in CATEGORIES if (d["category"] == c).any()]
+    if distribution is not None and not distribution.empty:
+        dist = distribution[distribution["dataset"] == ds] if "dataset" in distribution else distribution
+        dist = dist.set_index("category")
+        shares = {c: (dist.loc[c, "share"], int(dist.loc[c, "n"])) for c in cats}
+    else:
+        shares = {c: ((d["category"] == c).mean(), int((d["category"] == c).sum())) for c in cats}
+    labels = [f"{c}: {shares[c][0]:.1%} (n={shares[c][1]})" for c in cats]
+    ax.hist([d.loc[d["category"] == c, "entropy"] for c in cats], bins=bins, stacked=True,
+            color=[CATEGORY_COLORS[c] for c in cats], label=labels, edgecolor="white", linewidth=0.4)
+    for t in thresholds:
+        ax.axvline(t, color="black", ls="--", lw=1)
+        ax.text(t, ax.get_ylim()[1] * 0.5, f"H = {t:g} ", fontsize=7.5, rotation=90, ha="right", va="center")
+    ax.set_title(f"{ds}: {len(d)} tracked examples (all sets)" if ds else f"{len(d)} tracked examples", fontsize=9.5)
+    ax.set_xlabel("annotation entropy H (nats)", fontsize=8.5)
+    ax.set_ylabel("examples", fontsize=8.5)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7.5, loc="best", title="category: share", title_fontsize=7.5)
+    ax.grid(alpha=0.3, axis="y")
+    return ax
+
+
+def entropy_histogram(entropy: pd.DataFrame, distribution: Optional[pd.DataFrame] = None, *,
+                      thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS, axes=None) -> Optional[Figure]:
+    """One `entropy_histogram_panel` per dataset, on common bins; returns the figure (None without data)."""
     if entropy.empty:
-        return []
+        return None
     data = entropy.drop_duplicates(["dataset", "example_id"])
     datasets = sorted(data["dataset"].unique())
-    fig, axes = _grid(1, len(datasets), 4.6, 3.2, sharey=False, top=0.45, wspace=0.7)
+    fig, grid, _ = _grid_into(axes, 1, len(datasets), "entropy_histogram", panel_w=4.6, panel_h=3.2, sharey=False,
+                              top=0.45, wspace=0.7)
     hmax = max(math.log(3), float(data["entropy"].max()))
     bins = np.linspace(0, hmax * 1.0001, 31)
-    for ax, ds in zip(axes[0], datasets):
-        d = data[data["dataset"] == ds]
-        dist = distribution[distribution["dataset"] == ds].set_index("category")
-        cats = [c for c in CATEGORIES if (d["category"] == c).any()]
-        labels = [f"{c}: {dist.loc[c, 'share']:.1%} (n={int(dist.loc[c, 'n'])})" for c in cats]
-        ax.hist([d.loc[d["category"] == c, "entropy"] for c in cats], bins=bins, stacked=True,
-                color=[CATEGORY_COLORS[c] for c in cats], label=labels, edgecolor="white", linewidth=0.4)
-        for t in thresholds:
-            ax.axvline(t, color="black", ls="--", lw=1)
-            ax.text(t, ax.get_ylim()[1] * 0.5, f"H = {t:g} ", fontsize=7.5, rotation=90, ha="right", va="center")
-        ax.set_title(f"{ds}: {len(d)} tracked examples (all sets)", fontsize=9.5)
-        ax.set_xlabel("annotation entropy H (nats)", fontsize=8.5)
-        ax.set_ylabel("examples", fontsize=8.5)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7.5, loc="best", title="category: share", title_fontsize=7.5)
-        ax.grid(alpha=0.3, axis="y")
-    return [_save(fig, path)]
+    for ax, ds in zip(grid[0], datasets):
+        entropy_histogram_panel(data, distribution, dataset=ds, thresholds=thresholds, bins=bins, ax=ax)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# AULC by entropy bin
+# ------------------------------------------------------------------------------------------------
+
+AULC_SCHEMES = {"fixed": "fixed categories", "quartile": "quartile bins", "tercile": "tercile bins"}
 
 
 def _condition_colors(labels: Sequence[str]) -> Dict[str, tuple]:
@@ -225,213 +374,365 @@ def _condition_colors(labels: Sequence[str]) -> Dict[str, tuple]:
     return {lab: cmap(i % 20) for i, lab in enumerate(labels)}
 
 
-def aulc_bins_figure(binning: pd.DataFrame, path: str) -> List[str]:
-    """Mean AULC per entropy bin (fixed categories, quartiles, terciles), one line per main-setting condition.
+def _main_binning(binning: pd.DataFrame) -> pd.DataFrame:
+    b = binning[binning["variant"] == "base"] if "variant" in binning else binning
+    return binning if b.empty else b
 
-    Error bars: sd across seeds; line style by method (LoRA solid, IA3 dash-dot, full FT dashed).
-    One row of panels per dataset.
+
+def aulc_bins_panel(binning: pd.DataFrame, *, scheme: str = "fixed", dataset: Optional[str] = None,
+                    colors: Optional[Mapping[str, tuple]] = None, ax: Optional[Axes] = None) -> Axes:
+    """Mean AULC per entropy bin of one binning `scheme` ("fixed", "quartile", "tercile"), one line per
+    main-setting condition.
+
+    Error bars: sd across seeds; line style by method (LoRA solid, IA3 dash-dot, full FT dashed);
+    each line is labelled with its condition, so ``ax.legend()`` names them. `dataset` may be left
+    out when the table holds one. Returns the axes drawn into.
+    """
+    if scheme not in AULC_SCHEMES:
+        raise ValueError(f"aulc_bins_panel: scheme must be one of {', '.join(AULC_SCHEMES)}, got {scheme!r}")
+    ax = ax if ax is not None else _new_axes(3.6, 3.0)
+    b = _main_binning(binning)
+    ds = _one(b, "dataset", dataset, "aulc_bins_panel")
+    d = b[b["dataset"] == ds] if ds is not None else b
+    colors = colors or _condition_colors(list(dict.fromkeys(b["condition"])))
+    method_of = dict(zip(b["condition"], b["method"])) if "method" in b else {}
+    for cond, g in d[d["scheme"] == scheme].groupby("condition", sort=False):
+        g = g.sort_values("bin_order")
+        ax.errorbar(g["bin"], g["aulc_mean"], yerr=g["aulc_sd"].fillna(0), color=colors[cond],
+                    ls=METHOD_STYLES.get(method_of.get(cond), ":"), marker="o", ms=3, lw=1.2, capsize=2, label=cond)
+    ax.set_title(f"{ds} · {AULC_SCHEMES[scheme]}" if ds else AULC_SCHEMES[scheme], fontsize=9)
+    ax.set_xlabel("entropy bin (low → high)", fontsize=8)
+    ax.set_ylabel("mean AULC (nats)", fontsize=8)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def aulc_bins_plot(binning: pd.DataFrame, *, axes=None) -> Optional[Figure]:
+    """`aulc_bins_panel` for the three schemes (columns) of each dataset (rows), one legend of conditions.
+
+    Returns the figure drawn into (None without data).
     """
     if binning.empty:
-        return []
-    b = binning[binning["variant"] == "base"] if "variant" in binning else binning
-    if b.empty:
-        b = binning
+        return None
+    b = _main_binning(binning)
     datasets = sorted(b["dataset"].unique()) if "dataset" in b else [None]
-    schemes = [("fixed", "fixed categories"), ("quartile", "quartile bins"), ("tercile", "tercile bins")]
     conds = list(dict.fromkeys(b["condition"]))
     colors = _condition_colors(conds)
     method_of = dict(zip(b["condition"], b["method"])) if "method" in b else {}
-    fig, axes = _grid(len(datasets), 3, 3.2, 2.8, sharey=False, top=0.35, legend_right=3.4)
+    fig, grid, own = _grid_into(axes, len(datasets), 3, "aulc_bins_plot", panel_w=3.2, panel_h=2.8, sharey=False,
+                                top=0.35, legend_right=3.4)
     for i, ds in enumerate(datasets):
-        d = b if ds is None else b[b["dataset"] == ds]
-        for j, (scheme, title) in enumerate(schemes):
-            ax = axes[i, j]
-            for cond, g in d[d["scheme"] == scheme].groupby("condition", sort=False):
-                g = g.sort_values("bin_order")
-                ax.errorbar(g["bin"], g["aulc_mean"], yerr=g["aulc_sd"].fillna(0), color=colors[cond],
-                            ls=METHOD_STYLES.get(method_of.get(cond), ":"), marker="o", ms=3, lw=1.2, capsize=2)
-            ax.set_title(f"{ds} · {title}" if ds else title, fontsize=9)
-            ax.set_xlabel("entropy bin (low → high)", fontsize=8)
-            ax.set_ylabel("mean AULC (nats)", fontsize=8)
-            ax.tick_params(labelsize=7.5)
-            ax.grid(alpha=0.3)
+        for j, scheme in enumerate(AULC_SCHEMES):
+            aulc_bins_panel(b, scheme=scheme, dataset=ds, colors=colors, ax=grid[i, j])
     handles = [_line(colors[c], c, METHOD_STYLES.get(method_of.get(c), ":")) for c in conds]
-    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - 3.35 / fig.get_figwidth(), 0.5), fontsize=7,
-               title="condition (error bars: sd over seeds)", title_fontsize=7.5, frameon=False)
-    return [_save(fig, path)]
+    if own:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - 3.35 / fig.get_figwidth(), 0.5),
+                   fontsize=7, title="condition (error bars: sd over seeds)", title_fontsize=7.5, frameon=False)
+    else:
+        _grid_legend(fig, grid, own, handles, "condition (error bars: sd over seeds)")
+    return fig
 
 
-def rank_figure(runs: pd.DataFrame, path: str) -> List[str]:
-    """Spearman rho against LoRA rank per model (error bars: sd across seeds), encoders vs decoders.
+# ------------------------------------------------------------------------------------------------
+# rho against LoRA rank
+# ------------------------------------------------------------------------------------------------
 
-    One panel per dataset; encoders solid, decoders dashed; a model's full fine-tuning is drawn
-    at the right end ("full"). Uses the main-setting runs of every model with a LoRA run.
+
+def _rank_runs(runs: pd.DataFrame):
+    u = runs[(~runs["diverged"]) & (runs["variant"] == "base")]
+    return u, u[(u["method"] == "lora") & u["rank"].notna()]
+
+
+def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optional[Axes] = None) -> Axes:
+    """Spearman rho against LoRA rank per model for one dataset (error bars: sd across seeds).
+
+    Encoders solid, decoders dashed; a model's full fine-tuning is drawn at the right end
+    ("full"). Uses the main-setting runs of every model with a LoRA run; `dataset` may be left
+    out when the runs hold one. Returns the axes drawn into.
     """
     from .tables import mean_sd
 
-    u = runs[(~runs["diverged"]) & (runs["variant"] == "base")]
-    lora = u[(u["method"] == "lora") & u["rank"].notna()]
-    if lora.empty:
-        return []
+    ax = ax if ax is not None else _new_axes(4.6, 3.4)
+    u, lora = _rank_runs(runs)
+    ds = _one(lora, "dataset", dataset, "rank_panel")
     stats_ = mean_sd(u[u["method"].isin(["lora", "full"])], ["dataset", "architecture", "model", "method", "rank"],
                      ["rho"])
-    datasets = sorted(lora["dataset"].unique())
+    # Ranks over every dataset, so side-by-side panels share their x axis.
     ranks = sorted(lora["rank"].unique())
-    full_x = ranks[-1] * 2.0
-    fig, axes = _grid(1, len(datasets), 4.6, 3.4, sharey=True, top=0.45, wspace=0.9)
+    full_x = ranks[-1] * 2.0 if ranks else 2.0
     enc_colors = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#8c564b"]
     dec_colors = ["#d62728", "#ff7f0e", "#e377c2", "#bcbd22"]
-    for ax, ds in zip(axes[0], datasets):
-        d = stats_[stats_["dataset"] == ds]
-        ie = idc = 0
-        for (arch, model), g in d.groupby(["architecture", "model"], sort=True):
-            if arch == "decoder":
-                color, ls, idc = dec_colors[idc % len(dec_colors)], "--", idc + 1
-            else:
-                color, ls, ie = enc_colors[ie % len(enc_colors)], "-", ie + 1
-            gl = g[g["method"] == "lora"].sort_values("rank")
-            if gl.empty:
-                continue
-            ax.errorbar(gl["rank"], gl["rho_mean"], yerr=gl["rho_sd"].fillna(0), color=color, ls=ls, marker="o",
-                        capsize=3, lw=1.5, label=f"{model} ({arch})")
-            gf = g[g["method"] == "full"]
-            if len(gf):
-                ax.errorbar([full_x], gf["rho_mean"], yerr=gf["rho_sd"].fillna(0), color=color, marker="s",
-                            capsize=3, ls="none")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(list(ranks) + [full_x], [str(int(r)) for r in ranks] + ["full"])
-        ax.minorticks_off()
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_title(f"{ds}: rho vs LoRA rank", fontsize=9.5)
-        ax.set_xlabel("LoRA rank r (log scale); square: full fine-tuning", fontsize=8.5)
-        ax.set_ylabel("Spearman rho(entropy, AULC)", fontsize=8.5)
-        ax.tick_params(labelsize=8, labelleft=True)
-        ax.grid(alpha=0.3)
+    d = stats_[stats_["dataset"] == ds]
+    ie = idc = 0
+    for (arch, model), g in d.groupby(["architecture", "model"], sort=True):
+        if arch == "decoder":
+            color, ls, idc = dec_colors[idc % len(dec_colors)], "--", idc + 1
+        else:
+            color, ls, ie = enc_colors[ie % len(enc_colors)], "-", ie + 1
+        gl = g[g["method"] == "lora"].sort_values("rank")
+        if gl.empty:
+            continue
+        ax.errorbar(gl["rank"], gl["rho_mean"], yerr=gl["rho_sd"].fillna(0), color=color, ls=ls, marker="o",
+                    capsize=3, lw=1.5, label=f"{model} ({arch})")
+        gf = g[g["method"] == "full"]
+        if len(gf):
+            ax.errorbar([full_x], gf["rho_mean"], yerr=gf["rho_sd"].fillna(0), color=color, marker="s",
+                        capsize=3, ls="none")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ranks) + [full_x], [str(int(r)) for r in ranks] + ["full"])
+    ax.minorticks_off()
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_title(f"{ds}: rho vs LoRA rank", fontsize=9.5)
+    ax.set_xlabel("LoRA rank r (log scale); square: full fine-tuning", fontsize=8.5)
+    ax.set_ylabel("Spearman rho(entropy, AULC)", fontsize=8.5)
+    ax.tick_params(labelsize=8, labelleft=True)
+    ax.grid(alpha=0.3)
+    if ax.lines:
         ax.legend(fontsize=7, loc="best", title="error bars: sd over seeds", title_fontsize=7)
-    return [_save(fig, path)]
+    return ax
 
 
-def cartography_figures(examples: pd.DataFrame, runs: pd.DataFrame, path: str, ncols: int = 4) -> List[str]:
-    """Dataset-Cartography maps (variability x, confidence y) coloured by entropy category.
+def rank_plot(runs: pd.DataFrame, *, axes=None) -> Optional[Figure]:
+    """One `rank_panel` per dataset, encoders vs decoders; returns the figure (None without LoRA runs)."""
+    _, lora = _rank_runs(runs)
+    if lora.empty:
+        return None
+    datasets = sorted(lora["dataset"].unique())
+    fig, grid, _ = _grid_into(axes, 1, len(datasets), "rank_plot", panel_w=4.6, panel_h=3.4, sharey=True, top=0.45,
+                              wspace=0.9)
+    for ax, ds in zip(grid[0], datasets):
+        rank_panel(runs, dataset=ds, ax=ax)
+    return fig
 
-    One panel per main-setting condition, drawn from its lowest-seed usable run.
+
+# ------------------------------------------------------------------------------------------------
+# Dataset cartography
+# ------------------------------------------------------------------------------------------------
+
+
+def cartography_panel(examples: pd.DataFrame, *, run_id: Optional[str] = None, title: Optional[str] = None,
+                      ax: Optional[Axes] = None) -> Axes:
+    """Dataset-Cartography map of one run (variability x, confidence y) coloured by entropy category.
+
+    `run_id` may be left out when `examples` hold one run. Returns the axes drawn into.
     """
+    ax = ax if ax is not None else _new_axes(3.4, 3.0)
+    rid = _one(examples, "run_id", run_id, "cartography_panel")
+    ex = examples[examples["run_id"] == rid] if rid is not None else examples
+    for cat in CATEGORIES:
+        d = ex[ex["category"] == cat]
+        ax.scatter(d["variability"], d["confidence"], s=3, alpha=0.5, color=CATEGORY_COLORS[cat], lw=0, label=cat)
+    ax.set_title(title if title is not None else str(rid or ""), fontsize=8)
+    ax.set_xlabel("variability (sd of p(gold))", fontsize=7.5)
+    ax.set_ylabel("confidence (mean p(gold))", fontsize=7.5)
+    _few_ticks(ax, 4, 5)
+    ax.tick_params(labelsize=7, labelleft=True)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _cartography_runs(examples: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each main-setting condition's lowest-seed usable run, in the study's order."""
     u = runs[(~runs["diverged"]) & (runs["variant"] == "base")]
     if u.empty or examples.empty:
-        return []
-    first = order_conditions(u.sort_values("seed", kind="stable").drop_duplicates("condition"))
-    by_run = {k: g for k, g in examples.groupby("run_id", sort=False)}
-    per_page = MAX_ROWS * ncols
-    pages = math.ceil(len(first) / per_page)
-    out = []
-    for page in range(pages):
-        sel = first.iloc[page * per_page:(page + 1) * per_page]
-        nrows = math.ceil(len(sel) / ncols)
-        fig, axes = _grid(nrows, min(ncols, len(sel)), 2.8, 2.5, sharey=True, top=0.8)
-        flat = axes.ravel()
-        for ax, r in zip(flat, sel.itertuples(index=False)):
-            ex = by_run.get(r.run_id, examples.iloc[:0])
-            for cat in CATEGORIES:
-                d = ex[ex["category"] == cat]
-                ax.scatter(d["variability"], d["confidence"], s=3, alpha=0.5, color=CATEGORY_COLORS[cat], lw=0)
-            seed = "" if pd.isna(r.seed) else f", seed {int(r.seed)}"
-            ax.set_title(f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}", fontsize=8)
-            ax.set_xlabel("variability (sd of p(gold))", fontsize=7.5)
-            ax.set_ylabel("confidence (mean p(gold))", fontsize=7.5)
-            _few_ticks(ax, 4, 5)
-            ax.tick_params(labelsize=7, labelleft=True)
-            ax.grid(alpha=0.3)
-        for ax in flat[len(sel):]:
-            ax.set_axis_off()
-        _top_legend(fig, [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES], "entropy category")
-        out.append(_save(fig, _paged(path, page, pages)))
-    return out
+        return u.iloc[:0]
+    return order_conditions(u.sort_values("seed", kind="stable").drop_duplicates("condition"))
 
 
-def calibration_figure(cal: pd.DataFrame, path: str) -> List[str]:
-    """Mean prediction entropy, mean max confidence and ECE per category at the final point.
+def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int = 4, page: int = 0,
+                     max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+    """One `cartography_panel` per main-setting condition, from its lowest-seed usable run.
 
-    Rows: tracked sets (validation first); columns: the three measures; horizontal bars per
-    condition, one per category; error bars: sd across seeds.
+    Panels fill `ncols` columns, `max_rows` rows a page (None: all); `page` picks one. Returns the
+    figure (None without data or past the last page).
     """
-    if cal.empty:
-        return []
-    c = cal[cal["category"] != "all"]
-    sets = [s for s in ("validation", "train") if (c["set"] == s).any()] + sorted(
+    first = _cartography_runs(examples, runs)
+    if max_rows:
+        first = first.iloc[page * max_rows * ncols:(page + 1) * max_rows * ncols]
+    if first.empty:
+        return None
+    nrows = math.ceil(len(first) / ncols)
+    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=2.8, panel_h=2.5,
+                                sharey=True, top=0.8)
+    flat = grid.ravel()
+    for ax, r in zip(flat, first.itertuples(index=False)):
+        seed = "" if pd.isna(r.seed) else f", seed {int(r.seed)}"
+        cartography_panel(examples, run_id=r.run_id, ax=ax,
+                          title=f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}")
+    for ax in flat[len(first):]:
+        ax.set_axis_off()
+    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES],
+                 "entropy category")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Calibration
+# ------------------------------------------------------------------------------------------------
+
+CALIBRATION_MEASURES = {"pred_entropy": "prediction entropy (nats)", "max_confidence": "mean max confidence",
+                        "ece": "ECE (10 bins)"}
+
+
+def _calibration_sets(c: pd.DataFrame) -> List[str]:
+    return [s for s in ("validation", "train") if (c["set"] == s).any()] + sorted(
         set(c["set"]) - {"validation", "train"})
+
+
+def calibration_panel(cal: pd.DataFrame, *, measure: str = "ece", tracked_set: Optional[str] = None,
+                      labels: bool = True, ax: Optional[Axes] = None) -> Axes:
+    """One calibration `measure` ("pred_entropy", "max_confidence", "ece") per condition and category at the
+    final point, as horizontal bars (error bars: sd across seeds).
+
+    `tracked_set` defaults to "validation" when present; ``labels=False`` leaves the condition
+    names off the y axis (for panels to the right of one that has them). Returns the axes drawn into.
+    """
+    if measure not in CALIBRATION_MEASURES:
+        raise ValueError(f"calibration_panel: measure must be one of {', '.join(CALIBRATION_MEASURES)}, "
+                         f"got {measure!r}")
+    c = cal[cal["category"] != "all"]
     conds = list(dict.fromkeys(c["condition"]))
-    measures = [("pred_entropy", "prediction entropy (nats)"), ("max_confidence", "mean max confidence"),
-                ("ece", "ECE (10 bins)")]
-    longest = max(len(x) for x in conds)
-    fig, axes = _grid(len(sets), 3, 2.6, max(1.5, 0.3 * len(conds)), sharey=False, top=0.8, hspace=0.8,
-                      left=0.3 + 0.058 * longest, wspace=0.3)
+    ax = ax if ax is not None else _new_axes(2.6 + 0.058 * max(map(len, conds), default=0), 0.6 + 0.3 * len(conds))
+    s = tracked_set if tracked_set is not None else (_calibration_sets(c) or [None])[0]
+    d = c[c["set"] == s]
     y = np.arange(len(conds))
     w = 0.27
+    for k, cat in enumerate(CATEGORIES):
+        dc = d[d["category"] == cat].set_index("condition").reindex(conds)
+        ax.barh(y + (k - 1) * w, dc[f"{measure}_mean"], height=w, xerr=dc[f"{measure}_sd"].fillna(0),
+                color=CATEGORY_COLORS[cat], error_kw={"lw": 0.6, "capsize": 1.2}, label=cat)
+    ax.set_yticks(y, conds if labels else [""] * len(conds), fontsize=7)
+    ax.set_ylim(len(conds) - 0.5, -0.5)
+    ax.set_xlabel(CALIBRATION_MEASURES[measure], fontsize=8)
+    ax.set_title(f"{s} set, final point", fontsize=8.5)
+    ax.grid(alpha=0.3, axis="x")
+    _few_ticks(ax, 4, len(conds) + 1)
+    ax.tick_params(axis="x", labelsize=7.5)
+    return ax
+
+
+def calibration_plot(cal: pd.DataFrame, *, axes=None) -> Optional[Figure]:
+    """`calibration_panel` for the three measures (columns) of each tracked set (rows, validation first).
+
+    Returns the figure (None without data).
+    """
+    if cal.empty:
+        return None
+    c = cal[cal["category"] != "all"]
+    sets = _calibration_sets(c)
+    conds = list(dict.fromkeys(c["condition"]))
+    longest = max(len(x) for x in conds)
+    fig, grid, own = _grid_into(axes, len(sets), 3, "calibration_plot", panel_w=2.6,
+                                panel_h=max(1.5, 0.3 * len(conds)), sharey=False, top=0.8, hspace=0.8,
+                                left=0.3 + 0.058 * longest, wspace=0.3)
     for i, s in enumerate(sets):
-        d = c[c["set"] == s]
-        for j, (m, label) in enumerate(measures):
-            ax = axes[i, j]
-            for k, cat in enumerate(CATEGORIES):
-                dc = d[d["category"] == cat].set_index("condition").reindex(conds)
-                ax.barh(y + (k - 1) * w, dc[f"{m}_mean"], height=w, xerr=dc[f"{m}_sd"].fillna(0),
-                        color=CATEGORY_COLORS[cat], error_kw={"lw": 0.6, "capsize": 1.2})
-            ax.set_yticks(y, conds if j == 0 else [""] * len(conds), fontsize=7)
-            ax.set_ylim(len(conds) - 0.5, -0.5)
-            ax.set_xlabel(label, fontsize=8)
-            ax.set_title(f"{s} set, final point", fontsize=8.5)
-            ax.grid(alpha=0.3, axis="x")
-            _few_ticks(ax, 4, len(conds) + 1)
-            ax.tick_params(axis="x", labelsize=7.5)
-    _top_legend(fig, [_line(CATEGORY_COLORS[k], k) for k in CATEGORIES], "entropy category (error bars: sd over seeds)")
-    return [_save(fig, path)]
+        for j, m in enumerate(CALIBRATION_MEASURES):
+            calibration_panel(c, measure=m, tracked_set=s, labels=j == 0, ax=grid[i, j])
+    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[k], k) for k in CATEGORIES],
+                 "entropy category (error bars: sd over seeds)")
+    return fig
 
 
-def noise_figure(levels: pd.DataFrame, path: str) -> List[str]:
-    """rho(entropy, AULC) and mean Delta L per category against the label-noise level (error bars: sd over seeds)."""
-    if levels.empty:
-        return []
-    keys = [k for k in ("model", "method", "rank", "dataset", "composition", "loss") if k in levels]
-    groups = list(levels.groupby(keys, dropna=False, sort=False))
-    fig, axes = _grid(len(groups), 2, 3.6, 2.6, sharey=False, top=0.5, wspace=0.8)
-    for i, (key, g) in enumerate(groups):
-        allc = g[g["category"] == "all"].sort_values("label_noise")
-        ax = axes[i, 0]
-        ax.errorbar(allc["label_noise"] * 100, allc["rho_mean"], yerr=allc["rho_sd"].fillna(0), marker="o",
-                    capsize=3, color="#333333")
-        ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
-        ax.set_ylabel("Spearman rho(entropy, AULC)", fontsize=8)
-        meta = dict(zip(keys, key))
-        ax.set_title(f"{meta.get('model')} · {method_label(meta.get('method'), meta.get('rank', math.nan))} · "
-                     f"{meta.get('dataset')}", fontsize=8.5)
-        ax.grid(alpha=0.3)
-        ax = axes[i, 1]
-        for cat in CATEGORIES:
-            d = g[g["category"] == cat].sort_values("label_noise")
-            if len(d):
-                ax.errorbar(d["label_noise"] * 100, d["delta_loss_mean"], yerr=d["delta_loss_sd"].fillna(0),
-                            marker="o", capsize=3, color=CATEGORY_COLORS[cat], label=cat)
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
-        ax.set_ylabel("mean ΔL (nats; > 0: un-learning)", fontsize=8)
-        ax.grid(alpha=0.3)
+# ------------------------------------------------------------------------------------------------
+# Label noise
+# ------------------------------------------------------------------------------------------------
+
+_NOISE_KEYS = ("model", "method", "rank", "dataset", "composition", "loss")
+
+
+def noise_rho_panel(levels: pd.DataFrame, *, title: Optional[str] = None, ax: Optional[Axes] = None) -> Axes:
+    """rho(entropy, AULC) against the label-noise level for one condition's ``noise_levels`` rows
+    (error bars: sd over seeds). Returns the axes drawn into."""
+    ax = ax if ax is not None else _new_axes(3.6, 2.6)
+    allc = levels[levels["category"] == "all"].sort_values("label_noise")
+    ax.errorbar(allc["label_noise"] * 100, allc["rho_mean"], yerr=allc["rho_sd"].fillna(0), marker="o",
+                capsize=3, color="#333333")
+    ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
+    ax.set_ylabel("Spearman rho(entropy, AULC)", fontsize=8)
+    if title is not None:
+        ax.set_title(title, fontsize=8.5)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=7.5)
+    return ax
+
+
+def noise_delta_panel(levels: pd.DataFrame, *, ax: Optional[Axes] = None) -> Axes:
+    """Mean Delta L per entropy category against the label-noise level for one condition's
+    ``noise_levels`` rows (error bars: sd over seeds). Returns the axes drawn into."""
+    ax = ax if ax is not None else _new_axes(3.6, 2.6)
+    for cat in CATEGORIES:
+        d = levels[levels["category"] == cat].sort_values("label_noise")
+        if len(d):
+            ax.errorbar(d["label_noise"] * 100, d["delta_loss_mean"], yerr=d["delta_loss_sd"].fillna(0),
+                        marker="o", capsize=3, color=CATEGORY_COLORS[cat], label=cat)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
+    ax.set_ylabel("mean ΔL (nats; > 0: un-learning)", fontsize=8)
+    ax.grid(alpha=0.3)
+    if ax.lines:
         ax.legend(fontsize=7)
-        for a in axes[i]:
-            a.tick_params(labelsize=7.5)
-    return [_save(fig, path)]
+    ax.tick_params(labelsize=7.5)
+    return ax
+
+
+def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
+    """`noise_rho_panel` and `noise_delta_panel` side by side for each condition of the ``noise_levels``
+    table; returns the figure (None without data)."""
+    if levels.empty:
+        return None
+    keys = [k for k in _NOISE_KEYS if k in levels]
+    groups = list(levels.groupby(keys, dropna=False, sort=False))
+    fig, grid, _ = _grid_into(axes, len(groups), 2, "noise_plot", panel_w=3.6, panel_h=2.6, sharey=False, top=0.5,
+                              wspace=0.8)
+    for i, (key, g) in enumerate(groups):
+        meta = dict(zip(keys, key))
+        title = (f"{meta.get('model')} · {method_label(meta.get('method'), meta.get('rank', math.nan))} · "
+                 f"{meta.get('dataset')}")
+        noise_rho_panel(g, title=title, ax=grid[i, 0])
+        noise_delta_panel(g, ax=grid[i, 1])
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# The report's set
+# ------------------------------------------------------------------------------------------------
+
+
+def _pages(draw, n_items: int, per_page: int, path: str) -> List[str]:
+    """Draw and save each page in turn (one figure in memory at a time); the paths written."""
+    pages = math.ceil(n_items / per_page)
+    return [save_figure(draw(page), _paged(path, page, pages)) for page in range(pages)]
+
+
+def _single(fig: Optional[Figure], path: str) -> List[str]:
+    return [] if fig is None else [save_figure(fig, path)]
 
 
 def all_figures(study, tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str, List[str]]:
-    """Draw every figure into `folder`; returns, per figure name, the files written (empty when not applicable)."""
+    """Draw and save the report's figures into `folder` (PNG).
+
+    Returns, per figure name, the files written (empty when not applicable); paged grids are
+    written as ``NAME_1.png``, ``NAME_2.png``, ... when they need more than one page.
+    """
     j = os.path.join
+
+    def n_rows(variants):
+        layout = _trajectory_layout(study.curves, study.runs, variants)
+        return 0 if layout is None else len(layout[0])
+
     return {
-        "trajectories": trajectory_figures(study.curves, study.runs, j(folder, "trajectories.png")),
-        "trajectories_variants": trajectory_figures(study.curves, study.runs, j(folder, "trajectories_variants.png"),
-                                                    variants=True),
-        "entropy_histogram": entropy_histogram(study.entropy, tables["entropy_distribution"],
-                                               j(folder, "entropy_histogram.png")),
-        "aulc_bins": aulc_bins_figure(tables["binning"], j(folder, "aulc_bins.png")),
-        "rho_vs_rank": rank_figure(study.runs, j(folder, "rho_vs_rank.png")),
-        "noise": noise_figure(tables["noise_levels"], j(folder, "noise.png")),
-        "cartography": cartography_figures(study.examples, study.runs, j(folder, "cartography.png")),
-        "calibration": calibration_figure(tables["calibration"], j(folder, "calibration.png")),
+        "trajectories": _pages(lambda p: trajectory_plot(study.curves, study.runs, page=p), n_rows(False), MAX_ROWS,
+                               j(folder, "trajectories.png")),
+        "trajectories_variants": _pages(lambda p: trajectory_plot(study.curves, study.runs, variants=True, page=p),
+                                        n_rows(True), MAX_ROWS, j(folder, "trajectories_variants.png")),
+        "entropy_histogram": _single(entropy_histogram(study.entropy, tables["entropy_distribution"]),
+                                     j(folder, "entropy_histogram.png")),
+        "aulc_bins": _single(aulc_bins_plot(tables["binning"]), j(folder, "aulc_bins.png")),
+        "rho_vs_rank": _single(rank_plot(study.runs), j(folder, "rho_vs_rank.png")),
+        "noise": _single(noise_plot(tables["noise_levels"]), j(folder, "noise.png")),
+        "cartography": _pages(lambda p: cartography_plot(study.examples, study.runs, ncols=4, page=p),
+                              len(_cartography_runs(study.examples, study.runs)), 4 * MAX_ROWS,
+                              j(folder, "cartography.png")),
+        "calibration": _single(calibration_plot(tables["calibration"]), j(folder, "calibration.png")),
     }

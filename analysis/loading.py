@@ -224,9 +224,11 @@ def load_study(
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
     for r in runs[runs["diverged"]].itertuples():
+        # int(): the column turns float (NaN) as soon as one healthy run has None there; a diverged
+        # run always has a first non-finite step.
         notes.append(
             f"{r.run_id} ({r.condition}, seed {r.seed:g}): diverged, non-finite losses from step "
-            f"{r.first_nonfinite_step} on ({r.n_nonfinite} of {r.n_train} examples); excluded from aggregates"
+            f"{int(r.first_nonfinite_step)} on ({r.n_nonfinite} of {r.n_train} examples); excluded from aggregates"
         )
 
     def cat(key):

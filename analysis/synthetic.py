@@ -59,8 +59,9 @@ STUDY_TRAIN_SIZE = 21211
 
 def tracking_points(
     num_train_examples: int = STUDY_TRAIN_SIZE,
+    *,
     batch_size: int = 32,
-    num_epochs: int = 5,
+    num_epochs: float = 5,
     track_every: int = 100,
 ) -> pd.DataFrame:
     """The tracking schedule of a run: step 0, every `track_every` steps, every epoch end, the final step.
@@ -71,8 +72,9 @@ def tracking_points(
         Size of the training set (tracked and bulk examples together).
     batch_size : int
         Examples per optimizer step (the last batch of an epoch may be smaller).
-    num_epochs : int
-        Number of epochs.
+    num_epochs : float
+        Number of epochs; may be fractional, as ``num_train_epochs`` in the Trainer (the last,
+        partial epoch ends at the final step).
     track_every : int
         Interval, in optimizer steps, of the regular tracking points.
 
@@ -89,9 +91,14 @@ def tracking_points(
     (39, 3315, 'epoch_end+final')
     >>> pts.step.iloc[:9].tolist()
     [0, 100, 200, 300, 400, 500, 600, 663, 700]
+    >>> last = tracking_points(21211, batch_size=32, num_epochs=2.5).iloc[-1]  # ceil(2.5 * 663) steps
+    >>> int(last.step), round(float(last.epoch), 4), last.reason
+    (1658, 2.5008, 'epoch_end+final')
     """
-    if min(num_train_examples, batch_size, num_epochs, track_every) < 1:
-        raise ValueError("tracking_points: every argument must be a positive integer")
+    if min(num_train_examples, batch_size, track_every) < 1 or not num_epochs > 0:
+        raise ValueError("tracking_points: num_train_examples, batch_size and track_every must be positive "
+                         f"integers and num_epochs a positive number, got {num_train_examples}, {batch_size}, "
+                         f"{track_every} and {num_epochs}")
     # The schedule is the callback's own, so synthetic runs have the points a real run records.
     schedule = tracking_schedule(num_train_examples, batch_size, num_epochs, track_every=track_every)
     per_epoch = math.ceil(num_train_examples / batch_size)
@@ -173,6 +180,7 @@ def dynamics_for(config: Mapping[str, Any]) -> Dynamics:
 
 def make_examples(
     dataset: str = "snli",
+    *,
     n_train: int = STUDY_TRACKED_TRAIN,
     n_val: int = STUDY_TRACKED_VALIDATION,
     num_classes: int = 3,
@@ -231,7 +239,7 @@ def make_examples(
     )
 
 
-def apply_variant(examples: pd.DataFrame, composition: str = "all", label_noise: float = 0.0, seed: int = 42):
+def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noise: float = 0.0, seed: int = 42):
     """Restrict the train examples to a composition and inject label noise, with the library's own data code.
 
     Uses `hf_entropy_callback.data.select_composition` and `inject_label_noise` so the synthetic
@@ -263,6 +271,7 @@ def synthetic_logprobs(
     progress: Sequence[float],
     dynamics: Dynamics,
     rng: np.random.Generator,
+    *,
     num_classes: int = 3,
 ) -> np.ndarray:
     """Log-probabilities, shape (points, examples, classes), following the module's loss model."""
@@ -323,6 +332,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
 def write_synthetic_run(
     path: str,
     config: Optional[Mapping[str, Any]] = None,
+    *,
     n_train: int = STUDY_TRACKED_TRAIN,
     n_val: int = STUDY_TRACKED_VALIDATION,
     steps: Optional[Sequence[int]] = None,
@@ -363,9 +373,10 @@ def write_synthetic_run(
     if steps is None:
         points = tracking_points(
             STUDY_TRAIN_SIZE,
-            int(cfg.get("per_device_train_batch_size") or 32),
-            int(cfg.get("num_train_epochs") or 5),
-            int(cfg.get("track_every") or 100),
+            batch_size=int(cfg.get("per_device_train_batch_size") or 32),
+            # float, not int: the Trainer accepts a fractional number of epochs (2.5 -> 2.5 epochs, not 2).
+            num_epochs=float(cfg.get("num_train_epochs") or 5),
+            track_every=int(cfg.get("track_every") or 100),
         )
     else:
         steps = np.asarray(steps, dtype=np.int64)
@@ -377,8 +388,10 @@ def write_synthetic_run(
                 "reason": ["step0" if s == 0 else "interval" for s in steps[:-1]] + ["final"],
             }
         )
-    examples = make_examples(str(cfg.get("dataset") or "snli"), n_train, n_val, num_classes, example_seed)
-    examples = apply_variant(examples, cfg.get("composition") or "all", float(cfg.get("label_noise") or 0.0), seed)
+    examples = make_examples(str(cfg.get("dataset") or "snli"), n_train=n_train, n_val=n_val, num_classes=num_classes,
+                             example_seed=example_seed)
+    examples = apply_variant(examples, composition=cfg.get("composition") or "all",
+                             label_noise=float(cfg.get("label_noise") or 0.0), seed=seed)
     dyn = dynamics or dynamics_for(cfg)
     progress = points["step"].to_numpy(np.float64) / points["step"].iloc[-1]
     # Trajectories differ by model, method and rank but not by variant: a noisy run and its
@@ -389,7 +402,7 @@ def write_synthetic_run(
     for name in ("train", "validation"):
         ex = examples[examples["set"] == name].sort_values("index")
         if len(ex):
-            logprobs[name] = synthetic_logprobs(ex, progress, dyn, rng, num_classes)
+            logprobs[name] = synthetic_logprobs(ex, progress, dyn, rng, num_classes=num_classes)
     cfg.setdefault("synthetic_dynamics", asdict(dyn))
     return write_run(os.path.join(path, TRACKING_DIRNAME), cfg, examples, points, logprobs)
 

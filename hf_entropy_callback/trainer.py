@@ -46,6 +46,15 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
     Unlike `torch.nn.CrossEntropyLoss(weight=...)`, which divides by the sum of the batch's target weights,
     this divides by the number of examples, so the mean of micro-batch losses equals the loss of the whole
     batch and gradient accumulation is exact.
+
+    Example:
+        Both examples have cross-entropy ``ln(1 + e^-2) = 0.1269``; weights 1 and 3 average to 2 over the batch:
+
+        >>> logits, labels = torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1])
+        >>> round(float(weighted_cross_entropy(logits, labels, None)), 4)
+        0.1269
+        >>> round(float(weighted_cross_entropy(logits, labels, torch.tensor([1.0, 3.0]))), 4)
+        0.2539
     """
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     if weights is not None:
