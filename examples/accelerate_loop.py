@@ -17,7 +17,6 @@ the Trainer.
 import argparse
 import math
 import os
-import tempfile
 
 import torch
 from accelerate import Accelerator

@@ -17,7 +17,13 @@ import argparse
 import os
 import tempfile
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_entropy_callback import AnnotationEntropyCallback, load_chaosnli, load_run
 from hf_entropy_callback.data import split_chaosnli

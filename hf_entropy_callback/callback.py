@@ -213,13 +213,12 @@ class AnnotationEntropyCallback(TrainerCallback):
         self._record_stop(args, state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        """Record at every epoch end, and where training stops."""
-        reasons = []
-        if state.epoch and float(state.epoch).is_integer():
-            reasons.append("epoch_end")
+        """Record at every epoch end (a partial last epoch, from fractional epochs or `max_steps`, ends at
+        the last step, as `tracking_schedule` says), and where training stops."""
+        reasons = ["epoch_end"]
         if state.global_step >= state.max_steps or control.should_training_stop:
             reasons.append("final")
-        if reasons and state.global_step > 0:
+        if state.global_step > 0:
             self._track(args, state, control, model, "+".join(reasons))
 
     def on_save(self, args, state, control, model=None, **kwargs):

@@ -1,6 +1,5 @@
 import os
 
-import datasets
 import numpy as np
 import pytest
 import torch

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import args, no_dropout, setup, validation_copy
+from tiny import args, no_dropout, setup
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
 from hf_entropy_callback import (
@@ -396,7 +396,6 @@ def test_early_stopping_with_best_model_reload_records_the_trained_model(tmp_pat
 
 def test_run_config_read_from_the_model_without_run_config(tmp_path):
     from analysis.conditions import describe_run
-
     from hf_entropy_callback.peft_setup import apply_peft
 
     tok, model, raw, train = setup("bert", n=20)
