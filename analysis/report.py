@@ -703,6 +703,8 @@ def _make_temp(target: str) -> str:
                     "suffix it exceeds the file system's limit per name, usually 255 bytes: choose a shorter name)")
         elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = f" ({parent} is not writable: choose a folder you can write to)"
+        else:
+            hint = f" (in {parent}: choose a folder you can write to)"
         raise ReportFolderError(f"{target}: cannot create the report folder: {err.strerror or err}{hint}") from None
     try:
         apply_umask(tmp, directory=True)

@@ -165,10 +165,9 @@ def _read_records(path: str):
         delimiter = "\t" if ext == ".tsv" else ","
         reader = csv.DictReader(lines, delimiter=delimiter)
         _check_header(path, reader.fieldnames, delimiter)
-        start = reader.line_num
         for row in reader:
             # line_num counts physical lines read, so a quoted field spanning lines is named by its last line.
-            yield f"{path}, line {reader.line_num if reader.line_num > start else start + 1}", row
+            yield f"{path}, line {reader.line_num}", row
     elif ext == ".json":
         text = "".join(lines)
         try:
