@@ -5,6 +5,11 @@
 Finds every run below the given folders (``entropy_tracking/run_config.json``), groups them into
 conditions (model x method x rank x dataset x variant, seeds as replicates) and writes REPORT_DIR
 with index.md (and index.html) linking every table (markdown + CSV) and figure (PNG).
+
+REPORT_DIR must be new, empty or a report written earlier by this command (it holds the marker
+file .hf_entropy_report and is replaced as a whole); it may not be, hold or lie inside a run
+folder given as input. Errors (no runs, an unreadable run, a refused or unwritable REPORT_DIR)
+are printed as one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
     )
     parser.add_argument("runs", nargs="+", metavar="RUNS_DIR", help="folders holding run directories (recursive)")
-    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder to write")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR",
+                        help="report folder to write (new, empty, or an earlier report, which is replaced)")
     parser.add_argument("--alpha", type=float, default=ALPHA, help="significance level (default %(default)s)")
     parser.add_argument("--train-set", default="train", help="tracked set with trajectories (default %(default)s)")
     parser.add_argument("--validation-set", default="validation",
@@ -42,8 +48,11 @@ def main(argv=None) -> int:
             args.runs, args.out, alpha=args.alpha, train_set=args.train_set, validation_set=args.validation_set,
             html_index=not args.no_html, progress=False if args.quiet else None, skip_invalid=args.skip_invalid,
         )
-    except (NoRunsFoundError, RunFormatError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (NoRunsFoundError, RunFormatError, OSError) as err:
+        # OSError covers the refused REPORT_DIR (ReportFolderError), missing inputs, and a folder that cannot
+        # be written (read-only, name too long): the user's mistake, so a message and no traceback.
+        text = str(err) if err.args and not isinstance(err.args[0], int) else f"{err.filename}: {err.strerror}"
+        print(f"error: {text}", file=sys.stderr)
         return 2
     n_fig = sum(len(v) for v in report.figures.values())
     print(f"wrote {report.index}: {len(report.tables) } tables, {n_fig} figures "

@@ -57,6 +57,11 @@ MAX_ROWS = 8
 DPI = 110
 
 
+def _excluded(runs: pd.DataFrame) -> pd.Series:
+    """Runs kept out of every aggregate (diverged, incomplete history), as `load_study` marks them."""
+    return runs["excluded"] if "excluded" in runs else runs["diverged"]
+
+
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
@@ -230,7 +235,7 @@ def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Option
 
 def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool):
     """(row keys, column keys, {(row, column): runs}) of the trajectory grid, or None without data."""
-    u = runs[~runs["diverged"]]
+    u = runs[~_excluded(runs)]
     if variants:
         groups = u[u["variant"] != "base"][["model", "dataset", "method", "rank"]].drop_duplicates()
         keep = u.merge(groups, on=["model", "dataset", "method", "rank"])
@@ -440,7 +445,7 @@ def aulc_bins_plot(binning: pd.DataFrame, *, axes=None) -> Optional[Figure]:
 
 
 def _rank_runs(runs: pd.DataFrame):
-    u = runs[(~runs["diverged"]) & (runs["variant"] == "base")]
+    u = runs[(~_excluded(runs)) & (runs["variant"] == "base")]
     return u, u[(u["method"] == "lora") & u["rank"].notna()]
 
 
@@ -534,7 +539,7 @@ def cartography_panel(examples: pd.DataFrame, *, run_id: Optional[str] = None, t
 
 def _cartography_runs(examples: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Each main-setting condition's lowest-seed usable run, in the study's order."""
-    u = runs[(~runs["diverged"]) & (runs["variant"] == "base")]
+    u = runs[(~_excluded(runs)) & (runs["variant"] == "base")]
     if u.empty or examples.empty:
         return u.iloc[:0]
     return order_conditions(u.sort_values("seed", kind="stable").drop_duplicates("condition"))

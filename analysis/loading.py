@@ -10,9 +10,20 @@ Per run, everything the report needs is derived right after loading, with
 - ``calibration``: per (run, set, category) `dynamics.calibration` at the final point;
 - ``entropy``: per dataset, the tracked examples of every set (for the entropy histogram).
 
-A run is *diverged* when any tracked loss of its train set is not finite. Diverged runs are
-listed (status "diverged", with their rho over the finite examples) but kept out of every
-aggregate, comparison and figure.
+A run is *diverged* when any tracked loss of its train set is not finite, or when the mean tracked
+loss over its train examples exceeds the sanity bound ``10 * ln K`` (K classes; `LOSS_BOUND_FACTOR`)
+at any tracking point. ``ln K`` is the loss of a uniform prediction, where every run starts; a
+mean ten times that is a blown-up run even when it stays finite (e.g. 3,566 nats). The bound is
+on the mean, not on single examples: a confidently wrong example of a well-trained model can pass
+10 ln K on its own.
+
+A run has an *incomplete history* when its config says ``resumed_without_history: true`` (or
+``history_complete: false``): it resumed from a checkpoint without the trajectory recorded before
+it, so its AULC and Delta L miss the early points (`hf_entropy_callback.runs.history_complete`).
+
+Diverged runs and runs with an incomplete history are *excluded*: listed (status "diverged" or
+"incomplete history", the reason in ``exclusion``, rho over the finite examples) but kept out of
+every aggregate, comparison and figure, with a note.
 """
 
 from __future__ import annotations
@@ -27,9 +38,17 @@ import pandas as pd
 
 from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
 from hf_entropy_callback.entropy import CATEGORIES
-from hf_entropy_callback.runs import RunFormatError, load_run
+from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
 from .conditions import describe_run, discover_runs, replicate_warnings, run_ids
+
+#: A run whose mean tracked loss exceeds LOSS_BOUND_FACTOR * ln K at a point counts as diverged.
+LOSS_BOUND_FACTOR = 10.0
+
+
+def loss_bound(num_classes: int) -> float:
+    """The sanity bound ``LOSS_BOUND_FACTOR * ln K`` on a run's mean tracked loss (nats)."""
+    return LOSS_BOUND_FACTOR * math.log(num_classes)
 
 
 @dataclass
@@ -46,8 +65,8 @@ class Study:
 
     @property
     def usable(self) -> pd.DataFrame:
-        """The runs that enter aggregates (not diverged)."""
-        return self.runs[~self.runs["diverged"]]
+        """The runs that enter aggregates (not excluded: not diverged, history complete)."""
+        return self.runs[~self.runs["excluded"]]
 
 
 def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarray, cats: np.ndarray) -> pd.DataFrame:
@@ -103,6 +122,21 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on constant input; the NaN it returns is what we report
         corr = correlation_table(dyn["entropy"].to_numpy(), {"aulc": dyn["aulc"].to_numpy()}).set_index("method")
+    bound = loss_bound(run.logprobs[train_set].shape[2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # points where no loss is finite
+        mean_loss = np.nanmean(np.where(finite, losses, np.nan), axis=1)
+    above = np.flatnonzero(mean_loss > bound)
+    complete = history_complete(run.config)
+    reasons = []
+    if len(bad_points):
+        n_bad = int((~finite.all(axis=0)).sum())
+        reasons.append(f"non-finite losses from step {int(steps[bad_points[0]])} on ({n_bad} of {len(ex)} examples)")
+    if len(above):
+        reasons.append(f"mean tracked loss {mean_loss[above].max():.4g} nats above the sanity bound 10 ln K = "
+                       f"{bound:.3f} from step {int(steps[above[0]])} on")
+    if not complete:
+        reasons.append("incomplete history (resumed without the trajectory before the checkpoint)")
     val_acc = math.nan
     n_val = 0
     if validation_set and validation_set in run.logprobs:
@@ -125,7 +159,13 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
         "validation_accuracy": val_acc,
         "n_nonfinite": int((~finite.all(axis=0)).sum()),
         "first_nonfinite_step": int(steps[bad_points[0]]) if len(bad_points) else None,
-        "diverged": bool(len(bad_points)),
+        "max_mean_loss": float(np.nanmax(mean_loss)) if np.isfinite(mean_loss).any() else math.nan,
+        "loss_bound": bound,
+        "first_exploded_step": int(steps[above[0]]) if len(above) else None,
+        "diverged": bool(len(bad_points) or len(above)),
+        "history_complete": complete,
+        "excluded": bool(reasons),
+        "exclusion": "; ".join(reasons),
     }
     tables = {
         "examples": dyn.assign(run_id=run_id),
@@ -197,12 +237,14 @@ def load_study(
                 if isinstance(err, RunFormatError):
                     raise
                 raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
-            notes.append(f"{tdir}: skipped, {err}")
+            text = str(err)
+            text = text[len(tdir) + 2:] if text.startswith(f"{tdir}: ") else text
+            notes.append(f"{tdir}: skipped, {text}")
             continue
         desc = describe_run(run.config)
         rows.append({"run_id": run_id, **desc, **row})
         configs[run_id] = dict(run.config)
-        if not row["diverged"]:
+        if not row["excluded"]:
             for key, frame in tables.items():
                 if frame is not None:
                     parts[key].append(frame)
@@ -218,18 +260,14 @@ def load_study(
 
         raise NoRunsFoundError(f"no loadable runs below {', '.join(map(str, paths))}")
     runs = pd.DataFrame(rows)
-    runs["status"] = np.where(runs["diverged"], "diverged", "ok")
+    runs["status"] = np.select([runs["diverged"], ~runs["history_complete"]], ["diverged", "incomplete history"], "ok")
     notes += replicate_warnings(runs, configs)
-    val_bad = runs[~runs["diverged"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
+    val_bad = runs[~runs["excluded"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
-    for r in runs[runs["diverged"]].itertuples():
-        # int(): the column turns float (NaN) as soon as one healthy run has None there; a diverged
-        # run always has a first non-finite step.
-        notes.append(
-            f"{r.run_id} ({r.condition}, seed {r.seed:g}): diverged, non-finite losses from step "
-            f"{int(r.first_nonfinite_step)} on ({r.n_nonfinite} of {r.n_train} examples); excluded from aggregates"
-        )
+    for r in runs[runs["excluded"]].itertuples():
+        seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
+        notes.append(f"{r.run_id} ({r.condition}, {seed}): {r.status}: {r.exclusion}; excluded from aggregates")
 
     def cat(key):
         return pd.concat(parts[key], ignore_index=True) if parts[key] else pd.DataFrame()

@@ -7,14 +7,27 @@ Layout of the folder::
     tables/NAME.md         the same table formatted for reading
     figures/NAME.png       the figures
 
-The folder is built under a temporary name beside the target and renamed into place, so a
-reader never sees a half-written report; an existing report folder is replaced, any other
-non-empty folder is left alone (error).
+    .hf_entropy_report     marker: this folder was written by `build_report` (format tag inside)
+
+The folder is built under a temporary name beside the target (``.<name>.tmp-<pid>-<random>``) and
+renamed into place, so a reader never sees a half-written report. Rules for the target folder:
+
+- it may be missing or empty;
+- a folder holding the marker is a report of ours and is replaced as a whole (unless it has come
+  to hold a run directory);
+- a folder from before the marker existed is replaced only when it holds nothing but a report's
+  own files (index.md, index.html, tables/*.md|csv, figures/*.png);
+- any other non-empty folder, a file, a symbolic link, a run folder given as input, a folder inside
+  one or a folder holding one is refused (`ReportFolderError`) and left untouched.
+
+Hidden temporaries of a killed earlier build of the same target are removed before a new build
+(`hf_entropy_callback.runs.remove_stale_temporaries`); files and folders get the user's umask.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import html
 import math
 import os
@@ -28,13 +41,21 @@ import numpy as np
 import pandas as pd
 
 from hf_entropy_callback.chaosnli import NLI_LABELS
+from hf_entropy_callback.runs import TRACKING_DIRNAME, apply_umask, remove_stale_temporaries, temp_name_prefix
 
 from . import figures as F
 from . import tables as T
-from .conditions import CONDITION_KEYS, condition_table
+from .conditions import CONDITION_KEYS, condition_table, discover_runs
 from .loading import Study, load_study
 
-REPORT_MARKER = "index.md"
+#: Marker file written into every report folder; only a folder holding it is ever replaced.
+REPORT_MARKER = ".hf_entropy_report"
+#: First line of the marker (the tag that identifies our reports) and the report layout version.
+REPORT_TAG = "hf_entropy_callback analysis report"
+REPORT_FORMAT_VERSION = 1
+#: What a report written before the marker existed may hold (relative paths; see the module docstring).
+_LEGACY_FILES = {"index.md", "index.html"}
+_LEGACY_DIRS = {"tables": (".md", ".csv"), "figures": (".png",)}
 #: Tables longer than this are linked from the index, not shown inline.
 INLINE_ROWS = 60
 
@@ -227,7 +248,7 @@ def compute_tables(study: Study, alpha: float = T.ALPHA) -> Dict[str, pd.DataFra
     label_names = list(NLI_LABELS)
     out: Dict[str, pd.DataFrame] = {}
     out["runs"] = runs[[c for c in ("run_id", "condition", "seed", "status", "n_train", "n_validation", "n_points",
-                                    "final_step", "path") if c in runs]]
+                                    "final_step", "exclusion", "path") if c in runs]]
     out["rho_by_condition"] = T.rho_by_condition(runs, alpha)
     out["per_seed"] = T.per_seed_table(runs)
     has_ex = not ex.empty
@@ -268,8 +289,13 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     conds = condition_table(runs)
 
     s = Section("Runs")
+    n_incomplete = int((~runs["history_complete"] & ~runs["diverged"]).sum()) if "history_complete" in runs else 0
     s.text(f"{len(runs)} runs in {len(conds)} conditions (model × method × rank × dataset × variant; seeds are "
-           f"replicates); {int(runs['diverged'].sum())} diverged. Datasets: {', '.join(sorted(runs['dataset'].unique()))}.")
+           f"replicates); {int(runs['diverged'].sum())} diverged, {n_incomplete} with an incomplete history "
+           f"(both excluded from every aggregate and figure; the reason is in the inventory's exclusion column). "
+           f"Diverged: a non-finite tracked loss, or a mean tracked loss above the sanity bound 10 ln K nats "
+           f"(K classes; ln K is the loss of a uniform prediction) at any tracking point. "
+           f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}.")
     s.blocks.append(_table("runs", "Run inventory", t, "Every run found, with its status.", inline=False))
     if study.notes:
         s.text("Warnings:\n" + "\n".join(f"- {n}" for n in study.notes))
@@ -295,12 +321,15 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
            f"only if every seed is; seeds share their examples, so their tests are not independent and Fisher/Stouffer "
            f"combination would overstate the evidence). p_bonf / p_bh: that p corrected over the {len(conds)} "
            f"conditions with pingouin.multicomp (Bonferroni / Benjamini–Hochberg); sig_* at alpha = {alpha:g}. "
-           f"Diverged runs are excluded from the mean (n_diverged).")
+           f"Diverged runs and runs with an incomplete history are excluded from the mean (n_diverged, "
+           f"n_incomplete).")
     s.blocks.append(_table("rho_by_condition", "rho(entropy, AULC) per condition", t))
     s.blocks.append(_table("per_seed", "Per-seed breakdown", t,
                            "p_bonf / p_bh: each run's p corrected over all usable runs. validation_accuracy: argmax "
                            "accuracy on the validation set at the last tracking point. Diverged runs: status "
-                           "'diverged', rho over the examples whose losses stayed finite.", inline=True))
+                           "'diverged', rho over the examples whose losses stayed finite; runs resumed without their "
+                           "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out.",
+                           inline=True))
     sections.append(s)
 
     s = Section("3. Mean Delta L per entropy category")
@@ -569,23 +598,134 @@ class Report:
     timings: Dict[str, float]
 
 
-def _check_target(target: str) -> None:
-    """Refuse a target that exists and is not a report folder (an older report is fine: it is replaced)."""
-    if os.path.exists(target):
-        if not os.path.isdir(target):
-            raise FileExistsError(f"{target}: exists and is not a folder")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, REPORT_MARKER)):
-            raise FileExistsError(f"{target}: folder is not empty and holds no {REPORT_MARKER}; refusing to replace it")
+class ReportFolderError(FileExistsError):
+    """The report's ``--out`` folder cannot be (re)placed safely; the message names it and why."""
 
 
-def _replace_folder(tmp: str, target: str) -> None:
+def _is_marked(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, REPORT_MARKER)) as fh:
+            return fh.readline().strip() == REPORT_TAG
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _is_legacy_report(folder: str) -> bool:
+    """A report written before the marker existed: index.md and nothing but a report's own files."""
+    names = set(os.listdir(folder))
+    if "index.md" not in names:
+        return False
+    for name in names:
+        path = os.path.join(folder, name)
+        if name in _LEGACY_FILES and os.path.isfile(path) and not os.path.islink(path):
+            continue
+        if name in _LEGACY_DIRS and os.path.isdir(path) and not os.path.islink(path):
+            for sub in os.listdir(path):
+                subpath = os.path.join(path, sub)
+                if not (sub.endswith(_LEGACY_DIRS[name]) and os.path.isfile(subpath) and not os.path.islink(subpath)):
+                    return False
+            continue
+        return False
+    return True
+
+
+def _holds_run(folder: str) -> Optional[str]:
+    for root, _dirs, files in os.walk(folder):
+        if "run_config.json" in files:
+            return root
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (both resolved real paths)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_inputs(target: str, inputs: Sequence[str]) -> None:
+    """Refuse a target that is, lies inside or holds one of the run folders given as input."""
+    real = os.path.realpath(target)
+    for given in inputs:
+        folder = os.path.realpath(given)
+        if real == folder:
+            raise ReportFolderError(
+                f"{target}: is the run folder {given} given as input; refusing to write the report there "
+                "(it would replace the runs). Choose a report folder outside the run folders.")
+        if _inside(real, folder):
+            raise ReportFolderError(
+                f"{target}: lies inside the run folder {given} given as input; refusing to write the report there. "
+                f"Choose a report folder outside the run folders, e.g. {os.path.join(os.path.dirname(folder), 'report')}.")
+        if _inside(folder, real):
+            raise ReportFolderError(
+                f"{target}: holds the run folder {given} given as input; refusing to replace it. "
+                "Choose a report folder outside the run folders.")
+
+
+def _check_target(target: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse a target the writer may not replace (see the module docstring); an older report is fine."""
+    _check_inputs(target, inputs)
+    if os.path.islink(target):
+        raise ReportFolderError(f"{target}: is a symbolic link; refusing to replace it (pass the folder it points to)")
+    if not os.path.exists(target):
+        return
+    if not os.path.isdir(target):
+        raise ReportFolderError(f"{target}: exists and is not a folder; refusing to replace it")
+    if not os.listdir(target):
+        return
+    if _is_marked(target) or _is_legacy_report(target):
+        run = _holds_run(target)
+        if run:
+            raise ReportFolderError(f"{target}: is a report folder but now holds a run ({run}); refusing to replace it")
+        return
+    raise ReportFolderError(
+        f"{target}: folder is not empty and holds no {REPORT_MARKER} (it is not a report written by "
+        "`python -m analysis`); refusing to replace it. Choose a new or empty folder.")
+
+
+def _write_marker(folder: str) -> None:
+    with open(os.path.join(folder, REPORT_MARKER), "w") as fh:
+        fh.write(f"{REPORT_TAG}\nformat {REPORT_FORMAT_VERSION}\n"
+                 "This folder was written by `python -m analysis` and is replaced as a whole by the next report "
+                 "written to it.\n")
+
+
+def _make_temp(target: str) -> str:
+    """The hidden folder beside `target` the report is built in (after removing a killed build's leftovers)."""
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temporaries(target)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=temp_name_prefix(target, "tmp"))
+    except OSError as err:
+        hint = ""
+        if err.errno == errno.ENAMETOOLONG:
+            hint = (f" (the folder name has {len(os.path.basename(target))} characters; with the temporary folder's "
+                    "suffix it exceeds the file system's limit per name, usually 255 bytes: choose a shorter name)")
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = f" ({parent} is not writable: choose a folder you can write to)"
+        else:
+            hint = f" (in {parent}: choose a folder you can write to)"
+        raise ReportFolderError(f"{target}: cannot create the report folder: {err.strerror or err}{hint}") from None
+    try:
+        apply_umask(tmp, directory=True)
+        _write_marker(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _replace_folder(tmp: str, target: str, inputs: Sequence[str] = ()) -> None:
     """Move the finished report `tmp` to `target`, replacing an older report but nothing else."""
-    _check_target(target)
+    _check_target(target, inputs)
     if os.path.exists(target):
-        old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.old-")
+        old = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=temp_name_prefix(target, "old"))
         os.rmdir(old)
         os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            os.replace(old, target)  # put the old report back rather than leave no report
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
@@ -608,7 +748,8 @@ def build_report(
     paths : sequence of str
         Folders holding run directories (searched recursively).
     out_dir : str
-        The report folder (created; an older report there is replaced).
+        The report folder (created; an older report there is replaced; see the module docstring for
+        what is refused).
     alpha : float
         Significance level of the significance flags.
     train_set, validation_set : str
@@ -626,11 +767,18 @@ def build_report(
 
     Raises
     ------
-    NoRunsFoundError, RunFormatError, FileExistsError
+    NoRunsFoundError, RunFormatError
+        No runs, or a run that cannot be read (unless `skip_invalid`).
+    ReportFolderError
+        `out_dir` may not be replaced (see the module docstring) or cannot be created.
     """
     timings = {}
     out_dir = os.path.abspath(out_dir)
-    _check_target(out_dir)  # fail before the work, not after it
+    # Fail before the work, not after it: the target, every input and every run found must be safe.
+    _check_target(out_dir, paths)
+    run_dirs = [os.path.dirname(d) if os.path.basename(d) == TRACKING_DIRNAME else d for d in discover_runs(paths)[0]]
+    inputs = list(paths) + run_dirs
+    _check_target(out_dir, inputs)
     t0 = time.perf_counter()
     study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid)
     timings["load"] = time.perf_counter() - t0
@@ -638,9 +786,7 @@ def build_report(
     tables = compute_tables(study, alpha)
     timings["tables"] = time.perf_counter() - t0
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    tmp = _make_temp(out_dir)
     try:
         t0 = time.perf_counter()
         figs = F.all_figures(study, tables, os.path.join(tmp, "figures"))
@@ -660,7 +806,7 @@ def build_report(
             with open(os.path.join(tmp, "index.html"), "w") as fh:
                 fh.write(_render_html(sections, header, tmp))
         timings["write"] = time.perf_counter() - t0
-        _replace_folder(tmp, out_dir)
+        _replace_folder(tmp, out_dir, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

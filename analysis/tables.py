@@ -8,7 +8,9 @@ Conventions
   the run's Spearman ``rho`` / ``p_val`` / ``n`` and Kendall ``tau`` of entropy vs AULC.
 - ``examples``: one row per (run, tracked example) from `hf_entropy_callback.dynamics.example_dynamics`
   plus ``run_id``.
-- Diverged runs (``diverged`` True) never enter an aggregate; they stay visible in `per_seed_table`.
+- Excluded runs never enter an aggregate; they stay visible in `per_seed_table`. A run is excluded
+  when ``excluded`` is True (diverged, or an incomplete history: see `analysis.loading`); frames
+  without that column fall back to ``diverged``.
 - Across seeds: ``*_mean`` and ``*_sd`` (sample sd, ddof = 1; NaN with a single run).
 
 Combining seeds into one p-value per condition
@@ -46,8 +48,16 @@ def _present(frame: pd.DataFrame, keys: Iterable[str]) -> list:
     return [k for k in keys if k in frame.columns]
 
 
+def _excluded(runs: pd.DataFrame) -> pd.Series:
+    """Which runs stay out of aggregates: ``excluded`` where present, else ``diverged``, else none."""
+    for col in ("excluded", "diverged"):
+        if col in runs:
+            return runs[col].astype(bool)
+    return pd.Series(False, index=runs.index)
+
+
 def _usable(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[~runs["diverged"].astype(bool)] if "diverged" in runs else runs
+    return runs[~_excluded(runs)]
 
 
 def _seeds(seeds: pd.Series) -> str:
@@ -121,7 +131,8 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     Returns
     -------
     table : DataFrame
-        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``seeds``,
+        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``n_incomplete`` (runs
+        with an incomplete history, when the runs have ``history_complete``), ``seeds``,
         ``n_examples`` (median tracked examples per run), ``rho_mean``, ``rho_sd``, ``rho_min``,
         ``rho_max``, ``n_sig_seeds`` (seeds with p < alpha), ``p_max`` (the condition's p: the
         largest seed p-value, see the module docstring), ``p_bonf`` and ``p_bh`` (``p_max``
@@ -143,16 +154,20 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     """
     keys = _present(runs, CONDITION_KEYS)
     diverged = runs["diverged"].astype(bool) if "diverged" in runs else pd.Series(False, index=runs.index)
+    excluded = _excluded(runs)
+    incomplete = ~runs["history_complete"].astype(bool) if "history_complete" in runs else None
     rows = []
     for cond, grp in runs.groupby("condition", sort=False):
-        ok = grp[~diverged.loc[grp.index]]
+        ok = grp[~excluded.loc[grp.index]]
         p = ok["p_val"].astype(float)
+        extra = {} if incomplete is None else {"n_incomplete": int((incomplete.loc[grp.index] & ~diverged.loc[grp.index]).sum())}
         rows.append(
             {
                 "condition": cond,
                 **{k: grp[k].iloc[0] for k in keys},
                 "n_runs": len(ok),
                 "n_diverged": int(diverged.loc[grp.index].sum()),
+                **extra,
                 "seeds": _seeds(ok["seed"]) if "seed" in ok else "—",
                 "n_examples": float(ok["n"].median()) if len(ok) else np.nan,
                 "rho_mean": ok["rho"].mean(),
@@ -177,7 +192,9 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-run breakdown: rho, p-value (raw and corrected over all usable runs), tau, validation accuracy, status.
 
     Diverged runs are listed with ``status`` "diverged" and their rho over the examples whose
-    losses stayed finite; they get no corrected p-value (they are not part of the family).
+    losses stayed finite; runs with an incomplete history with ``status`` "incomplete history"
+    (a ``status`` column of `runs` is kept); excluded runs get no corrected p-value (they are not
+    part of the family), and ``exclusion`` says why when `runs` has it.
 
     Examples
     --------
@@ -193,13 +210,15 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     2      c  diverged     NaN   NaN
     """
     out = runs.copy()
-    diverged = out["diverged"].astype(bool) if "diverged" in out else pd.Series(False, index=out.index)
-    out["status"] = np.where(diverged, "diverged", "ok")
+    excluded = _excluded(out)
+    if "status" not in out:
+        out["status"] = np.where(excluded, "diverged", "ok")
     for col, method in (("p_bonf", "bonf"), ("p_bh", "fdr_bh")):
         out[col] = np.nan
-        out.loc[~diverged, col] = _corrected(out.loc[~diverged, "p_val"], method)
+        out.loc[~excluded, col] = _corrected(out.loc[~excluded, "p_val"], method)
     cols = ["run_id", "condition", *_present(out, CONDITION_KEYS), "seed", "status", "n", "rho", "p_val", "p_bonf",
-            "p_bh", "tau", "validation_accuracy", "final_step", "n_nonfinite", "first_nonfinite_step"]
+            "p_bh", "tau", "validation_accuracy", "final_step", "n_nonfinite", "first_nonfinite_step",
+            "max_mean_loss", "exclusion"]
     out = out[_present(out, cols)]
     return order_conditions(out.sort_values(["seed"] if "seed" in out else [], kind="stable"))
 
@@ -491,7 +510,7 @@ def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional
     ...                    "token_length": rng.integers(5, 40, 90), "label": np.arange(90) % 3})
     >>> ex["aulc"] = 2 * ex.entropy + 0.01 * ex.token_length + 0.5 * (ex.label == 2)
     >>> runs = pd.DataFrame({"run_id": ["r"], "condition": ["A"], "diverged": [False]})
-    >>> regression(runs, ex)[["term", "coef"]].round(3)
+    >>> regression(runs, ex)[["term", "coef"]].round(3).replace(-0.0, 0.0)  # a rounding zero without its sign
                term  coef
     0     Intercept  0.00
     1       entropy  2.00

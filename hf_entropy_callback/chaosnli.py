@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import io
+import gzip
 import json
 import os
 import tempfile
 import urllib.request
 import zipfile
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+import zlib
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -28,6 +29,60 @@ COLUMNS = ("uid", "premise", "hypothesis", "label", "label_counts", "entropy", "
 
 class ChaosNLIFormatError(ValueError):
     """A ChaosNLI file does not have the expected format; the message names file and line."""
+
+
+#: The first two bytes of every gzip stream (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: str) -> bool:
+    """Whether `path` is a gzip file, by its magic bytes (whatever its suffix)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
+def _decode_lines(raw: Iterable[bytes], name: str, error: Type[Exception]) -> Iterator[str]:
+    for lineno, line in enumerate(raw, start=1):
+        if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark (utf-8-sig), as some editors and Excel write
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error(
+                f"{name}, line {lineno}: the file's encoding is not UTF-8 (byte 0x{line[err.start]:02x} at column "
+                f"{err.start + 1} is not valid UTF-8); convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
+
+
+def read_text_lines(path: str, error: Type[Exception] = ValueError) -> Iterator[str]:
+    """Yield the lines (with their line ends) of a UTF-8 text file, plain or gzip-compressed.
+
+    Gzip is recognised by its magic bytes, so `data.jsonl.gz` and a gzip file without the `.gz`
+    suffix both work. A UTF-8 byte-order mark at the start is dropped. Lines are split at
+    ``\\n`` only (a ``\\r\\n`` stays in the line), as `open(..., newline="")` does, so the
+    `csv` module can read the result.
+
+    Args:
+        path (`str`): the file.
+        error (`Type[Exception]`, *optional*, defaults to `ValueError`): the exception raised for
+            undecodable bytes or a damaged gzip stream; its message names the file and the line.
+
+    Yields:
+        `str`: one line at a time.
+    """
+    if is_gzip(path):
+        fh = gzip.open(path, "rb")
+        lineno = 0
+        try:
+            with fh:
+                for line in _decode_lines(fh, path, error):
+                    lineno += 1
+                    yield line
+        except (OSError, EOFError, zlib.error) as err:
+            raise error(f"{path}, line {lineno + 1}: damaged gzip file ({err})") from None
+    else:
+        with open(path, "rb") as fh:
+            yield from _decode_lines(fh, path, error)
 
 
 def _subset_alias(subset: Optional[str]) -> Optional[str]:
@@ -161,8 +216,17 @@ def parse_chaosnli_lines(
         if not isinstance(example, dict):
             raise ChaosNLIFormatError(f"{where}: missing field 'example' (with premise and hypothesis)")
         for key in ("premise", "hypothesis"):
-            if not isinstance(example.get(key), str):
+            text = example.get(key)
+            if key not in example:
                 raise ChaosNLIFormatError(f"{where}: missing field 'example.{key}'")
+            if text is None:
+                raise ChaosNLIFormatError(f"{where}: field 'example.{key}' is null; expected a non-empty string")
+            if not isinstance(text, str):
+                raise ChaosNLIFormatError(
+                    f"{where}: field 'example.{key}' must be a string, got {type(text).__name__} {text!r}"
+                )
+            if not text.strip():
+                raise ChaosNLIFormatError(f"{where}: field 'example.{key}' is empty; expected a non-empty string")
         counts = _parse_counts(record, where, expected_total)
         label = _majority(record, counts, where)
         row_subset = subset
@@ -199,8 +263,9 @@ def _zip_lines(path: str, subset: Optional[str]) -> Tuple[Iterator[str], str, st
     if subset not in found:
         raise ChaosNLIFormatError(f"{path}: the archive has no {CHAOSNLI_MEMBERS[subset]}")
     member = found[subset]
-    data = zf.read(member).decode("utf-8")
-    return iter(io.StringIO(data)), f"{path}:{member}", subset
+    name = f"{path}:{member}"
+    data = zf.read(member)
+    return _decode_lines(data.splitlines(keepends=True), name, ChaosNLIFormatError), name, subset
 
 
 def load_chaosnli(
@@ -214,7 +279,8 @@ def load_chaosnli(
 
     Args:
         source (`str`):
-            A local ChaosNLI jsonl file (`chaosNLI_snli.jsonl`, `chaosNLI_mnli_m.jsonl`), the official
+            A local ChaosNLI jsonl file (`chaosNLI_snli.jsonl`, `chaosNLI_mnli_m.jsonl`; UTF-8, optionally
+            gzip-compressed, recognised by its magic bytes, and with or without a byte-order mark), the official
             `chaosNLI_v1.0.zip` archive, an http(s) URL of either (downloaded once into `cache_dir`),
             or the word `"official"` for the official archive's URL.
         subset (`str`, *optional*):
@@ -235,7 +301,8 @@ def load_chaosnli(
     Raises:
         ChaosNLIFormatError: for a malformed line, a missing field, counts that are empty, do not sum to
             `expected_total` or disagree between `label_counter` and `label_count`, or an unknown label
-            letter; the message names the file and the line.
+            letter, a null or empty premise / hypothesis, text that is not UTF-8, or a damaged gzip stream;
+            the message names the file and the line.
     """
     import datasets
 
@@ -250,8 +317,8 @@ def load_chaosnli(
         lines, name, subset = _zip_lines(source, subset)
         cols = parse_chaosnli_lines(lines, name, subset, expected_total, thresholds)
     else:
-        with open(source, encoding="utf-8") as fh:
-            cols = parse_chaosnli_lines(fh, source, subset, expected_total, thresholds)
+        lines = read_text_lines(source, ChaosNLIFormatError)
+        cols = parse_chaosnli_lines(lines, source, subset, expected_total, thresholds)
     features = datasets.Features(
         {
             "uid": datasets.Value("string"),

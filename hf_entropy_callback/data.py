@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .chaosnli import NLI_LABELS
+from .chaosnli import NLI_LABELS, read_text_lines
 from .entropy import CATEGORIES
 
 #: Field names accepted for the two sentences and the label of a bulk corpus, in order of preference.
@@ -48,8 +48,10 @@ def split_chaosnli(ds, val_fraction: float = 0.2, seed: int = 42, stratify_by: s
     """
     import datasets
 
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.integer, np.floating)):
+        raise ValueError(f"split_chaosnli: val_fraction must be a number in (0, 1), got {val_fraction!r}")
+    if not 0.0 < val_fraction < 1.0:  # NaN fails this too
+        raise ValueError(f"split_chaosnli: val_fraction must be in (0, 1) (exclusive), got {val_fraction}")
     if len(ds) == 0:
         raise ValueError("split_chaosnli: the dataset is empty")
     strata = np.asarray(ds[stratify_by])
@@ -101,38 +103,97 @@ def _pick(record: dict, fields: Sequence[str], where: str, what: str):
     raise DataFormatError(f"{where}: missing {what} field (one of {list(fields)})")
 
 
+def _text(record: dict, fields: Sequence[str], where: str, what: str) -> str:
+    """The premise / hypothesis of a record: a non-empty string (never `None` read as the text "None")."""
+    value = _pick(record, fields, where, what)
+    name = next(f for f in fields if f in record)
+    field_name = repr(name) if name == what else f"{name!r} ({what})"
+    if value is None:
+        raise DataFormatError(f"{where}: field {field_name} is null; expected a non-empty string")
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: field {field_name} must be a string, got {type(value).__name__} {value!r}")
+    if not value.strip():
+        raise DataFormatError(f"{where}: field {field_name} is empty; expected a non-empty string")
+    return value
+
+
+#: Suffixes of the bulk formats `load_bulk` reads, each optionally followed by ".gz".
+BULK_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+def _format_suffix(path: str) -> str:
+    """The format suffix of `path`, looking through a trailing ".gz" (``x.csv.gz`` -> ``.csv``)."""
+    stem = path[:-3] if path.lower().endswith(".gz") else path
+    return os.path.splitext(stem)[1].lower()
+
+
+def _check_header(path: str, header: Optional[Sequence[str]], delimiter: str) -> None:
+    """A csv / tsv header must name a premise, a hypothesis and a label column.
+
+    The delimiter is not guessed: a ``.csv`` is comma-separated and a ``.tsv`` tab-separated. A
+    file written with another one (";" from a German-locale spreadsheet, tabs in a ``.csv``) is
+    refused with the header as read and what was expected, rather than read as one wide column.
+    """
+    header = [h.strip() for h in (header or [])]
+    expected = [PREMISE_FIELDS, HYPOTHESIS_FIELDS, LABEL_FIELDS]
+    missing = [fields for fields in expected if not any(f in header for f in fields)]
+    if not missing:
+        return
+    shown = "tab" if delimiter == "\t" else repr(delimiter)
+    hint = ""
+    joined = delimiter.join(header)
+    for other in (";", "\t", ",", "|"):
+        if other != delimiter and other in joined:
+            cols = [c.strip().strip('"') for c in joined.split(other)]
+            if all(any(f in cols for f in fields) for fields in expected):
+                name = "tab" if other == "\t" else repr(other)
+                want = {"\t": "a .tsv", ",": "a .csv"}.get(other, "comma-separated (.csv) or tab-separated (.tsv)")
+                hint = f"; the file looks {name}-separated: save it as {want}"
+                break
+    lacking = ", ".join(fields[0] for fields in missing)
+    raise DataFormatError(
+        f"{path}, line 1: header {header} has no {lacking} column{'s' if len(missing) > 1 else ''}; expected columns premise (or sentence1, "
+        f"text_a), hypothesis (or sentence2, text_b) and label (or gold_label, label_id), separated by {shown}{hint}"
+    )
+
+
 def _read_records(path: str):
-    """Yield (where, record) from a .jsonl, .json (list of objects) or .csv/.tsv file."""
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8", newline="") as fh:
-        if ext in (".csv", ".tsv"):
-            reader = csv.DictReader(fh, delimiter="\t" if ext == ".tsv" else ",")
-            for lineno, row in enumerate(reader, start=2):
-                yield f"{path}, line {lineno}", row
-        elif ext == ".json":
+    """Yield (where, record) from a .jsonl, .json (list of objects) or .csv/.tsv file, each optionally gzipped."""
+    ext = _format_suffix(path)
+    lines = read_text_lines(path, DataFormatError)
+    if ext in (".csv", ".tsv"):
+        delimiter = "\t" if ext == ".tsv" else ","
+        reader = csv.DictReader(lines, delimiter=delimiter)
+        _check_header(path, reader.fieldnames, delimiter)
+        for row in reader:
+            # line_num counts physical lines read, so a quoted field spanning lines is named by its last line.
+            yield f"{path}, line {reader.line_num}", row
+    elif ext == ".json":
+        text = "".join(lines)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataFormatError(f"{path}: expected a JSON list of records (or jsonl lines)")
+        for i, row in enumerate(data):
+            yield f"{path}, record {i}", row
+    else:
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
-                data = json.load(fh)
+                yield f"{path}, line {lineno}", json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if not isinstance(data, list):
-                raise DataFormatError(f"{path}: expected a JSON list of records (or jsonl lines)")
-            for i, row in enumerate(data):
-                yield f"{path}, record {i}", row
-        else:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}, line {lineno}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+                raise DataFormatError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
 
 
 def _looks_like_path(source: str) -> bool:
     """A hub id is "name" or "owner/name"; anything else that does not exist is a missing file."""
-    return source.endswith((".jsonl", ".json", ".csv", ".tsv")) or source.startswith((".", "/", "~")) or source.count("/") > 1
+    suffixes = BULK_SUFFIXES + tuple(s + ".gz" for s in BULK_SUFFIXES) + (".gz",)
+    return source.lower().endswith(suffixes) or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
 def load_bulk(
@@ -150,6 +211,10 @@ def load_bulk(
             hypothesis (or sentence1 / sentence2, text_a / text_b) and label (a name such as
             "entailment" or an id 0..2; "-" or -1 mean no gold label), or a hub dataset id such as
             `"stanfordnlp/snli"` or `"nyu-mll/glue"` with `config="mnli"` (needs the internet).
+            Files are UTF-8 (a byte-order mark is fine) and may be gzip-compressed (`bulk.csv.gz`; a
+            gzip file is also recognised by its magic bytes without the suffix). A `.csv` must be
+            comma-separated and a `.tsv` tab-separated: the delimiter is not guessed, a header that
+            lacks the columns is an error naming the header read.
         split (`str`, *optional*, defaults to `"train"`): split of a hub dataset.
         config (`str`, *optional*): configuration of a hub dataset.
         label_names (`Sequence[str]`, *optional*): label names in id order.
@@ -157,25 +222,35 @@ def load_bulk(
 
     Returns:
         `datasets.Dataset` with columns `id`, `premise`, `hypothesis`, `label` (int).
+
+    Raises:
+        DataFormatError: for a record without premise / hypothesis / label, a null or empty premise or
+            hypothesis of a kept row, an unknown label, text that is not UTF-8, a damaged gzip stream or a
+            csv / tsv header without the expected columns; the message names the file, the line (or
+            record) and the field.
     """
     import datasets
 
     rows: Dict[str, list] = {"id": [], "premise": [], "hypothesis": [], "label": []}
     dropped = 0
     if os.path.exists(source):
-        prefix = id_prefix or os.path.splitext(os.path.basename(source))[0]
+        base = os.path.basename(source)
+        prefix = id_prefix or os.path.splitext(base[:-3] if base.lower().endswith(".gz") else base)[0]
         for i, (where, rec) in enumerate(_read_records(source)):
             if not isinstance(rec, dict):
                 raise DataFormatError(f"{where}: expected an object with premise, hypothesis and label")
             label = _label_id(_pick(rec, LABEL_FIELDS, where, "label"), where, label_names)
-            premise = _pick(rec, PREMISE_FIELDS, where, "premise")
-            hypothesis = _pick(rec, HYPOTHESIS_FIELDS, where, "hypothesis")
+            _pick(rec, PREMISE_FIELDS, where, "premise")
+            _pick(rec, HYPOTHESIS_FIELDS, where, "hypothesis")
             if label < 0:
                 dropped += 1
                 continue
+            # Only kept rows must have text: a row without a gold label is dropped whatever it holds.
+            premise = _text(rec, PREMISE_FIELDS, where, "premise")
+            hypothesis = _text(rec, HYPOTHESIS_FIELDS, where, "hypothesis")
             rows["id"].append(str(rec.get("id", rec.get("idx", rec.get("pairID", f"{prefix}-{i}")))))
-            rows["premise"].append(str(premise))
-            rows["hypothesis"].append(str(hypothesis))
+            rows["premise"].append(premise)
+            rows["hypothesis"].append(hypothesis)
             rows["label"].append(label)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"Bulk training file not found: {source}")
@@ -216,9 +291,15 @@ def load_bulk(
 
 
 def sample_bulk(ds, n: int = 20000, seed: int = 42):
-    """Seeded random sample of `n` examples; all of them (with a warning) when fewer exist."""
+    """Seeded random sample of `n` examples; all of them (with a warning) when fewer exist.
+
+    Raises:
+        ValueError: when `n` is not an integer >= 0 (e.g. the script's `--bulk_size -1`).
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ValueError(f"sample_bulk: n (the bulk sample size) must be an integer >= 0, got {n!r}")
     if n < 0:
-        raise ValueError(f"sample_bulk: n must be >= 0, got {n}")
+        raise ValueError(f"sample_bulk: n (the bulk sample size) must be >= 0, got {n}; pass 0 for no bulk data")
     if n >= len(ds):
         if n > len(ds):
             warnings.warn(f"Asked for {n} bulk examples but only {len(ds)} exist; using all {len(ds)}.", stacklevel=2)

@@ -224,12 +224,16 @@ def run_summary(run, name: str = "train", validation_set: Optional[str] = "valid
 
     Spearman and Kendall tau-b (scipy's default tau-b) of entropy against AULC and against Delta L,
     with p-values and n; mean Delta L and AULC per entropy category; final accuracy on the
-    validation set when it is tracked; and how many examples have a NaN loss.
+    validation set when it is tracked; how many examples have a NaN loss; and whether the trajectory
+    covers the whole training (`history_complete`: False when the run resumed from a checkpoint
+    without the trajectory recorded before it, so its AULC and Delta L miss the early points).
 
     Returns:
         `dict` with keys `correlations` (list of rows), `categories` (list of rows), `n_examples`,
-        `n_nan`, `final_step`, and `validation_accuracy` (or None).
+        `n_nan`, `final_step`, `validation_accuracy` (or None) and `history_complete` (bool).
     """
+    from .runs import history_complete
+
     dyn = example_dynamics(run, name)
     corr = correlation_table(dyn["entropy"].to_numpy(), {"aulc": dyn["aulc"], "delta_loss": dyn["delta_loss"]})
     cats = []
@@ -255,6 +259,7 @@ def run_summary(run, name: str = "train", validation_set: Optional[str] = "valid
         "n_nan": int(np.isnan(dyn["aulc"]).sum()),
         "final_step": int(run.steps[-1]),
         "validation_accuracy": val_acc,
+        "history_complete": history_complete(getattr(run, "config", None) or {}),
         "correlations": corr.to_dict("records"),
         "categories": cats,
     }
@@ -265,6 +270,11 @@ def format_summary(summary: dict) -> str:
     lines = [f"tracked set {summary['set']!r}: {summary['n_examples']} examples, final step {summary['final_step']}"]
     if summary.get("n_nan"):
         lines.append(f"WARNING: {summary['n_nan']} examples have a NaN loss (diverged run?)")
+    if summary.get("history_complete") is False:
+        lines.append(
+            "WARNING: incomplete history: the run resumed from a checkpoint without the trajectory recorded before "
+            "it, so AULC and Delta L miss the early tracking points; the analysis leaves this run out of its means"
+        )
     if summary.get("validation_accuracy") is not None:
         lines.append(f"ChaosNLI validation accuracy: {summary['validation_accuracy']:.4f}")
     for row in summary["correlations"]:

@@ -9,16 +9,26 @@ Layout of ``<output_dir>/entropy_tracking/`` (format version 1)::
                        "epoch_end", "final", joined with "+" when they coincide)
     logprobs.npz       per set name, float32 log-probabilities of shape (points, examples, classes)
 
-The directory is built under a temporary name and renamed into place, so a reader never sees a
-half-written run.
+The parquet files carry page checksums and the npz its zip CRCs, so a damaged file is reported
+(`RunFormatError`, naming the run and the file) rather than read as other numbers.
+
+The directory is built under a temporary name (``.entropy_tracking.tmp-<pid>-<random>``) and renamed
+into place, so a reader never sees a half-written run; a replaced run moves aside to
+``.entropy_tracking.old-<pid>-<random>`` first. Such hidden folders left by a killed write are removed
+by the next write to the same path (only names of that pattern for that target, and never one whose
+writer process is still alive on this machine). Files and folders get the user's umask (as `open`
+would give them), not the owner-only modes of `tempfile`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -31,7 +41,86 @@ POINT_COLUMNS = ("point", "step", "epoch", "reason")
 
 
 class RunFormatError(ValueError):
-    """A run directory is missing, incomplete or from an unsupported format version."""
+    """A run directory is missing, incomplete, corrupt or from an unsupported format version."""
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux's /proc).
+
+    `os.umask` can only be read by setting it, which races with other threads creating files;
+    that fallback sets it back at once.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str, directory: bool) -> None:
+    """Give `path` the mode a plain `open` / `os.makedirs` would: 0o666 (files) or 0o777 (folders) less the umask.
+
+    `tempfile.mkstemp` / `mkdtemp` create 0600 / 0700, which would leave runs and reports readable
+    by their owner only after the rename into place.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+def temp_name_prefix(target: str, kind: str) -> str:
+    """Prefix of the hidden temporary folders of `target`: ``.<name>.<kind>-<pid>-`` (kind "tmp" or "old")."""
+    return f".{os.path.basename(target)}.{kind}-{os.getpid()}-"
+
+
+def remove_stale_temporaries(target: str) -> list:
+    """Remove the hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` folders a killed write to `target` left beside it.
+
+    Only folders whose name matches that pattern for this target are touched (``-<pid>-<random>``, or
+    ``-<random>`` as older versions named them), and one whose pid is a live process on this machine
+    (a writer still at work) is kept.
+
+    Args:
+        target (`str`): the folder that is about to be written.
+
+    Returns:
+        `list` of the removed paths.
+    """
+    parent, base = os.path.split(os.path.abspath(target))
+    pattern = re.compile(r"^\." + re.escape(base) + r"\.(?:tmp|old)-(?:(\d+)-)?[A-Za-z0-9_]+$")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        path = os.path.join(parent, name)
+        if not m or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        if m.group(1) is not None and _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
 
 
 def library_versions() -> Dict[str, str]:
@@ -67,6 +156,7 @@ def write_json_atomic(path: str, data: Any) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, default=_json_default, allow_nan=True)
+        apply_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,7 +174,8 @@ def write_run(
     """Write a run's tracking data to `path` (the tracking directory itself), atomically.
 
     Args:
-        path (`str`): target directory, e.g. ``<output_dir>/entropy_tracking``; replaced if present.
+        path (`str`): target directory, e.g. ``<output_dir>/entropy_tracking``; replaced if present. Hidden
+            temporaries of an earlier, killed write to it are removed (see the module docstring).
         config (`Mapping`): the run's configuration (JSON-serialisable values).
         examples (`pandas.DataFrame`): one row per tracked example with `EXAMPLE_COLUMNS`.
         points (`pandas.DataFrame`): one row per tracking point with `POINT_COLUMNS`.
@@ -108,19 +199,25 @@ def write_run(
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    remove_stale_temporaries(path)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_name_prefix(path, "tmp"))
     try:
+        apply_umask(tmp, directory=True)
         write_json_atomic(
             os.path.join(tmp, "run_config.json"),
             {"format_version": RUN_FORMAT_VERSION, "config": dict(config), "versions": library_versions()},
         )
-        examples.reset_index(drop=True).to_parquet(os.path.join(tmp, "examples.parquet"), index=False)
-        points.reset_index(drop=True).to_parquet(os.path.join(tmp, "points.parquet"), index=False)
+        # Page checksums (CRC32, part of the parquet format) let `load_run` catch a damaged page that
+        # would otherwise read back as silently changed values.
+        examples.reset_index(drop=True).to_parquet(os.path.join(tmp, "examples.parquet"), index=False,
+                                                   write_page_checksum=True)
+        points.reset_index(drop=True).to_parquet(os.path.join(tmp, "points.parquet"), index=False,
+                                                 write_page_checksum=True)
         np.savez(os.path.join(tmp, "logprobs.npz"), **{k: np.asarray(v, dtype=np.float32) for k, v in logprobs.items()})
         # Swap in: the old copy moves aside first so `path` is never a half-written directory.
         old = None
         if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
+            old = tempfile.mkdtemp(dir=parent, prefix=temp_name_prefix(path, "old"))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
@@ -200,13 +297,14 @@ def load_run(path: str) -> Run:
         `Run`
 
     Raises:
-        RunFormatError: when the directory is not a run, is incomplete, or has another format version.
+        RunFormatError: when the directory is not a run, is incomplete, has another format version, or
+            one of its files is corrupt (truncated, damaged or not in its format); the message names the
+            run directory and the file.
     """
-    import pandas as pd
-
     tdir = find_tracking_dir(path)
-    with open(os.path.join(tdir, "run_config.json")) as fh:
-        meta = json.load(fh)
+    meta = _read_file(tdir, "run_config.json", _load_json)
+    if not isinstance(meta, dict):
+        raise RunFormatError(f"{tdir}: run_config.json is corrupt (expected a JSON object, got {type(meta).__name__})")
     version = meta.get("format_version")
     if version != RUN_FORMAT_VERSION:
         raise RunFormatError(
@@ -216,16 +314,82 @@ def load_run(path: str) -> Run:
     for name in ("examples.parquet", "points.parquet", "logprobs.npz"):
         if not os.path.isfile(os.path.join(tdir, name)):
             raise RunFormatError(f"{tdir}: incomplete run, {name} is missing")
-    examples = pd.read_parquet(os.path.join(tdir, "examples.parquet"))
-    points = pd.read_parquet(os.path.join(tdir, "points.parquet"))
-    with np.load(os.path.join(tdir, "logprobs.npz")) as npz:
-        logprobs = {k: npz[k] for k in npz.files}
+    examples = _read_file(tdir, "examples.parquet", _load_parquet)
+    points = _read_file(tdir, "points.parquet", _load_parquet)
+    for name, frame, cols in (("examples.parquet", examples, EXAMPLE_COLUMNS), ("points.parquet", points, POINT_COLUMNS)):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise RunFormatError(f"{tdir}: {name} lacks columns {missing}")
+    logprobs = _read_file(tdir, "logprobs.npz", _load_npz)
     run = Run(tdir, meta.get("config", {}), meta.get("versions", {}), examples, points, logprobs)
     for name, arr in logprobs.items():
         n = int((examples["set"] == name).sum())
         if arr.shape[:2] != (len(points), n):
-            raise RunFormatError(f"{tdir}: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n}, K)")
+            raise RunFormatError(f"{tdir}: logprobs.npz: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n}, K)")
     return run
+
+
+def _load_json(path: str):
+    with open(path, "rb") as fh:
+        return json.loads(fh.read().decode("utf-8"))
+
+
+def _load_parquet(path: str):
+    import pandas as pd
+
+    # Files written without page checksums (older runs) read as before.
+    return pd.read_parquet(path, page_checksum_verification=True)
+
+
+def _load_npz(path: str) -> Dict[str, np.ndarray]:
+    """Every array of an npz, read in full (so zip CRCs are checked) and never unpickled."""
+    out = {}
+    with np.load(path, allow_pickle=False) as npz:
+        for key in npz.files:
+            arr = npz[key]
+            if not np.issubdtype(arr.dtype, np.floating) or arr.ndim != 3:
+                raise ValueError(f"array {key!r} is {arr.dtype} of shape {arr.shape}, expected float (points, examples, classes)")
+            out[key] = arr
+    return out
+
+
+def _read_file(tdir: str, name: str, reader):
+    """Read one file of a run; any failure of the format's reader becomes a `RunFormatError` naming run and file."""
+    path = os.path.join(tdir, name)
+    try:
+        return reader(path)
+    except RunFormatError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, SyntaxError, zipfile.BadZipFile,
+            zlib.error, UnicodeDecodeError, MemoryError) as err:
+        # numpy's message for a damaged header ("contains pickled (object) data ... allow_pickle=") would
+        # invite loading untrusted bytes unsafely; a run never holds object arrays, so say what it is.
+        detail = f"{type(err).__name__}: {err}"
+        if "pickle" in detail:
+            detail = "the array header is damaged (it declares object data, which runs never hold)"
+        raise RunFormatError(
+            f"{tdir}: {name} is corrupt or unreadable ({detail[:300]}); rerun this run or restore the file"
+        ) from None
+    except Exception as err:  # pyarrow's errors (ArrowInvalid is a ValueError, others are not)
+        if type(err).__module__.split(".")[0] != "pyarrow":
+            raise
+        raise RunFormatError(
+            f"{tdir}: {name} is corrupt or unreadable ({type(err).__name__}: {str(err)[:300]}); rerun this run or "
+            "restore the file"
+        ) from None
+
+
+def history_complete(config: Mapping[str, Any]) -> bool:
+    """Whether a run's trajectory covers its whole training.
+
+    False when the callback resumed from a checkpoint without the trajectory recorded before it
+    (config ``resumed_without_history: true``, or ``history_complete: false`` as later versions
+    may write it): such a run lacks its early tracking points, so its AULC and Delta L are not
+    comparable with complete runs.
+    """
+    if config.get("history_complete") is False:
+        return False
+    return not bool(config.get("resumed_without_history", False))
 
 
 def save_summary(path: str, summary: Optional[Dict[str, Any]]) -> None:

@@ -35,10 +35,7 @@ NEEDS_TORCH = {
     "hf_entropy_callback.nli_metric",
 }
 # Known failing examples in files outside this change, each with the fix it needs.
-KNOWN_FAILURES = {
-    "analysis.tables": "tables.regression's example prints the label=1 coefficient as -0.00 (a rounding zero's "
-                       "sign); the example should print `coef.round(3) + 0.0` (tables.py)",
-}
+KNOWN_FAILURES: dict = {}
 
 
 def _modules():
