@@ -139,6 +139,11 @@ class AnnotationEntropyCallback(TrainerCallback):
         """Tell the callback its Trainer (instead of the call-stack lookup)."""
         self.trainer = trainer
 
+    @property
+    def run_config(self) -> Dict[str, Any]:
+        """The configuration given for the run (a dict you may still add to before training starts)."""
+        return self.user_config
+
     # Convenience views of the tracker's state.
     @property
     def sets(self):
