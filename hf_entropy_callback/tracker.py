@@ -51,6 +51,7 @@ class TrackedSet:
     categories: np.ndarray
     label_counts: np.ndarray
     noised: np.ndarray
+    original_labels: np.ndarray  # the label before label noise (= labels where there was none)
     features: List[Dict[str, List[int]]]
     token_length: np.ndarray
     order: np.ndarray  # length-sorted positions, so batches need little padding
@@ -336,8 +337,9 @@ class EntropyTracker:
                 return len(ds[0]["label_counts"])
         return None
 
-    def _labels(self, name: str, ds, ids: List[str], tracked_names) -> np.ndarray:
-        raw = list(ds[self.label_column])
+    def _labels(self, name: str, ds, ids: List[str], tracked_names, column: Optional[str] = None) -> np.ndarray:
+        column = column or self.label_column
+        raw = list(ds[column])
         if raw and all(isinstance(v, str) for v in raw):
             if tracked_names is None:
                 raise ValueError(
@@ -350,7 +352,7 @@ class EntropyTracker:
                 key = normalize_label_name(v)
                 if key not in lookup:
                     raise ValueError(
-                        f"tracked set {name!r}: example {ex_id!r} has label {v!r}, not one of {list(tracked_names)}"
+                        f"tracked set {name!r}: example {ex_id!r} has {column} {v!r}, not one of {list(tracked_names)}"
                     )
                 out.append(lookup[key])
             return np.asarray(out, dtype=np.int64)
@@ -358,12 +360,12 @@ class EntropyTracker:
         if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
             labels = labels.astype(np.int64)
         if labels.dtype.kind not in "iu":
-            raise ValueError(f"tracked set {name!r}: labels must be integer ids or label names, got {labels.dtype}")
+            raise ValueError(f"tracked set {name!r}: {column} must be integer ids or label names, got {labels.dtype}")
         bad = np.flatnonzero((labels < 0) | (labels >= self.num_labels))
         if bad.size:
             i = int(bad[0])
             raise ValueError(
-                f"tracked set {name!r}: example {ids[i]!r} has label {labels[i]}, outside the model's "
+                f"tracked set {name!r}: example {ids[i]!r} has {column} {labels[i]}, outside the model's "
                 f"0..{self.num_labels - 1} ({bad.size} such examples)"
             )
         return labels.astype(np.int64)
@@ -481,12 +483,16 @@ class EntropyTracker:
         else:
             cats = np.asarray(entropy_category(entropy, self.thresholds)).reshape(n)
         noised = np.asarray(ds["noised"], dtype=bool) if "noised" in cols else np.zeros(n, bool)
+        if "original_label" in cols:
+            original = self.label_space.to_model_ids(self._labels(name, ds, ids, tracked_names, "original_label"))
+        else:
+            original = labels.copy()
         features = self._inputs(name, ds)
         token_length = np.asarray(
             [sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"]) for f in features], dtype=np.int64
         )
         order = np.argsort(-token_length, kind="stable")
-        return TrackedSet(name, ids, labels, entropy, cats, counts, noised, features, token_length, order)
+        return TrackedSet(name, ids, labels, entropy, cats, counts, noised, original, features, token_length, order)
 
     # ---- the forward pass --------------------------------------------------------------------
 
@@ -741,6 +747,7 @@ class EntropyTracker:
                         "label_counts": [list(map(int, c)) for c in t.label_counts],
                         "token_length": t.token_length,
                         "noised": t.noised,
+                        "original_label": t.original_labels,
                     }
                 )
             )
