@@ -65,6 +65,9 @@ def main(argv=None):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+            for attr in ("dropout_prob", "attention_dropout"):  # attention dropout some versions keep as a float
+                if isinstance(getattr(module, attr, None), float):
+                    setattr(module, attr, 0.0)
     train = split["train"].map(
         lambda b: tokenizer(b["premise"], b["hypothesis"], truncation=True, max_length=args.max_length),
         batched=True,
