@@ -335,8 +335,9 @@ class RunFolderArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start over when --output_dir holds a run of another configuration: the old run's files "
-                  "move to <output_dir>.old-<timestamp> (nothing is deleted)."},
+        metadata={"help": "Start over when --output_dir holds a run (finished or not, of any configuration) instead "
+                  "of stopping or resuming: the old run's files move to <output_dir>.old-<timestamp> (nothing is "
+                  "deleted)."},
     )
 
 

@@ -18,12 +18,14 @@ Decisions (see `prepare_output_dir`):
 
 - finished run, same fingerprint           -> `"finished"`: the caller exits without writing
 - any run (finished or partial), other fingerprint -> `RunConfigMismatchError` listing each
-  differing key, unless `overwrite=True`: the old run's files are then *moved aside* into the
-  sibling folder `<output_dir>.old-<YYYYmmdd-HHMMSS>` (nothing is deleted; remove it yourself)
+  differing key with its old and new value
 - partial run, same fingerprint             -> `"resume"` (continue from `last_complete_checkpoint`)
 - empty or new folder                       -> `"new"`
 - a folder with checkpoints or a trajectory but no fingerprint (an older version, another script)
-  cannot be checked -> `RunConfigMismatchError` unless `overwrite=True`.
+  cannot be checked -> `RunConfigMismatchError`
+- `overwrite=True` (`--overwrite_output_dir`) and the folder holds any run -> `"new"`: the old run's
+  files are *moved aside* into the sibling folder `<output_dir>.old-<YYYYmmdd-HHMMSS>` (nothing
+  is deleted; remove it yourself), as transformers 4.x's flag started over whatever the folder held.
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ def prepare_output_dir(
         output_dir (`str`): the run's output folder.
         config (`Mapping[str, Any]`): the new run's fingerprint (settings that change its numbers).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Start over when the folder holds another run: its files move into the sibling folder
+            Start over when the folder holds a run (of any configuration): its files move into the sibling folder
             `<output_dir>.old-<YYYYmmdd-HHMMSS>` (the lock and the names in `keep` stay).
         keep (`Iterable[str]`, *optional*):
             Entries of the folder that are inputs, not results, and stay in place on overwrite (the
@@ -315,29 +317,41 @@ def prepare_output_dir(
         RunConfigMismatchError: the folder holds a run of another configuration (or one without a
             fingerprint) and `overwrite` is false; the message lists each differing key.
     """
-    fingerprint = read_fingerprint(output_dir) if os.path.isdir(output_dir) else None
-    if fingerprint is None and not (os.path.isdir(output_dir) and _holds_run(output_dir)):
+    if not os.path.isdir(output_dir):
         return "new"
+    try:
+        fingerprint = read_fingerprint(output_dir)
+        unreadable = None
+    except RunFolderError as err:
+        fingerprint, unreadable = None, str(err)
+    if fingerprint is None and unreadable is None and not _holds_run(output_dir):
+        return "new"
+    if overwrite:
+        # Like transformers 4.x's flag: start over, whatever the folder holds (same settings included).
+        moved = _move_aside(output_dir, keep)
+        logger.warning(f"--overwrite_output_dir: starting over in {output_dir}; the old run moved to {moved}")
+        return "new"
+    if unreadable is not None:
+        raise RunConfigMismatchError(f"{unreadable}; pass --overwrite_output_dir to start over", [])
     if fingerprint is None:
-        problem = (f"--output_dir {output_dir} holds a run (checkpoints or {TRACKING_DIRNAME}/) without "
-                   f"{FINGERPRINT_NAME}, so its configuration cannot be compared with this one")
-        diffs: List[Tuple[str, Any, Any]] = []
-    else:
-        diffs = config_differences(fingerprint["config"], config)
-        if not diffs:
-            return "finished" if _is_finished(output_dir, fingerprint) else "resume"
-        state = "a finished" if _is_finished(output_dir, fingerprint) else "an unfinished"
-        lines = "\n".join(f"  {k}: {old!r} (in the folder) -> {new!r} (now)" for k, old, new in diffs)
-        problem = f"--output_dir {output_dir} holds {state} run with another configuration:\n{lines}"
-    if not overwrite:
         raise RunConfigMismatchError(
-            f"{problem}\nUse another --output_dir, rerun with the folder's settings, or pass --overwrite_output_dir "
-            f"to start over (the old run is moved to {os.path.abspath(output_dir)}.old-<timestamp>).",
-            diffs,
+            f"--output_dir {output_dir} holds a run (checkpoints or {TRACKING_DIRNAME}/) without {FINGERPRINT_NAME} "
+            "(an older version or another script), so its configuration cannot be compared with this one. Use "
+            "another --output_dir, or pass --overwrite_output_dir to start over (the old run is moved to "
+            f"{os.path.abspath(output_dir)}.old-<timestamp>).",
+            [],
         )
-    moved = _move_aside(output_dir, keep)
-    logger.warning(f"--overwrite_output_dir: {problem.splitlines()[0]}; starting over, the old run moved to {moved}")
-    return "new"
+    diffs = config_differences(fingerprint["config"], config)
+    finished = _is_finished(output_dir, fingerprint)
+    if not diffs:
+        return "finished" if finished else "resume"
+    lines = "\n".join(f"  {k}: {old!r} (in the folder) -> {new!r} (now)" for k, old, new in diffs)
+    raise RunConfigMismatchError(
+        f"--output_dir {output_dir} holds {'a finished' if finished else 'an unfinished'} run with another "
+        f"configuration:\n{lines}\nUse another --output_dir, rerun with the folder's settings, or pass "
+        f"--overwrite_output_dir to start over (the old run is moved to {os.path.abspath(output_dir)}.old-<timestamp>).",
+        diffs,
+    )
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ models and generated data, then looks at the files on disk and the exit status.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,10 @@ import pytest
 
 from hf_entropy_callback import load_run
 from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
+
+# The script's folder errors (hf_entropy_callback.run_folder.RunFolderError) are RuntimeErrors; the tests
+# catch RuntimeError with the expected message, so that on a script without the checks they fail as
+# "DID NOT RAISE" rather than on an import.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -102,10 +107,10 @@ def test_identical_rerun_of_finished_run_rewrites_nothing(inputs, finished, tmp_
     out = _copy(finished, tmp_path / "run")
     before = _snapshot(out)
     summary = run_glue_entropy.main(_argv(inputs, out))
-    assert "already done" in caplog.text
-    assert _snapshot(out) == before  # not one file rewritten (train_results.json kept its train_loss)
     with open(out / "train_results.json") as fh:
-        assert json.load(fh)["train_loss"] > 0.5
+        assert json.load(fh)["train_loss"] > 0.5  # not rewritten as a 0-step run's 0.0
+    assert _snapshot(out) == before  # not one file rewritten
+    assert "already done" in caplog.text
     assert summary is not None and summary["n_examples"] == 48
     assert not os.path.exists(out / ".lock")
 
@@ -113,7 +118,7 @@ def test_identical_rerun_of_finished_run_rewrites_nothing(inputs, finished, tmp_
 def test_other_configuration_on_finished_run_is_refused(inputs, finished, tmp_path):
     out = _copy(finished, tmp_path / "run")
     before = _snapshot(out)
-    with pytest.raises(run_glue_entropy.RunFolderError) as err:
+    with pytest.raises(RuntimeError) as err:
         run_glue_entropy.main(_argv(inputs, out, peft="ia3", seed=7, learning_rate=5e-2))
     message = str(err.value)
     for line in ("method: 'lora' (in the folder) -> 'ia3' (now)", "seed: 42 (in the folder) -> 7 (now)",
@@ -141,6 +146,19 @@ def test_overwrite_output_dir_moves_the_old_run_aside(inputs, finished, tmp_path
     _assert_same_trajectory(finished, moved)
 
 
+def test_run_without_fingerprint_is_refused_until_overwrite(inputs, finished, tmp_path):
+    out = _copy(finished, tmp_path / "run")
+    (out / "run_fingerprint.json").unlink()  # as left by an older version of the script
+    with pytest.raises(RuntimeError, match="without run_fingerprint.json"):
+        run_glue_entropy.main(_argv(inputs, out))
+    # --overwrite_output_dir starts over even with the same settings (it never resumes)
+    run_glue_entropy.main(_argv(inputs, out, overwrite_output_dir=True))
+    with open(out / "run_fingerprint.json") as fh:
+        assert json.load(fh)["status"] == "finished"
+    _assert_same_trajectory(finished, out)
+    assert len([p for p in os.listdir(tmp_path) if p.startswith("run.old-")]) == 1
+
+
 def _cut_after_first_epoch(finished, dst):
     """A run killed during its second epoch: checkpoint-6 and nothing later."""
     out = _copy(finished, dst)
@@ -151,7 +169,7 @@ def _cut_after_first_epoch(finished, dst):
 
 def test_resume_with_other_configuration_is_refused(inputs, finished, tmp_path):
     out = _cut_after_first_epoch(finished, tmp_path / "run")
-    with pytest.raises(run_glue_entropy.RunFolderError, match=r"(?s)unfinished run.*learning_rate: 0.005 .* -> 0.001"):
+    with pytest.raises(RuntimeError, match=r"(?s)unfinished run.*learning_rate: 0.005 .* -> 0.001"):
         run_glue_entropy.main(_argv(inputs, out, learning_rate=1e-3, seed=7))
     assert not os.path.exists(out / "entropy_tracking") and not os.path.exists(out / "checkpoint-12")
     # settings that do not change the numbers do not block the resume
@@ -213,10 +231,9 @@ def test_checkpoint_without_trajectory_is_not_resumed(inputs, finished, tmp_path
     # killed between the Trainer's checkpoint and the tracker's save beside it
     shutil.rmtree(out / "checkpoint-6" / "entropy_tracking")
     run_glue_entropy.main(_argv(inputs, out))
-    log = caplog.text
-    assert "checkpoint-6: entropy_tracking/run_config.json is missing" in log
     run = load_run(str(out))
     assert len(run.points) == N_POINTS and "resumed_without_history" not in run.config  # all points, from step 0
+    assert "checkpoint-6: entropy_tracking/run_config.json is missing" in caplog.text
     _assert_same_trajectory(finished, out)
 
 
@@ -275,8 +292,6 @@ def test_bad_values_fail_before_any_work(inputs, tmp_path, capsys, extra, match)
     with pytest.raises(SystemExit) as exc:
         run_glue_entropy.main(_argv(inputs, out, **extra))
     assert exc.value.code == 2
-    import re
-
     assert re.search(match, capsys.readouterr().err)
     assert not os.path.exists(out)  # nothing created: it stopped before the folder, data and model
 
@@ -320,7 +335,7 @@ def test_failed_start_leaves_no_fingerprint(inputs, tmp_path):
     run_glue_entropy.main(_argv(inputs, out, save_strategy="no"))
     assert len(load_run(str(out)).points) == N_POINTS
     # ... and the folder now refuses the wrong one
-    with pytest.raises(run_glue_entropy.RunFolderError, match="model_name_or_path"):
+    with pytest.raises(RuntimeError, match="model_name_or_path"):
         run_glue_entropy.main(_argv(inputs, out, model_name_or_path=str(tmp_path / "no-model"), save_strategy="no"))
 
 
