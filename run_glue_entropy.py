@@ -9,6 +9,21 @@ Predicts Per-Example Learning Dynamics in LoRA Fine-Tuning" through `hf_entropy_
     accelerate launch run_glue_entropy.py --model_name_or_path roberta-base --task snli \\
         --chaosnli_file chaosNLI_snli.jsonl --train_file snli_train.jsonl --peft lora --r 8 --output_dir runs/x
     python run_glue_entropy.py --preset smoke --output_dir /tmp/smoke     # tiny random model, generated data
+
+Arguments are checked before any data or model is loaded (missing required ones all at once; bad
+values name their flag; exit status 2). The output folder follows `hf_entropy_callback.run_folder`:
+
+- `<output_dir>/run_fingerprint.json` records the settings that change the numbers (`build_run_config`
+  minus `NOT_FINGERPRINTED`; library versions as torch / transformers / peft major.minor) and whether
+  the run finished;
+- the same settings on a finished run: "already done", exit 0, nothing rewritten;
+- other settings on a finished or unfinished run: an error listing each difference (exit status 1),
+  unless `--overwrite_output_dir`, which moves the old run to `<output_dir>.old-<timestamp>` and starts over;
+- an unfinished run of the same settings resumes from its newest *complete* checkpoint (incomplete ones
+  are skipped with a message, and those newer than the one resumed from are deleted), or from step 0;
+- `<output_dir>/.lock` (pid, host, start time) keeps a second run out; a dead process's lock is taken over;
+- a diverged run's `train_results.json` / `eval_results.json` say `"diverged": true`, with null losses and
+  accuracy instead of numbers computed from NaN.
 """
 
 from __future__ import annotations
