@@ -26,6 +26,20 @@ _OPTIONS = (
 )
 
 
+def _from_stack(pick):
+    """The first non-None `pick(frame_locals)` walking up the call stack, or None."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            found = pick(frame.f_locals)
+            if found is not None:
+                return found
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
 def _find_trainer():
     """The `Trainer` whose training loop is running, found on the call stack.
 
@@ -34,16 +48,17 @@ def _find_trainer():
     """
     from transformers import Trainer
 
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, Trainer):
-                return owner
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+    return _from_stack(lambda local: local.get("self") if isinstance(local.get("self"), Trainer) else None)
+
+
+def _resume_checkpoint_on_stack() -> Optional[str]:
+    """The `resume_from_checkpoint` path of the running `Trainer.train` call, if any.
+
+    The Trainer keeps it in a local variable only; the checkpoint folder under `output_dir` is the
+    fallback when this lookup finds nothing.
+    """
+    return _from_stack(lambda local: local.get("resume_from_checkpoint") if isinstance(
+        local.get("resume_from_checkpoint"), str) else None)
 
 
 class AnnotationEntropyCallback(TrainerCallback):
@@ -308,20 +323,3 @@ class AnnotationEntropyCallback(TrainerCallback):
         self.tracker.config["resumed_without_history"] = True
         self.tracker.config["history_complete"] = False
 
-
-def _resume_checkpoint_on_stack() -> Optional[str]:
-    """The `resume_from_checkpoint` path of the running `Trainer.train` call, if any.
-
-    The Trainer keeps it in a local variable only; the checkpoint folder under `output_dir` is the
-    fallback when this lookup finds nothing.
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            value = frame.f_locals.get("resume_from_checkpoint")
-            if isinstance(value, str):
-                return value
-            frame = frame.f_back
-    finally:
-        del frame
-    return None

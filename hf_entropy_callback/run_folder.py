@@ -43,12 +43,13 @@ import tempfile
 import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from .runs import TRACKING_DIRNAME
+
 logger = logging.getLogger(__name__)
 
 FINGERPRINT_NAME = "run_fingerprint.json"
 FINGERPRINT_FORMAT_VERSION = 1
 LOCK_NAME = ".lock"
-TRACKING_DIRNAME = "entropy_tracking"  # same as hf_entropy_callback.runs.TRACKING_DIRNAME
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Files of a checkpoint that hold the model; one of them must be present (and whole).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin",
