@@ -38,15 +38,6 @@ from hf_entropy_callback.runs import TRACKING_DIRNAME
 CONDITION_KEYS = ("model", "architecture", "method", "rank", "dataset", "variant")
 #: Model types treated as decoder-only when a run's config has no ``architecture``.
 DECODER_TYPES = DECODER_MODEL_TYPES
-#: Settings that should be equal across the seeds of one condition.
-REPLICATE_SETTINGS = (
-    "model_name_or_path",
-    "learning_rate",
-    "lora_alpha",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "track_every",
-)
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
@@ -444,22 +435,6 @@ def condition_table(runs: pd.DataFrame) -> pd.DataFrame:
                 row[c] = grp[c].iloc[0]
         rows.append(row)
     return order_conditions(pd.DataFrame(rows))
-
-
-def replicate_warnings(runs: pd.DataFrame, configs: Mapping[str, Mapping[str, Any]]) -> List[str]:
-    """Notes on conditions whose runs disagree in a setting that is not part of the condition key.
-
-    With every setting that changes the numbers in the key (`assign_conditions`), this only reports
-    unlisted settings in `REPLICATE_SETTINGS` that differ (none, as the list stands: kept for runs
-    whose grouping was done elsewhere).
-    """
-    notes = []
-    for cond, grp in runs.groupby("condition", sort=True):
-        for key in REPLICATE_SETTINGS:
-            values = {repr(configs[r].get(key)) for r in grp["run_id"] if r in configs}
-            if len(values) > 1:
-                notes.append(f"{cond}: runs differ in {key} ({', '.join(sorted(values))})")
-    return notes
 
 
 def iter_groups(frame: pd.DataFrame, keys: Iterable[str]):

@@ -50,7 +50,7 @@ from hf_entropy_callback.entropy import CATEGORIES
 from hf_entropy_callback.inference import percentile_interval, spearman_bootstrap
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
-from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, replicate_warnings, run_ids
+from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
 
 #: Defaults of the report's statistical options (CLI flags of `python -m analysis`).
 DEFAULT_BOOTSTRAP = 1000
@@ -368,7 +368,6 @@ def load_study(
     runs["status"] = np.select([runs["diverged"], ~runs["history_complete"], dup],
                                ["diverged", "incomplete history", "duplicate"], "ok")
     runs["in_main_family"] = is_main_matrix(runs, main_ranks) if main_ranks is not None else is_main_matrix(runs)
-    notes += replicate_warnings(runs, configs)
     unknown = runs[~runs["original_label_known"]]
     for r in unknown.itertuples():
         notes.append(f"{r.run_id}: run format version {r.format_version} with {r.n_noised} noised examples: their "

@@ -67,6 +67,11 @@ ALWAYS_INLINE_ROWS = 12
 # --------------------------------------------------------------------------------------------
 
 
+_SETTING_COLUMNS = {"label_noise", "learning_rate", "lora_alpha", "lora_dropout", "num_train_epochs", "max_steps",
+                    "bulk_size", "track_every", "max_length", "split_seed", "warmup_steps", "warmup_ratio",
+                    "weight_decay", "max_grad_norm"}
+
+
 def _fmt_number(col: str, v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
@@ -78,8 +83,8 @@ def _fmt_number(col: str, v) -> str:
         v = float(v)
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
-        if col == "label_noise":
-            return f"{v:g}"
+        if col in _SETTING_COLUMNS:
+            return f"{v:g}"  # settings as given (a learning rate of 2e-4 is not "0.000")
         if col.startswith("p_") or col.endswith("_p_val") or col in ("p_val", "p_max"):
             return f"{v:.3g}"
         if "share" in col or col == "sign_concordance":

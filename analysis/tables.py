@@ -199,6 +199,9 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional
     excluded = _excluded(runs)
     incomplete = ~runs["history_complete"].astype(bool) if "history_complete" in runs else None
     p_col = "p_greater" if "p_greater" in runs else "p_val"
+    from .conditions import is_main_matrix
+
+    main = runs["in_main_family"].astype(bool) if "in_main_family" in runs else is_main_matrix(runs)
     rows = []
     for cond, grp in runs.groupby("condition", sort=False):
         ok = grp[~excluded.loc[grp.index]]
@@ -226,7 +229,7 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional
                 # Intersection-union over the one-sided p-values: significant only if every seed is; a seed
                 # without a p-value (constant input) leaves the condition without one.
                 "p_max": p.max() if len(p) and p.notna().all() else np.nan,
-                "in_family": bool(family == "all" or ("in_main_family" in grp and bool(grp["in_main_family"].iloc[0]))),
+                "in_family": bool(family == "all" or main.loc[grp.index].iloc[0]),
             }
         )
     out = pd.DataFrame(rows)
