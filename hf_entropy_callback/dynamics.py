@@ -192,9 +192,9 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
         `ece_ci_high` (95% percentile bootstrap interval over examples; NaN without `n_boot`),
         `ece_bins`.
     """
-    from .inference import percentile_interval
-
     import pandas as pd
+
+    from .inference import percentile_interval
 
     lp = np.asarray(logprobs_point, dtype=np.float64)
     finite = np.isfinite(lp).all(axis=1)
@@ -247,7 +247,8 @@ def example_dynamics(run, name: str = "train", *, cartography_points_: str = "ep
     """One row per tracked example of set `name`: its metadata plus aulc, delta_loss, first/last loss
     (all against the training label ``label``), the same against the label before noise
     (``aulc_original``, ``delta_loss_original``; NaN for a noised example of a version-1 run, whose
-    original label is unknown), ``label_changed`` (the noise changed the label) and the
+    original label is unknown), ``label_changed`` (1.0 where the noise changed the label, NaN where
+    unknown) and the
     cartography statistics over `cartography_points_` ("epoch_end" or "all", see
     `cartography_points`).
 
@@ -267,7 +268,8 @@ def example_dynamics(run, name: str = "train", *, cartography_points_: str = "ep
     out["delta_loss"] = delta_loss(loss)
     if "original_label" not in out:
         out["original_label"] = out["label"]
-    out["label_changed"] = out["label"].to_numpy() != out["original_label"].to_numpy()
+    # 1.0 / 0.0, NaN where unknown (a noised example of a version-1 run).
+    out["label_changed"] = (out["label"].to_numpy() != out["original_label"].to_numpy()).astype(np.float64)
     if (out["original_label"] == out["label"]).all():
         out["aulc_original"], out["delta_loss_original"] = out["aulc"], out["delta_loss"]
     else:
