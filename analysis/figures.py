@@ -653,8 +653,10 @@ def entropy_aulc_plot(examples: pd.DataFrame, runs: pd.DataFrame, rho_table: pd.
     u = runs[~_excluded(runs)]
     for ax, r in zip(flat, conds.to_dict("records")):
         ids = list(u.loc[u["condition"] == r["condition"], "run_id"])
-        label = r["condition"] if len(r["condition"]) <= 48 else r["condition"][:46] + "…"
-        entropy_aulc_panel(examples, ids, rho=r, title=label.replace(" · ", "\n", 1), ax=ax)
+        import textwrap
+
+        title = "\n".join(textwrap.wrap(r["condition"], 44)[:3])  # the full label, on up to three lines
+        entropy_aulc_panel(examples, ids, rho=r, title=title, ax=ax)
     for ax in flat[len(conds):]:
         ax.set_axis_off()
     handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]

@@ -148,8 +148,8 @@ def ece_bootstrap(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *,
                   seed: int = 0) -> np.ndarray:
     """`expected_calibration_error` on `n_boot` resamples of the examples (with replacement), vectorised.
 
-    ECE = (1/n) sum_b |sum_{i in b} (correct_i - confidence_i)|, so each resample is one matrix
-    product of its example counts with the per-bin differences.
+    ECE = (1/n) sum_b |sum_{i in b} (correct_i - confidence_i)|, so all resamples' bin sums are one
+    weighted `numpy.bincount`.
 
     Example:
         >>> p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]])
@@ -165,12 +165,12 @@ def ece_bootstrap(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *,
     conf = p.max(axis=1)
     diff = (p.argmax(axis=1) == y).astype(np.float64) - conf
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    per_bin = np.zeros((n, n_bins))
-    per_bin[np.arange(n), bins] = diff
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(n_boot, n))
-    counts = np.bincount((idx + (np.arange(n_boot) * n)[:, None]).ravel(), minlength=n_boot * n).reshape(n_boot, n)
-    return np.abs(counts @ per_bin).sum(axis=1) / n
+    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount.
+    cell = (np.arange(n_boot)[:, None] * n_bins + bins[idx]).ravel()
+    sums = np.bincount(cell, weights=diff[idx].ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
+    return np.abs(sums).sum(axis=1) / n
 
 
 def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: Sequence[str], n_bins: int = 10,

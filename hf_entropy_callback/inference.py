@@ -106,6 +106,11 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 
     if n_boot <= 0 or n < 3:
         return np.full(max(int(n_boot), 0), np.nan)
     rng = np.random.default_rng(seed)
+    # Work in x's sorted order, so x's tie groups are contiguous and need no reordering per resample.
+    perm = np.argsort(x, kind="stable")
+    inv = np.empty(n, dtype=np.intp)
+    inv[perm] = np.arange(n)
+    x, y = x[perm], y[perm]
     gx, gy = _tie_groups(x), _tie_groups(y)
     out = np.empty(n_boot)
     chunk = max(1, min(n_boot, 2_000_000 // max(n, 1)))  # bound memory: ~2M cells at a time
@@ -113,7 +118,8 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 
         b = min(chunk, n_boot - start)
         idx = rng.integers(0, n, size=(b, n))
         # How often each example is drawn, per resample; ranks then follow from counts (no sort per resample).
-        counts = np.bincount((idx + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+        # Draws index the examples in the caller's order; map them to the sorted order used here.
+        counts = np.bincount((inv[idx] + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n).reshape(b, n)
         rx, ry = _resample_ranks(counts, *gx), _resample_ranks(counts, *gy)
         mid = (n + 1) / 2.0  # the mean of the ranks 1..n, ties or not
         dx, dy = rx - mid, ry - mid
@@ -141,7 +147,8 @@ def _resample_ranks(counts: np.ndarray, order: np.ndarray, starts: np.ndarray, g
     The elements of a tie group occupy ranks cum - c + 1 .. cum in the resample (c: the group's
     count, cum: counts of it and all smaller groups); their average rank is cum - (c - 1) / 2.
     """
-    per_group = np.add.reduceat(counts[:, order], starts, axis=1)
+    sorted_counts = counts if np.array_equal(order, np.arange(len(order))) else counts[:, order]
+    per_group = np.add.reduceat(sorted_counts, starts, axis=1)
     cum = np.cumsum(per_group, axis=1)
     return (cum - (per_group - 1) / 2.0)[:, group]
 
