@@ -3,7 +3,7 @@
     python -m analysis RUNS_DIR [RUNS_DIR ...] --out REPORT_DIR
 
 Finds every run below the given folders (``entropy_tracking/run_config.json``), groups them into
-conditions (model x method x rank x dataset x variant, seeds as replicates) and writes REPORT_DIR
+conditions (every setting that changes the numbers; seeds as replicates; see analysis.conditions) and writes REPORT_DIR
 with index.md (and index.html) linking every table (markdown + CSV) and figure (PNG).
 
 REPORT_DIR must be new, empty or a report written earlier by this command (it holds the marker
@@ -20,9 +20,10 @@ import time
 
 from hf_entropy_callback.runs import RunFormatError
 
-from .conditions import NoRunsFoundError
+from .conditions import MAIN_RANKS, NoRunsFoundError
+from .loading import DEFAULT_BOOTSTRAP, DEFAULT_BOOTSTRAP_SEED, DEFAULT_CARTOGRAPHY_POINTS, DEFAULT_ECE_BINS, Options
 from .report import build_report
-from .tables import ALPHA
+from .tables import ALPHA, FAMILIES
 
 
 def main(argv=None) -> int:
@@ -41,12 +42,34 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip (and list in the report) runs that cannot be read instead of stopping")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--family", choices=FAMILIES, default="main",
+                        help="correction family of the condition test: the study's main-matrix conditions present "
+                             "(base variant, LoRA at --main-ranks, IA3, full FT) or all conditions (default %(default)s)")
+    parser.add_argument("--main-ranks", default=",".join(map(str, MAIN_RANKS)), metavar="R1,R2",
+                        help="LoRA ranks of the main matrix (default %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N",
+                        help="bootstrap resamples of the examples for the CIs of rho and ECE; 0 disables "
+                             "(default %(default)s)")
+    parser.add_argument("--bootstrap-seed", type=int, default=DEFAULT_BOOTSTRAP_SEED, help="(default %(default)s)")
+    parser.add_argument("--ece-bins", type=int, default=DEFAULT_ECE_BINS, help="equal-width ECE bins (default %(default)s)")
+    parser.add_argument("--cartography-points", choices=("epoch_end", "all"), default=DEFAULT_CARTOGRAPHY_POINTS,
+                        help="tracking points of Dataset Cartography: one per epoch end, as Swayamdipta et al. "
+                             "(default), or all")
     args = parser.parse_args(argv)
+    if args.bootstrap < 0 or args.ece_bins < 1:
+        parser.error("--bootstrap must be >= 0 and --ece-bins >= 1")
+    try:
+        main_ranks = tuple(int(r) for r in args.main_ranks.split(",") if r.strip())
+    except ValueError:
+        parser.error(f"--main-ranks: expected integers separated by commas, got {args.main_ranks!r}")
+    options = Options(n_boot=args.bootstrap, boot_seed=args.bootstrap_seed, ece_bins=args.ece_bins,
+                      cartography_points=args.cartography_points)
     start = time.perf_counter()
     try:
         report = build_report(
             args.runs, args.out, alpha=args.alpha, train_set=args.train_set, validation_set=args.validation_set,
             html_index=not args.no_html, progress=False if args.quiet else None, skip_invalid=args.skip_invalid,
+            options=options, family=args.family, main_ranks=main_ranks,
         )
     except (NoRunsFoundError, RunFormatError, OSError) as err:
         # OSError covers the refused REPORT_DIR (ReportFolderError), missing inputs, and a folder that cannot

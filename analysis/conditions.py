@@ -1,17 +1,34 @@
 """Finding run directories and grouping them into conditions.
 
-A *condition* is model x method x rank x dataset x variant, where the variant names what differs
-from the study's main setting (training-set composition, label noise, loss). Runs of one
-condition that differ only in their seed are its replicates.
+A *condition* is defined by every recorded setting that changes a run's numbers (`SETTINGS`:
+model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / max_steps, batch
+size x gradient accumulation x world size, bulk size, track_every, max length, data files, split
+seed, the tracked example set, composition, label noise and its drawing rule, loss, class weights,
+label names, ...); only the seed varies within one. Its label is model · method · dataset ·
+variant (what differs from the study's main setting: composition, label noise, loss), followed by
+the settings in which it differs from other conditions of the same label (e.g. "lr=0.0001").
+
+Rules (see `assign_conditions`):
+
+- A setting missing from a run's config counts as "not recorded", a value of its own, except for
+  the defaults stated in `SETTINGS` (gradient accumulation and world size 1, max_steps <= 0 none,
+  ``label_noise_exclude_original`` False, and the noise rule is ignored when there is no noise).
+- Data files are compared by file name (not folder), so runs copied between machines still match.
+- The tracked set is a hash of the sorted ids of the tracked train examples (``tracked_set``,
+  added by `analysis.loading`): runs tracking different examples are never one condition.
+- A *duplicate* is a second run of the same condition and seed; it is listed, marked excluded
+  and counted once (the first by run id stays).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
 
 from hf_entropy_callback.peft_setup import DECODER_MODEL_TYPES
@@ -21,16 +38,87 @@ from hf_entropy_callback.runs import TRACKING_DIRNAME
 CONDITION_KEYS = ("model", "architecture", "method", "rank", "dataset", "variant")
 #: Model types treated as decoder-only when a run's config has no ``architecture``.
 DECODER_TYPES = DECODER_MODEL_TYPES
-#: Settings that should be equal across the seeds of one condition.
-REPLICATE_SETTINGS = (
-    "model_name_or_path",
-    "learning_rate",
-    "lora_alpha",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "track_every",
-)
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+def _num(value):
+    """A number as float (None when missing or not a number)."""
+    try:
+        return None if value is None or isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _basename(value):
+    return None if not value else os.path.basename(os.path.normpath(str(value)))
+
+
+def _listish(value):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, set)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _max_steps(config):
+    v = _num(config.get("max_steps"))
+    return None if v is None or v <= 0 else v
+
+
+def _batch(config):
+    per = _num(config.get("per_device_train_batch_size"))
+    if per is None:
+        return None
+    acc = _num(config.get("gradient_accumulation_steps")) or 1.0
+    world = _num(config.get("world_size")) or 1.0
+    return f"{per:g}x{acc:g}x{world:g}"
+
+
+def _noise_rule(config):
+    if not (_num(config.get("label_noise")) or 0.0):
+        return None  # no noise: the drawing rule does not apply
+    return "other classes" if config.get("label_noise_exclude_original") else "all classes"
+
+
+#: The settings that define a condition besides model, method, rank, dataset, composition, label
+#: noise and loss (which `describe_run` normalises): (column, short name in labels, reader of the config).
+SETTINGS = (
+    ("model_name_or_path", "model path", lambda c: None if not c.get("model_name_or_path") else str(c["model_name_or_path"])),
+    ("lora_alpha", "alpha", lambda c: _num(c.get("lora_alpha"))),
+    ("lora_dropout", "dropout", lambda c: _num(c.get("lora_dropout"))),
+    ("target_modules", "targets", lambda c: _listish(c.get("target_modules"))),
+    ("learning_rate", "lr", lambda c: _num(c.get("learning_rate"))),
+    ("lr_scheduler_type", "scheduler", lambda c: c.get("lr_scheduler_type")),
+    ("warmup_steps", "warmup steps", lambda c: _num(c.get("warmup_steps"))),
+    ("warmup_ratio", "warmup ratio", lambda c: _num(c.get("warmup_ratio"))),
+    ("weight_decay", "weight decay", lambda c: _num(c.get("weight_decay"))),
+    ("max_grad_norm", "max grad norm", lambda c: _num(c.get("max_grad_norm"))),
+    ("num_train_epochs", "epochs", lambda c: _num(c.get("num_train_epochs"))),
+    ("max_steps", "max_steps", _max_steps),
+    ("batch", "batch", _batch),
+    ("bulk_size", "bulk", lambda c: _num(c.get("bulk_size"))),
+    ("track_every", "track_every", lambda c: _num(c.get("track_every"))),
+    ("max_length", "max length", lambda c: _num(c.get("max_length", c.get("max_seq_length")))),
+    ("chaosnli_file", "chaosnli file", lambda c: _basename(c.get("chaosnli_file"))),
+    ("train_file", "train file", lambda c: _basename(c.get("train_file"))),
+    ("split_seed", "split seed", lambda c: _num(c.get("split_seed"))),
+    ("noise_rule", "noise labels from", _noise_rule),
+    ("use_class_weights", "class weights", lambda c: None if c.get("use_class_weights") is None
+     else bool(c.get("use_class_weights"))),
+    ("label_names", "labels", lambda c: _listish(c.get("label_names"))),
+)
+#: Every column of the condition key, in order (``tracked_set`` is added by `analysis.loading`).
+KEY_COLUMNS = ("model", "architecture", "method", "rank", "dataset", "composition", "label_noise", "loss",
+               *(name for name, _, _ in SETTINGS), "tracked_set")
+#: Short names of the key columns in condition labels and notes.
+SHORT_NAMES = {name: short for name, short, _ in SETTINGS}
+SHORT_NAMES.update(tracked_set="tracked set", label_noise="noise", composition="composition", loss="loss")
+#: Settings shown in the conditions table whether or not they vary.
+MAIN_SETTINGS = ("model", "method", "rank", "lora_alpha", "learning_rate", "num_train_epochs", "batch", "dataset",
+                 "composition", "label_noise", "noise_rule", "loss", "tracked_set")
+#: LoRA ranks of the study's main matrix (sweeps/main_matrix.sh LOW_RANK, HIGH_RANK).
+MAIN_RANKS = (8, 64)
 
 
 class NoRunsFoundError(FileNotFoundError):
@@ -178,6 +266,8 @@ def describe_run(config: Mapping[str, Any]) -> Dict[str, Any]:
         "loss": loss,
         "seed": _float(config.get("seed")),
     }
+    for name, _, read in SETTINGS:
+        desc[name] = read(config)
     label = " · ".join([model, method_label(method, rank), dataset] + ([variant] if variant != "base" else []))
     desc["condition"] = label
     return desc
@@ -202,33 +292,149 @@ def order_conditions(frame: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns=list(helpers)).reset_index(drop=True)
 
 
-def condition_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per condition with its keys, in the report's order (see `order_conditions`)."""
-    cols = ["condition", *CONDITION_KEYS, "composition", "label_noise", "loss"]
-    return order_conditions(runs[[c for c in cols if c in runs]].drop_duplicates("condition"))
+def _plain(v):
+    """A JSON-able, NaN-free value of a key column (NaN and None both become None)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if isinstance(v, (np.floating,)):
+        return None if math.isnan(float(v)) else float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    return v
 
 
-def replicate_warnings(runs: pd.DataFrame, configs: Mapping[str, Mapping[str, Any]]) -> List[str]:
-    """Notes on conditions whose runs are not clean replicates: a repeated seed, or other settings differing.
+def _fmt_setting(v) -> str:
+    v = _plain(v)
+    if v is None:
+        return "not recorded"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def condition_key(row: Mapping[str, Any], columns: Sequence[str] = KEY_COLUMNS) -> str:
+    """The condition of a run as a string: every key column's value (missing: None), JSON-encoded."""
+    return json.dumps([_plain(row.get(c)) for c in columns], default=str)
+
+
+def assign_conditions(runs: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
+    """Group runs into conditions by every key column (see the module docstring); mark duplicates.
 
     Parameters
     ----------
     runs : DataFrame
-        One row per run with ``run_id``, ``condition`` and ``seed``.
-    configs : mapping
-        Each run's raw config, by ``run_id``.
+        One row per run with ``run_id``, ``seed``, ``condition`` (the base label from
+        `describe_run`) and the `KEY_COLUMNS` (a missing column counts as not recorded).
+
+    Returns
+    -------
+    runs : DataFrame
+        A copy with ``condition_key``, ``condition`` (the base label, extended by the settings that
+        tell apart conditions sharing it), ``distinct_by`` (those settings) and ``duplicate_of``
+        (the run id of the first run of the same condition and seed, else None).
+    notes : list of str
+        One note per duplicate, and per label shared by several conditions (what differs).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> runs = pd.DataFrame({"run_id": ["a", "b", "c", "d"], "seed": [1, 2, 1, 1], "condition": "m · LoRA r=8",
+    ...                      "learning_rate": [1e-4, 1e-4, 1e-4, 2e-4]})
+    >>> out, notes = assign_conditions(runs)
+    >>> out[["run_id", "condition", "duplicate_of"]]
+      run_id                 condition duplicate_of
+    0      a  m · LoRA r=8 · lr=0.0001         None
+    1      b  m · LoRA r=8 · lr=0.0001         None
+    2      c  m · LoRA r=8 · lr=0.0001            a
+    3      d  m · LoRA r=8 · lr=0.0002         None
+    >>> print(notes[0])
+    m · LoRA r=8: 2 conditions that differ in lr: 0.0001, 0.0002; their runs are not pooled
+    >>> print(notes[1])
+    c: duplicate of a (same condition m · LoRA r=8 · lr=0.0001 and seed 1); counted once, c left out of every aggregate
     """
-    notes = []
-    for cond, grp in runs.groupby("condition", sort=True):
-        seeds = grp["seed"].dropna()
-        dup = sorted({int(s) for s in seeds[seeds.duplicated()]})
-        if dup:
-            notes.append(f"{cond}: seed(s) {dup} appear in more than one run; all are kept as replicates")
-        for key in REPLICATE_SETTINGS:
-            values = {repr(configs[r].get(key)) for r in grp["run_id"]}
-            if len(values) > 1:
-                notes.append(f"{cond}: runs differ in {key} ({', '.join(sorted(values))})")
-    return notes
+    out = runs.copy().reset_index(drop=True)
+    out["condition_key"] = [condition_key(r) for r in out.to_dict("records")]
+    notes: List[str] = []
+    present = [c for c in KEY_COLUMNS if c in out]
+    labels, distinct = out["condition"].astype(str).copy(), pd.Series("", index=out.index)
+    for base, grp in out.groupby("condition", sort=True):
+        keys = grp.drop_duplicates("condition_key")
+        if len(keys) < 2:
+            continue
+        differ = [c for c in present if keys[c].map(_plain).astype(str).nunique() > 1]
+        for idx in grp.index:
+            extra = ", ".join(f"{SHORT_NAMES.get(c, c)}={_fmt_setting(out.at[idx, c])}" for c in differ)
+            labels.at[idx] = f"{base} · {extra}"
+            distinct.at[idx] = ", ".join(differ)
+        detail = "; ".join(f"{SHORT_NAMES.get(c, c)}: " + ", ".join(sorted({_fmt_setting(v) for v in keys[c]}))
+                           for c in differ)
+        notes.append(f"{base}: {len(keys)} conditions that differ in {detail}; their runs are not pooled")
+    out["condition"] = labels
+    out["distinct_by"] = distinct
+    out["duplicate_of"] = None
+    seed_key = out["seed"].map(lambda v: None if pd.isna(v) else float(v)) if "seed" in out else pd.Series(None, index=out.index)
+    order = out.assign(_s=seed_key.astype(str)).sort_values(["condition_key", "_s", "run_id"], kind="stable")
+    first: Dict[Tuple[str, str], str] = {}
+    for idx, r in order.iterrows():
+        if seed_key.at[idx] is None:
+            continue  # without a seed, a second run cannot be told from a replicate
+        k = (r["condition_key"], r["_s"])
+        if k in first:
+            out.at[idx, "duplicate_of"] = first[k]
+            notes.append(f"{r['run_id']}: duplicate of {first[k]} (same condition {out.at[idx, 'condition']} and seed "
+                         f"{seed_key.at[idx]:g}); counted once, {r['run_id']} left out of every aggregate")
+        else:
+            first[k] = r["run_id"]
+    return out, notes
+
+
+def is_main_matrix(runs: pd.DataFrame, main_ranks: Sequence[float] = MAIN_RANKS) -> pd.Series:
+    """Which runs belong to the study's main matrix: base variant (composition "all", no label noise,
+    loss "ce") and, for LoRA, a rank in `main_ranks` (the sweep's other ranks are not in it).
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> runs = pd.DataFrame({"variant": ["base", "base", "noise=0.3", "base"], "method": ["lora", "lora", "lora", "full"],
+    ...                      "rank": [8, 16, 8, float("nan")]})
+    >>> is_main_matrix(runs).tolist()
+    [True, False, False, True]
+    """
+    base = runs["variant"] == "base" if "variant" in runs else pd.Series(True, index=runs.index)
+    lora = runs["method"] == "lora" if "method" in runs else pd.Series(False, index=runs.index)
+    ranks = runs["rank"].astype(float) if "rank" in runs else pd.Series(np.nan, index=runs.index)
+    return base & (~lora | ranks.isin([float(r) for r in main_ranks]))
+
+
+def condition_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per condition: its label, seeds, run count, and its defining settings.
+
+    The settings shown are `MAIN_SETTINGS` plus every key column whose value varies across
+    `runs`; ``in_main_family`` says whether it is a main-matrix condition (`is_main_matrix`)
+    when `runs` has that column. Excluded runs (duplicates, diverged, incomplete) are counted in
+    ``n_excluded``, not in ``n_runs``.
+    """
+    present = [c for c in KEY_COLUMNS if c in runs]
+    varying = [c for c in present if runs[c].map(_plain).astype(str).nunique() > 1]
+    shown = [c for c in present if c in MAIN_SETTINGS or c in varying]
+    excluded = runs["excluded"].astype(bool) if "excluded" in runs else pd.Series(False, index=runs.index)
+    rows = []
+    for cond, grp in runs.groupby("condition", sort=False):
+        ok = grp[~excluded.loc[grp.index]]
+        seeds = sorted(int(v) for v in ok["seed"].dropna()) if "seed" in ok else []
+        row = {"condition": cond, "n_runs": len(ok), "n_excluded": int(excluded.loc[grp.index].sum()),
+               "seeds": ", ".join(map(str, seeds)) or "—"}
+        if "in_main_family" in grp:
+            row["in_main_family"] = bool(grp["in_main_family"].iloc[0])
+        for c in shown:
+            row[c] = _plain(grp[c].iloc[0])
+        for c in ("variant", "architecture"):
+            if c in grp and c not in row:
+                row[c] = grp[c].iloc[0]
+        rows.append(row)
+    return order_conditions(pd.DataFrame(rows))
 
 
 def iter_groups(frame: pd.DataFrame, keys: Iterable[str]):

@@ -49,6 +49,7 @@ __all__ = [
     "trajectory_panel", "trajectory_plot", "entropy_histogram_panel", "entropy_histogram",
     "aulc_bins_panel", "aulc_bins_plot", "rank_panel", "rank_plot", "cartography_panel", "cartography_plot",
     "calibration_panel", "calibration_plot", "noise_rho_panel", "noise_delta_panel", "noise_plot",
+    "entropy_aulc_panel", "entropy_aulc_plot", "agreement_curves",
 ]
 
 CATEGORY_COLORS = {"clean": "#1b9e77", "ambiguous": "#7570b3", "contested": "#d95f02", "all": "#555555"}
@@ -209,7 +210,7 @@ def _one(frame: pd.DataFrame, column: str, value, what: str):
 
 
 def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Optional[Axes] = None,
-                     title: Optional[str] = None) -> Axes:
+                     title: Optional[str] = None, ylabel: str = "loss −log p(gold) (nats)") -> Axes:
     """Mean tracked loss by entropy category over training for one condition (its runs `run_ids`).
 
     Lines: mean over examples, averaged over the runs; bands: 95% CI of the mean over examples,
@@ -229,7 +230,7 @@ def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Option
     _few_ticks(ax, x_integer=xlabel == "epoch")
     ax.tick_params(labelsize=7.5, labelleft=True)
     ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel("loss −log p(gold) (nats)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     return ax
 
 
@@ -261,7 +262,8 @@ def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool)
 
 
 def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool = False, page: int = 0,
-                    max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+                    max_rows: Optional[int] = MAX_ROWS, axes=None,
+                    ylabel: str = "loss −log p(gold) (nats)") -> Optional[Figure]:
     """Mean tracked loss by entropy category over training, one `trajectory_panel` per condition.
 
     Main setting (``variants=False``): one row per model x dataset, one column per method
@@ -288,7 +290,8 @@ def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool 
         rows = rows[page * max_rows:(page + 1) * max_rows]
     if not rows:
         return None
-    fig, grid, own = _grid_into(axes, len(rows), len(cols), "trajectory_plot", top=0.85)
+    fig, grid, own = _grid_into(axes, len(rows), len(cols), "trajectory_plot", top=0.95,
+                                panel_w=max(3.0, 4.2 / len(cols)))
     for i, rkey in enumerate(rows):
         for j, ckey in enumerate(cols):
             ax = grid[i, j]
@@ -300,12 +303,12 @@ def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool 
             title = f"{first['model']} · {first['dataset']}\n{_method_column(first)}"
             if variants:
                 title += f" · {ckey}"
-            trajectory_panel(curves, list(sel["run_id"]), ax=ax,
+            trajectory_panel(curves, list(sel["run_id"]), ax=ax, ylabel=ylabel,
                              title=f"{title} ({len(sel)} seed{'s' if len(sel) != 1 else ''})")
             if j > 0:
                 ax.set_ylabel("")
-    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c) for c in CATEGORIES],
-                 "entropy category (line: mean over examples and seeds; band: 95% CI of the mean)")
+    # A short legend title (the caption explains line and band), so it fits above a one-column grid too.
+    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c) for c in CATEGORIES], "entropy category")
     return fig
 
 
@@ -425,15 +428,20 @@ def aulc_bins_plot(binning: pd.DataFrame, *, axes=None) -> Optional[Figure]:
     conds = list(dict.fromkeys(b["condition"]))
     colors = _condition_colors(conds)
     method_of = dict(zip(b["condition"], b["method"])) if "method" in b else {}
-    fig, grid, own = _grid_into(axes, len(datasets), 3, "aulc_bins_plot", panel_w=3.2, panel_h=2.8, sharey=False,
-                                top=0.35, legend_right=3.4)
+    if axes is None:
+        # Constrained layout: panels of different y ranges keep their own tick labels clear of their neighbours.
+        fig = Figure(figsize=(3 * 3.4 + 3.6, len(datasets) * 3.0 + 0.4), layout="constrained")
+        FigureCanvasAgg(fig)
+        grid, own = fig.subplots(len(datasets), 3, squeeze=False), True
+    else:
+        fig, grid, own = _grid_into(axes, len(datasets), 3, "aulc_bins_plot", sharey=False)
     for i, ds in enumerate(datasets):
         for j, scheme in enumerate(AULC_SCHEMES):
             aulc_bins_panel(b, scheme=scheme, dataset=ds, colors=colors, ax=grid[i, j])
     handles = [_line(colors[c], c, METHOD_STYLES.get(method_of.get(c), ":")) for c in conds]
     if own:
-        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1 - 3.35 / fig.get_figwidth(), 0.5),
-                   fontsize=7, title="condition (error bars: sd over seeds)", title_fontsize=7.5, frameon=False)
+        fig.legend(handles=handles, loc="outside right center", fontsize=7,
+                   title="condition (error bars: sd over seeds)", title_fontsize=7.5, frameon=False)
     else:
         _grid_legend(fig, grid, own, handles, "condition (error bars: sd over seeds)")
     return fig
@@ -522,14 +530,15 @@ def cartography_panel(examples: pd.DataFrame, *, run_id: Optional[str] = None, t
 
     `run_id` may be left out when `examples` hold one run. Returns the axes drawn into.
     """
-    ax = ax if ax is not None else _new_axes(3.4, 3.0)
+    ax = ax if ax is not None else _new_axes(4.4, 4.0)
     rid = _one(examples, "run_id", run_id, "cartography_panel")
     ex = examples[examples["run_id"] == rid] if rid is not None else examples
+    # Contested drawn last (on top): the category the study is about stays visible in the crowd.
     for cat in CATEGORIES:
         d = ex[ex["category"] == cat]
-        ax.scatter(d["variability"], d["confidence"], s=3, alpha=0.5, color=CATEGORY_COLORS[cat], lw=0, label=cat)
+        ax.scatter(d["variability"], d["confidence"], s=9, alpha=0.65, color=CATEGORY_COLORS[cat], lw=0, label=cat)
     ax.set_title(title if title is not None else str(rid or ""), fontsize=8)
-    ax.set_xlabel("variability (sd of p(gold))", fontsize=7.5)
+    ax.set_xlabel("variability (population sd of p(gold))", fontsize=7.5)
     ax.set_ylabel("confidence (mean p(gold))", fontsize=7.5)
     _few_ticks(ax, 4, 5)
     ax.tick_params(labelsize=7, labelleft=True)
@@ -558,7 +567,7 @@ def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int =
     if first.empty:
         return None
     nrows = math.ceil(len(first) / ncols)
-    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=2.8, panel_h=2.5,
+    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=4.2, panel_h=3.8,
                                 sharey=True, top=0.8)
     flat = grid.ravel()
     for ax, r in zip(flat, first.itertuples(index=False)):
@@ -567,8 +576,91 @@ def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int =
                           title=f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}")
     for ax in flat[len(first):]:
         ax.set_axis_off()
-    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES],
-                 "entropy category")
+    handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]
+    for h in handles:
+        h.set_markersize(9)
+    _grid_legend(fig, grid, own, handles, "entropy category")
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Entropy against AULC (the headline claim)
+# ------------------------------------------------------------------------------------------------
+
+#: Above this many points a panel draws a hexbin (counts) instead of a scatter.
+HEXBIN_MIN = 2000
+
+
+def entropy_aulc_panel(examples: pd.DataFrame, run_ids: Sequence[str], *, rho: Optional[Mapping] = None,
+                       title: Optional[str] = None, ax: Optional[Axes] = None) -> Axes:
+    """Annotation entropy against AULC for one condition (its runs `run_ids`), coloured by category.
+
+    Each point is one tracked example, its AULC averaged over the runs (seeds; they track the same
+    examples). More than `HEXBIN_MIN` points: a hexbin of counts instead. `rho` (a row of
+    ``rho_by_condition``: ``rho_mean``, ``rho_ci_low``, ``rho_ci_high``, ``n_runs``) is written
+    into the panel. Returns the axes drawn into.
+    """
+    ax = ax if ax is not None else _new_axes(3.6, 3.2)
+    ex = examples[examples["run_id"].isin(list(run_ids))]
+    ex = ex[np.isfinite(ex["aulc"].to_numpy(float))]
+    per = ex.groupby("example_id", sort=False).agg(entropy=("entropy", "first"), aulc=("aulc", "mean"),
+                                                   category=("category", "first"))
+    if len(per) > HEXBIN_MIN:
+        hb = ax.hexbin(per["entropy"], per["aulc"], gridsize=35, mincnt=1, cmap="viridis", bins="log", lw=0.1)
+        ax.figure.colorbar(hb, ax=ax, label="examples (log)", pad=0.01)
+    else:
+        for cat in CATEGORIES:
+            d = per[per["category"] == cat]
+            ax.scatter(d["entropy"], d["aulc"], s=5, alpha=0.55, color=CATEGORY_COLORS[cat], lw=0, label=cat)
+    if rho is not None:
+        lo, hi = rho.get("rho_ci_low", math.nan), rho.get("rho_ci_high", math.nan)
+        ci = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+        n_runs = int(rho.get("n_runs", len(run_ids)))
+        ax.text(0.02, 0.97, f"rho = {rho['rho_mean']:.3f}{ci}\n{n_runs} seed{'s' if n_runs != 1 else ''}, "
+                            f"n = {len(per)}", transform=ax.transAxes, fontsize=7, va="top",
+                bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1.5})
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+    ax.set_xlabel("annotation entropy H (nats)", fontsize=7.5)
+    ax.set_ylabel("AULC (nats; mean over seeds)", fontsize=7.5)
+    _few_ticks(ax, 4, 5)
+    ax.tick_params(labelsize=7, labelleft=True)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def _scatter_conditions(runs: pd.DataFrame, rho_table: pd.DataFrame) -> pd.DataFrame:
+    u = runs[~_excluded(runs)]
+    keep = rho_table[rho_table["condition"].isin(set(u["condition"])) & (rho_table["n_runs"] > 0)]
+    return keep.reset_index(drop=True)
+
+
+def entropy_aulc_plot(examples: pd.DataFrame, runs: pd.DataFrame, rho_table: pd.DataFrame, *, ncols: int = 4,
+                      page: int = 0, max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+    """One `entropy_aulc_panel` per condition of `rho_table` (its order), with its mean rho and bootstrap CI.
+
+    Returns the figure (None without data or past the last page).
+    """
+    conds = _scatter_conditions(runs, rho_table)
+    if max_rows:
+        conds = conds.iloc[page * max_rows * ncols:(page + 1) * max_rows * ncols]
+    if conds.empty or examples.empty:
+        return None
+    nrows = math.ceil(len(conds) / ncols)
+    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(conds)), "entropy_aulc_plot", panel_w=3.4, panel_h=3.0,
+                                sharey=False, top=0.8, wspace=0.75, hspace=1.0)
+    flat = grid.ravel()
+    u = runs[~_excluded(runs)]
+    for ax, r in zip(flat, conds.to_dict("records")):
+        ids = list(u.loc[u["condition"] == r["condition"], "run_id"])
+        import textwrap
+
+        title = "\n".join(textwrap.wrap(r["condition"], 44)[:3])  # the full label, on up to three lines
+        entropy_aulc_panel(examples, ids, rho=r, title=title, ax=ax)
+    for ax in flat[len(conds):]:
+        ax.set_axis_off()
+    handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]
+    _grid_legend(fig, grid, own, handles, "entropy category (scatter panels)")
     return fig
 
 
@@ -577,7 +669,7 @@ def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int =
 # ------------------------------------------------------------------------------------------------
 
 CALIBRATION_MEASURES = {"pred_entropy": "prediction entropy (nats)", "max_confidence": "mean max confidence",
-                        "ece": "ECE (10 bins)"}
+                        "ece": "ECE (equal-width bins)"}
 
 
 def _calibration_sets(c: pd.DataFrame) -> List[str]:
@@ -704,6 +796,17 @@ def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
 # ------------------------------------------------------------------------------------------------
 
 
+def agreement_curves(agreement: pd.DataFrame, tracked_set: str = "validation",
+                     metric: str = "js_distance") -> pd.DataFrame:
+    """The ``agreement`` table of one tracked set in the layout of ``curves`` (``mean`` = the metric),
+    for `trajectory_plot`; ``sd`` and ``n`` are NaN and 0, so no band is drawn."""
+    a = agreement[agreement["set"] == tracked_set]
+    if a.empty:
+        return pd.DataFrame()
+    return pd.DataFrame({"run_id": a["run_id"], "point": a["point"], "step": a["step"], "progress": a["progress"],
+                         "epoch": a["epoch"], "category": a["category"], "mean": a[metric], "sd": np.nan, "n": 0})
+
+
 def _pages(draw, n_items: int, per_page: int, path: str) -> List[str]:
     """Draw and save each page in turn (one figure in memory at a time); the paths written."""
     pages = math.ceil(n_items / per_page)
@@ -722,11 +825,22 @@ def all_figures(study, tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str
     """
     j = os.path.join
 
-    def n_rows(variants):
-        layout = _trajectory_layout(study.curves, study.runs, variants)
+    def n_rows(variants, curves=None):
+        layout = _trajectory_layout(study.curves if curves is None else curves, study.runs, variants)
         return 0 if layout is None else len(layout[0])
 
+    n_scatter = len(_scatter_conditions(study.runs, tables["rho_by_condition"]))
+    agreement = getattr(study, "agreement", pd.DataFrame())
+    ag_curves = agreement_curves(agreement, "validation") if not agreement.empty else pd.DataFrame()
+    if ag_curves.empty and not agreement.empty:
+        ag_curves = agreement_curves(agreement, str(agreement["set"].iloc[0]))
     return {
+        "entropy_aulc": _pages(lambda p: entropy_aulc_plot(study.examples, study.runs, tables["rho_by_condition"],
+                                                           page=p), n_scatter, 4 * MAX_ROWS,
+                               j(folder, "entropy_aulc.png")) if not study.examples.empty else [],
+        "agreement": _pages(lambda p: trajectory_plot(ag_curves, study.runs, page=p,
+                                                      ylabel="JS distance to human dist."),
+                            n_rows(False, ag_curves), MAX_ROWS, j(folder, "agreement.png")) if not ag_curves.empty else [],
         "trajectories": _pages(lambda p: trajectory_plot(study.curves, study.runs, page=p), n_rows(False), MAX_ROWS,
                                j(folder, "trajectories.png")),
         "trajectories_variants": _pages(lambda p: trajectory_plot(study.curves, study.runs, variants=True, page=p),
@@ -734,7 +848,8 @@ def all_figures(study, tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str
         "entropy_histogram": _single(entropy_histogram(study.entropy, tables["entropy_distribution"]),
                                      j(folder, "entropy_histogram.png")),
         "aulc_bins": _single(aulc_bins_plot(tables["binning"]), j(folder, "aulc_bins.png")),
-        "rho_vs_rank": _single(rank_plot(study.runs), j(folder, "rho_vs_rank.png")),
+        # Only with a rank sweep (the section says so when there is none).
+        "rho_vs_rank": [] if tables["rank_sweep"].empty else _single(rank_plot(study.runs), j(folder, "rho_vs_rank.png")),
         "noise": _single(noise_plot(tables["noise_levels"]), j(folder, "noise.png")),
         "cartography": _pages(lambda p: cartography_plot(study.examples, study.runs, ncols=4, page=p),
                               len(_cartography_runs(study.examples, study.runs)), 4 * MAX_ROWS,

@@ -8,7 +8,15 @@ Per run, everything the report needs is derived right after loading, with
 - ``examples``: one row per (usable run, tracked example): `dynamics.example_dynamics`;
 - ``curves``: per (run, tracking point, category) the mean, sd and n of the tracked loss;
 - ``calibration``: per (run, set, category) `dynamics.calibration` at the final point;
-- ``entropy``: per dataset, the tracked examples of every set (for the entropy histogram).
+- ``entropy``: per dataset, the union of the examples any of its runs tracked, every set, each
+  example once (for the entropy histogram);
+- ``agreement``: per (run, tracked set, tracking point, category) the mean agreement of the
+  predicted with the human distribution (`hf_entropy_callback.agreement`);
+- ``boot``: per run, the bootstrap replicates of its rho (`Options.n_boot`, seeded; examples
+  sorted by id so the seeds of one condition, which track the same examples, share resamples).
+
+Conditions and duplicates: `analysis.conditions.assign_conditions`. A duplicate run (same
+condition and seed as a run with a smaller id) has status "duplicate" and is excluded.
 
 A run is *diverged* when any tracked loss of its train set is not finite, or when the mean tracked
 loss over its train examples exceeds the sanity bound ``10 * ln K`` (K classes; `LOSS_BOUND_FACTOR`)
@@ -36,11 +44,41 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from hf_entropy_callback.agreement import agreement_table
 from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
 from hf_entropy_callback.entropy import CATEGORIES
+from hf_entropy_callback.inference import percentile_interval, spearman_bootstrap
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
-from .conditions import describe_run, discover_runs, replicate_warnings, run_ids
+from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
+
+#: Defaults of the report's statistical options (CLI flags of `python -m analysis`).
+DEFAULT_BOOTSTRAP = 1000
+DEFAULT_BOOTSTRAP_SEED = 0
+DEFAULT_ECE_BINS = 10
+DEFAULT_CARTOGRAPHY_POINTS = "epoch_end"
+
+
+@dataclass
+class Options:
+    """The statistical options of a report (see `python -m analysis --help`)."""
+
+    n_boot: int = DEFAULT_BOOTSTRAP
+    boot_seed: int = DEFAULT_BOOTSTRAP_SEED
+    ece_bins: int = DEFAULT_ECE_BINS
+    cartography_points: str = DEFAULT_CARTOGRAPHY_POINTS
+
+
+def tracked_set_hash(example_ids) -> str:
+    """A short hash (12 hex digits of SHA-256) of the sorted example ids: equal iff the sets are equal.
+
+    >>> tracked_set_hash(["b", "a"]) == tracked_set_hash(["a", "b"]), len(tracked_set_hash(["a"]))
+    (True, 12)
+    """
+    import hashlib
+
+    h = hashlib.sha256("\n".join(sorted(map(str, example_ids))).encode("utf-8"))
+    return h.hexdigest()[:12]
 
 #: A run whose mean tracked loss exceeds LOSS_BOUND_FACTOR * ln K at a point counts as diverged.
 LOSS_BOUND_FACTOR = 10.0
@@ -62,6 +100,9 @@ class Study:
     entropy: pd.DataFrame
     notes: List[str] = field(default_factory=list)
     configs: Dict[str, dict] = field(default_factory=dict, repr=False)
+    agreement: pd.DataFrame = field(default_factory=pd.DataFrame)
+    boot: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    options: Options = field(default_factory=Options)
 
     @property
     def usable(self) -> pd.DataFrame:
@@ -87,7 +128,23 @@ def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarr
     return pd.concat(frames, ignore_index=True)
 
 
-def _calibration(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
+def _agreement(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
+    """Per set, point and category the mean agreement metrics (`hf_entropy_callback.agreement`)."""
+    frames = []
+    steps = run.steps.astype(np.float64)
+    for name in sets:
+        if name not in run.logprobs:
+            continue
+        ex = run.set_examples(name)
+        t = agreement_table(run.logprobs[name], np.array(ex["label_counts"].tolist(), dtype=np.float64),
+                            ex["category"].to_numpy(), majority=ex["original_label"].to_numpy(), steps=run.steps)
+        t["progress"] = t["step"] / steps[-1]
+        t["epoch"] = run.points["epoch"].to_numpy(np.float64)[t["point"].to_numpy()]
+        frames.append(t.assign(run_id=run_id, set=name))
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Options] = None) -> Optional[pd.DataFrame]:
     frames = []
     for name in sets:
         if name not in run.logprobs:
@@ -96,13 +153,22 @@ def _calibration(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame
         if not np.isfinite(final).all():
             continue  # a diverged run has no meaningful final distribution
         ex = run.set_examples(name)
-        cal = calibration(final, ex["label"].to_numpy(), ex["category"].to_numpy())
+        o = options or Options()
+        cal = calibration(final, ex["label"].to_numpy(), ex["category"].to_numpy(), o.ece_bins, n_boot=o.n_boot,
+                          seed=o.boot_seed)
         frames.append(cal.assign(run_id=run_id, set=name))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Optional[str] = "validation"):
+def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Optional[str] = "validation",
+                  options: Optional[Options] = None):
     """Derive one run's row and tables (see the module docstring) from a loaded `Run`.
+
+    Besides the two-sided Spearman p (``p_val``) the row has the one-sided ``p_greater``
+    (alternative rho > 0, scipy) and, with ``options.n_boot`` > 0, ``rho_ci_low`` /
+    ``rho_ci_high``: the 95% percentile bootstrap interval of rho over ``n_boot`` resamples of the
+    examples (sorted by example id, so runs with the same tracked set and seed resample the same
+    examples). The replicates come back in ``tables["boot"]``.
 
     Returns
     -------
@@ -113,15 +179,25 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
     """
     if train_set not in run.logprobs:
         raise RunFormatError(f"{run.path}: no tracked set {train_set!r} (it has {run.sets})")
+    options = options or Options()
     ex = run.set_examples(train_set)
     losses = run.losses(train_set)
     steps = run.steps.astype(np.float64)
     finite = np.isfinite(losses)
     bad_points = np.flatnonzero(~finite.all(axis=1))
-    dyn = example_dynamics(run, train_set)
+    dyn = example_dynamics(run, train_set, cartography_points_=options.cartography_points)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy warns on constant input; the NaN it returns is what we report
         corr = correlation_table(dyn["entropy"].to_numpy(), {"aulc": dyn["aulc"].to_numpy()}).set_index("method")
+        from scipy import stats
+
+        ok = np.isfinite(dyn["entropy"].to_numpy(float)) & np.isfinite(dyn["aulc"].to_numpy(float))
+        p_greater = (float(stats.spearmanr(dyn["entropy"][ok], dyn["aulc"][ok], alternative="greater").pvalue)
+                     if ok.sum() >= 3 else math.nan)
+    by_id = dyn.sort_values("example_id", kind="stable")
+    boot = spearman_bootstrap(by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float),
+                              n_boot=options.n_boot, seed=options.boot_seed)
+    rho_lo, rho_hi = percentile_interval(boot)
     bound = loss_bound(run.logprobs[train_set].shape[2])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # points where no loss is finite
@@ -154,6 +230,14 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
         "n": int(corr.loc["spearman", "n"]),
         "rho": corr.loc["spearman", "r"],
         "p_val": corr.loc["spearman", "p_val"],
+        "p_greater": p_greater,
+        "rho_ci_low": rho_lo,
+        "rho_ci_high": rho_hi,
+        "tracked_set": tracked_set_hash(ex["example_id"]),
+        "n_noised": int(dyn["noised"].astype(bool).sum()),
+        "n_label_changed": int(np.nansum(dyn["label_changed"].astype(float))) if run.original_label_known else None,
+        "original_label_known": bool(run.original_label_known),
+        "format_version": int(getattr(run, "format_version", 2)),
         "tau": corr.loc["kendall", "r"],
         "tau_p_val": corr.loc["kendall", "p_val"],
         "validation_accuracy": val_acc,
@@ -170,7 +254,9 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
     tables = {
         "examples": dyn.assign(run_id=run_id),
         "curves": _curves(run_id, losses, steps, run.points["epoch"].to_numpy(np.float64), ex["category"].to_numpy()),
-        "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else [])),
+        "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else []), options),
+        "agreement": _agreement(run, run_id, [train_set] + ([validation_set] if validation_set else [])),
+        "boot": boot,
     }
     return row, tables
 
@@ -181,6 +267,8 @@ def load_study(
     validation_set: Optional[str] = "validation",
     progress: Optional[bool] = None,
     skip_invalid: bool = False,
+    options: Optional[Options] = None,
+    main_ranks: Optional[Sequence[float]] = None,
 ) -> Study:
     """Discover, load and summarise every run below `paths`.
 
@@ -196,6 +284,14 @@ def load_study(
         Show a tqdm progress bar (None: only on a terminal).
     skip_invalid : bool
         Skip (and note) runs that fail to load instead of raising.
+    options : Options, optional
+        Bootstrap count and seed, ECE bins, cartography points.
+    main_ranks : sequence of float, optional
+        LoRA ranks of the main matrix (`analysis.conditions.MAIN_RANKS` by default); sets the
+        ``in_main_family`` column.
+
+    Conditions come from `analysis.conditions.assign_conditions`: a duplicate run (same
+    condition and seed as an earlier run id) gets status "duplicate" and is excluded.
 
     Raises
     ------
@@ -213,11 +309,13 @@ def load_study(
     >>> for seed in (1, 2):
     ...     _ = write_synthetic_run(f"{root}/lora_s{seed}", {"seed": seed}, n_train=60, n_val=20,
     ...                             steps=[0, 50, 100])
-    >>> study = load_study([root], progress=False)
+    >>> study = load_study([root], progress=False, options=Options(n_boot=200))
     >>> study.runs[["run_id", "condition", "seed", "n", "status"]]
-         run_id                      condition  seed   n status
+        run_id                       condition  seed   n status
     0  lora_s1  roberta-base · LoRA r=8 · snli   1.0  60     ok
     1  lora_s2  roberta-base · LoRA r=8 · snli   2.0  60     ok
+    >>> bool((study.runs.rho_ci_low <= study.runs.rho).all() and (study.runs.rho <= study.runs.rho_ci_high).all())
+    True
     >>> len(study.examples), sorted(study.curves["category"].unique())
     (120, ['all', 'ambiguous', 'clean', 'contested'])
     """
@@ -225,13 +323,15 @@ def load_study(
 
     dirs, notes = discover_runs(paths)
     ids = run_ids(dirs)
-    rows, configs, parts = [], {}, {"examples": [], "curves": [], "calibration": []}
+    options = options or Options()
+    rows, configs, parts = [], {}, {"examples": [], "curves": [], "calibration": [], "agreement": []}
+    boots: Dict[str, np.ndarray] = {}
     entropy: Dict[str, pd.DataFrame] = {}
     disable = None if progress is None else not progress
     for tdir, run_id in tqdm(list(zip(dirs, ids)), desc="loading runs", unit="run", disable=disable):
         try:
             run = load_run(tdir)
-            row, tables = summarize_run(run, run_id, train_set, validation_set)
+            row, tables = summarize_run(run, run_id, train_set, validation_set, options)
         except (RunFormatError, ValueError, KeyError, OSError) as err:
             if not skip_invalid:
                 if isinstance(err, RunFormatError):
@@ -244,33 +344,46 @@ def load_study(
         desc = describe_run(run.config)
         rows.append({"run_id": run_id, **desc, **row})
         configs[run_id] = dict(run.config)
-        if not row["excluded"]:
-            for key, frame in tables.items():
-                if frame is not None:
-                    parts[key].append(frame)
-        # The entropy histogram wants a dataset's full tracked split: prefer a run that keeps all examples.
+        boots[run_id] = tables.pop("boot")
+        for key, frame in tables.items():
+            if frame is not None:
+                parts[key].append(frame)
+        # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
         ds = desc["dataset"]
-        if ds not in entropy or (desc["composition"] == "all" and entropy[ds].attrs.get("composition") != "all"):
-            frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
-            frame.attrs["composition"] = desc["composition"]
-            entropy[ds] = frame
+        frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
+        entropy[ds] = frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(
+            ["dataset", "example_id"])
         del run
     if not rows:
         from .conditions import NoRunsFoundError
 
         raise NoRunsFoundError(f"no loadable runs below {', '.join(map(str, paths))}")
     runs = pd.DataFrame(rows)
-    runs["status"] = np.select([runs["diverged"], ~runs["history_complete"]], ["diverged", "incomplete history"], "ok")
-    notes += replicate_warnings(runs, configs)
+    runs, cond_notes = assign_conditions(runs)
+    notes += cond_notes
+    dup = runs["duplicate_of"].notna()
+    runs["excluded"] = runs["excluded"] | dup
+    runs["exclusion"] = [("; ".join(x for x in (e, f"duplicate of {d} (same condition and seed)") if x) if pd.notna(d)
+                          else e) for e, d in zip(runs["exclusion"], runs["duplicate_of"])]
+    runs["status"] = np.select([runs["diverged"], ~runs["history_complete"], dup],
+                               ["diverged", "incomplete history", "duplicate"], "ok")
+    runs["in_main_family"] = is_main_matrix(runs, main_ranks) if main_ranks is not None else is_main_matrix(runs)
+    unknown = runs[~runs["original_label_known"]]
+    for r in unknown.itertuples():
+        notes.append(f"{r.run_id}: run format version {r.format_version} with {r.n_noised} noised examples: their "
+                     "label before the noise was not stored, so AULC against the original label is unknown for them")
     val_bad = runs[~runs["excluded"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
-    for r in runs[runs["excluded"]].itertuples():
+    for r in runs[runs["excluded"] & ~dup].itertuples():
         seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
         notes.append(f"{r.run_id} ({r.condition}, {seed}): {r.status}: {r.exclusion}; excluded from aggregates")
 
+    keep = set(runs.loc[~runs["excluded"], "run_id"])
+
     def cat(key):
-        return pd.concat(parts[key], ignore_index=True) if parts[key] else pd.DataFrame()
+        frames = [f for f in parts[key] if len(f) and f["run_id"].iloc[0] in keep]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     return Study(
         runs=runs,
@@ -280,4 +393,7 @@ def load_study(
         entropy=pd.concat(list(entropy.values()), ignore_index=True),
         notes=notes,
         configs=configs,
+        agreement=cat("agreement"),
+        boot=boots,
+        options=options,
     )

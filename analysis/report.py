@@ -45,8 +45,8 @@ from hf_entropy_callback.runs import TRACKING_DIRNAME, apply_umask, remove_stale
 
 from . import figures as F
 from . import tables as T
-from .conditions import CONDITION_KEYS, condition_table, discover_runs
-from .loading import Study, load_study
+from .conditions import CONDITION_KEYS, MAIN_RANKS, condition_table, discover_runs
+from .loading import Options, Study, load_study
 
 #: Marker file written into every report folder; only a folder holding it is ever replaced.
 REPORT_MARKER = ".hf_entropy_report"
@@ -58,11 +58,18 @@ _LEGACY_FILES = {"index.md", "index.html"}
 _LEGACY_DIRS = {"tables": (".md", ".csv"), "figures": (".png",)}
 #: Tables longer than this are linked from the index, not shown inline.
 INLINE_ROWS = 60
+#: Tables of at most this many rows are always shown inline.
+ALWAYS_INLINE_ROWS = 12
 
 
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
+
+
+_SETTING_COLUMNS = {"label_noise", "learning_rate", "lora_alpha", "lora_dropout", "num_train_epochs", "max_steps",
+                    "bulk_size", "track_every", "max_length", "split_seed", "warmup_steps", "warmup_ratio",
+                    "weight_decay", "max_grad_norm"}
 
 
 def _fmt_number(col: str, v) -> str:
@@ -76,8 +83,8 @@ def _fmt_number(col: str, v) -> str:
         v = float(v)
         if math.isinf(v):
             return "∞" if v > 0 else "−∞"
-        if col == "label_noise":
-            return f"{v:g}"
+        if col in _SETTING_COLUMNS:
+            return f"{v:g}"  # settings as given (a learning rate of 2e-4 is not "0.000")
         if col.startswith("p_") or col.endswith("_p_val") or col in ("p_val", "p_max"):
             return f"{v:.3g}"
         if "share" in col or col == "sign_concordance":
@@ -232,8 +239,9 @@ def _regression_wide(reg: pd.DataFrame) -> pd.DataFrame:
 
 def _comparison_display(t: pd.DataFrame, vary: str) -> pd.DataFrame:
     keys = [k for k in ("model", "method", "rank", "dataset", "composition", "label_noise", "loss") if k in t and k != vary]
-    cols = [*keys, vary, "category", "n_runs", "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd", "aulc_mean",
-            "aulc_sd", "rho_mean", "rho_sd"]
+    cols = [*keys, vary, "noise_rule", "category", "n_runs", "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd",
+            "aulc_mean", "aulc_sd", "delta_loss_original_mean", "delta_loss_original_sd", "aulc_original_mean",
+            "aulc_original_sd", "rho_mean", "rho_sd"]
     return format_table(t[[c for c in cols if c in t]], drop_keys=False)
 
 
@@ -242,14 +250,16 @@ def _comparison_display(t: pd.DataFrame, vary: str) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 
 
-def compute_tables(study: Study, alpha: float = T.ALPHA) -> Dict[str, pd.DataFrame]:
+def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -> Dict[str, pd.DataFrame]:
     """Every table of the report, by name (empty DataFrames where no run applies)."""
     runs, ex = study.runs, study.examples
     label_names = list(NLI_LABELS)
     out: Dict[str, pd.DataFrame] = {}
     out["runs"] = runs[[c for c in ("run_id", "condition", "seed", "status", "n_train", "n_validation", "n_points",
-                                    "final_step", "exclusion", "path") if c in runs]]
-    out["rho_by_condition"] = T.rho_by_condition(runs, alpha)
+                                    "final_step", "tracked_set", "format_version", "duplicate_of", "exclusion", "path")
+                        if c in runs]]
+    out["conditions"] = condition_table(runs)
+    out["rho_by_condition"] = T.rho_by_condition(runs, alpha, boot=study.boot, family=family)
     out["per_seed"] = T.per_seed_table(runs)
     has_ex = not ex.empty
     out["delta_loss"] = T.delta_loss_table(runs, ex) if has_ex else pd.DataFrame()
@@ -268,6 +278,11 @@ def compute_tables(study: Study, alpha: float = T.ALPHA) -> Dict[str, pd.DataFra
     out["noise_tests"] = T.noise_tests(runs, ex) if has_ex else pd.DataFrame()
     out["soft_label"] = T.soft_label_comparison(runs, ex) if has_ex else pd.DataFrame()
     out["calibration"] = T.calibration_table(runs, study.calibration)
+    out["calibration_runs"] = T.calibration_runs(runs, study.calibration)
+    out["agreement"] = T.agreement_by_condition(runs, study.agreement)
+    agr = study.agreement
+    out["agreement_points"] = (agr.merge(runs[["run_id", "condition", "seed"]], on="run_id")
+                               if not agr.empty else pd.DataFrame())
     out["cartography_runs"] = T.cartography_table(runs, ex) if has_ex else pd.DataFrame()
     out["cartography"] = T.summarize_runs(out["cartography_runs"], ["rho_conf_aulc", "r2_confidence", "r2_full",
                                                                      "delta_r2"], ["p_delta"])
@@ -276,26 +291,47 @@ def compute_tables(study: Study, alpha: float = T.ALPHA) -> Dict[str, pd.DataFra
 
 def _table(name, title, tables, caption="", display=None, inline=None) -> TableItem:
     frame = tables[name]
-    if inline is None:
-        inline = len(frame) <= INLINE_ROWS
+    shown_rows = len(display) if display is not None else len(frame)
+    if shown_rows <= ALWAYS_INLINE_ROWS:
+        inline = True  # small tables are always shown, not only linked
+    elif inline is None:
+        inline = shown_rows <= INLINE_ROWS
     return TableItem(name, title, frame, caption, display, inline)
 
 
-def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]], alpha: float) -> List[Section]:
+def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]], alpha: float,
+            family: str = "main", main_ranks=MAIN_RANKS) -> List[Section]:
     """The report's sections, in the order of the study's analyses."""
     runs = study.runs
     t = tables
+    opts = study.options
     sections: List[Section] = []
-    conds = condition_table(runs)
+    conds = t["conditions"]
+    n_boot = opts.n_boot
+    boot_text = (f"95% CI: percentile bootstrap over {n_boot} resamples of the tracked examples (seed "
+                 f"{opts.boot_seed}); a condition's CI resamples the same examples in every seed and averages the "
+                 f"seeds' rho per resample" if n_boot else "no bootstrap (--bootstrap 0): CIs are empty")
 
     s = Section("Runs")
     n_incomplete = int((~runs["history_complete"] & ~runs["diverged"]).sum()) if "history_complete" in runs else 0
-    s.text(f"{len(runs)} runs in {len(conds)} conditions (model × method × rank × dataset × variant; seeds are "
-           f"replicates); {int(runs['diverged'].sum())} diverged, {n_incomplete} with an incomplete history "
-           f"(both excluded from every aggregate and figure; the reason is in the inventory's exclusion column). "
+    n_dup = int(runs["duplicate_of"].notna().sum()) if "duplicate_of" in runs else 0
+    s.text(f"{len(runs)} runs in {len(conds)} conditions. A condition is defined by every recorded setting that "
+           f"changes the numbers (model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / "
+           f"max_steps, batch × accumulation × world size, bulk size, track_every, max length, data files, split "
+           f"seed, the tracked example set (hash of the sorted train ids), composition, label noise and its drawing "
+           f"rule, loss, class weights, label names); only the seed varies within one. A setting a run did not "
+           f"record counts as a value of its own. {n_dup} duplicate run(s) (same condition and seed as another) are "
+           f"counted once. {int(runs['diverged'].sum())} diverged, {n_incomplete} with an incomplete history "
+           f"(excluded from every aggregate and figure like duplicates; the reason is in the inventory's exclusion "
+           f"column). "
            f"Diverged: a non-finite tracked loss, or a mean tracked loss above the sanity bound 10 ln K nats "
            f"(K classes; ln K is the loss of a uniform prediction) at any tracking point. "
            f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}.")
+    s.blocks.append(_table("conditions", "Conditions and their defining settings", t,
+                           "One row per condition: seeds of its usable runs, and the settings that define it (the main "
+                           "ones, plus every setting that varies across this report; 'None': not recorded). "
+                           "tracked_set: hash of the sorted ids of the tracked train examples. in_main_family: part of "
+                           "the correction family of section 2.", display=format_table(conds, drop_keys=False)))
     s.blocks.append(_table("runs", "Run inventory", t, "Every run found, with its status.", inline=False))
     if study.notes:
         s.text("Warnings:\n" + "\n".join(f"- {n}" for n in study.notes))
@@ -306,7 +342,8 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         s.blocks.append(FigureItem("trajectories", figs["trajectories"],
                                    "Mean tracked loss −log p(gold) (nats) of the clean / ambiguous / contested train "
                                    "examples over training, averaged over seeds; band: 95% CI of the mean over examples "
-                                   "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT."))
+                                   "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT; legend: entropy "
+                                   "category."))
     else:
         s.note("no usable run in the main setting.")
     if figs["trajectories_variants"]:
@@ -316,16 +353,30 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     sections.append(s)
 
     s = Section("2. Spearman rho(entropy, AULC) per condition")
+    fam_n = int(t["rho_by_condition"]["in_family"].sum()) if not t["rho_by_condition"].empty else 0
+    fam_text = (f"the study's main-matrix conditions present ({fam_n}): base variant (composition all, no label "
+                f"noise, loss ce) and, for LoRA, rank {' or '.join(str(int(r)) for r in main_ranks)} (the other ranks are "
+                f"the sweep's)" if family == "main" else f"every condition in this report ({fam_n})")
     s.text(f"rho per run over its tracked train examples; mean ± sd across seeds (sd over runs, ddof 1; — with one "
-           f"run). A condition's p-value is the largest of its seeds' p-values (intersection–union test: significant "
-           f"only if every seed is; seeds share their examples, so their tests are not independent and Fisher/Stouffer "
-           f"combination would overstate the evidence). p_bonf / p_bh: that p corrected over the {len(conds)} "
-           f"conditions with pingouin.multicomp (Bonferroni / Benjamini–Hochberg); sig_* at alpha = {alpha:g}. "
-           f"Diverged runs and runs with an incomplete history are excluded from the mean (n_diverged, "
-           f"n_incomplete).")
+           f"run); {boot_text}. Test (directional, as the claim is rho > 0): a condition is significant when every "
+           f"seed's one-sided Spearman p (alternative rho > 0, scipy) is below alpha after correction; its p-value "
+           f"p_max is the largest of them (intersection–union test, valid whatever the dependence between seeds that "
+           f"share their examples; a seed with rho < 0 has p near 1, so mixed signs are never significant). "
+           f"Correction family (--family {family}): {fam_text}; p_bonf / p_bh: p_max corrected over that family with "
+           f"pingouin.multicomp (Bonferroni / Benjamini–Hochberg); conditions outside it have none. sig_* at alpha = "
+           f"{alpha:g}. Excluded runs (diverged, incomplete history, duplicates) are not in the mean.")
     s.blocks.append(_table("rho_by_condition", "rho(entropy, AULC) per condition", t))
+    if figs.get("entropy_aulc"):
+        s.blocks.append(FigureItem("entropy_aulc", figs["entropy_aulc"],
+                                   "Annotation entropy (nats) against AULC (nats; each point one tracked train example, "
+                                   "its AULC averaged over the condition's seeds), one panel per condition, coloured by "
+                                   f"entropy category (hexbin of counts above {F.HEXBIN_MIN} examples). In each panel: "
+                                   f"the mean over seeds of the per-run Spearman rho and its 95% bootstrap CI "
+                                   f"({n_boot} resamples of the examples), the seeds and the number of examples."))
     s.blocks.append(_table("per_seed", "Per-seed breakdown", t,
-                           "p_bonf / p_bh: each run's p corrected over all usable runs. validation_accuracy: argmax "
+                           "rho_ci_low / rho_ci_high: 95% percentile bootstrap CI of the run's rho (examples "
+                           "resampled). p_val: two-sided; p_greater: one-sided (rho > 0). "
+                           "p_bonf / p_bh: each run's two-sided p corrected over all usable runs. validation_accuracy: argmax "
                            "accuracy on the validation set at the last tracking point. Diverged runs: status "
                            "'diverged', rho over the examples whose losses stayed finite; runs resumed without their "
                            "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out.",
@@ -344,11 +395,15 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
 
     s = Section("4. Entropy distribution")
     s.blocks.append(_table("entropy_distribution", "Entropy categories per dataset", t,
-                           "All tracked examples (train and validation) of each dataset, from a run that kept every "
-                           "example. clean H < 0.4 ≤ ambiguous ≤ 0.7 < contested (nats)."))
+                           "The union of the examples tracked (train and validation sets) by any run of each dataset, "
+                           "each example once; a dataset whose runs all use a restricted composition shows only that "
+                           "composition's examples. n per category is in the table. clean H < 0.4 ≤ ambiguous ≤ 0.7 "
+                           "< contested (nats)."))
     if figs["entropy_histogram"]:
         s.blocks.append(FigureItem("entropy_histogram", figs["entropy_histogram"],
-                                   "Annotation entropy per dataset, stacked by category; dashed: the 0.4 / 0.7 thresholds."))
+                                   "Annotation entropy of the examples in the table above (union over the runs of each "
+                                   "dataset, train and validation sets), stacked by category; dashed: the 0.4 / 0.7 "
+                                   "thresholds."))
     sections.append(s)
 
     s = Section("5. Rank sweep")
@@ -358,10 +413,12 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         s.blocks.append(_table("rank_sweep", "rho per LoRA rank (full FT on its own row)", t,
                                display=format_table(t["rank_sweep"], drop_keys=False)))
         s.blocks.append(_table("rank_trend", "Spearman of rank vs rho", t,
-                               "Over the per-rank mean rho (one point per rank); needs three or more ranks. "
-                               "monotonic: mean rho strictly increases with rank. rho_full: full fine-tuning.",
+                               "Over the per-rank mean rho (one point per rank); needs three or more ranks. p_val: "
+                               "one-sided permutation p for rho > 0 (rho grows with rank), exact (all n! orderings) for "
+                               "up to 8 ranks, else Monte Carlo (100,000 seeded permutations): p_method. monotonic: "
+                               "mean rho strictly increases with rank. rho_full: full fine-tuning.",
                                display=format_table(t["rank_trend"], drop_keys=False)))
-    if figs["rho_vs_rank"]:
+    if figs["rho_vs_rank"] and not t["rank_sweep"].empty:
         s.blocks.append(FigureItem("rho_vs_rank", figs["rho_vs_rank"],
                                    "rho vs LoRA rank per model (error bars: sd over seeds); encoders solid, decoders "
                                    "dashed; squares: full fine-tuning."))
@@ -389,8 +446,11 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         s.note("no runs with a composition other than 'all'; comparison skipped.")
     else:
         s.text("Runs trained on a restricted ChaosNLI part (low = clean only, high = contested only, balanced) beside "
-               "the matching composition='all' runs (same model, method, rank, dataset, noise, loss). A restricted run "
+               "the matching composition='all' runs (equal in every other setting but the tracked set, which the "
+               "composition restricts). A restricted run "
                "tracks only its own ChaosNLI examples, so its rho is over a narrower entropy range.")
+        for note in T.unmatched_variants(runs, "composition", "all"):
+            s.note(note)
         s.blocks.append(_table("composition", "Composition vs all", t,
                                display=_comparison_display(t["composition"], "composition")))
     sections.append(s)
@@ -421,17 +481,32 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         s.note("no runs with label_noise > 0; noise analysis skipped.")
     else:
         s.blocks.append(_table("noise_levels", "rho and ΔL per noise level", t,
+                               "ΔL and AULC against the training (noisy) label; *_original: against the label before "
+                               "noise; mean ± sd across seeds of the per-run category means. Baselines: the runs equal in "
+                               "every other setting.",
                                display=_comparison_display(t["noise_levels"], "label_noise")))
+        for note in T.unmatched_variants(runs, "label_noise", 0.0):
+            s.note(note)
         if t["noise_tests"].empty:
-            s.note("no noisy run has a noise-free twin with the same seed; paired tests skipped.")
+            s.note("no noisy run has a noise-free twin (equal in every other setting, seed included); paired tests "
+                   "skipped.")
         else:
             s.text("Paired Wilcoxon signed-rank test (pingouin.wilcoxon, two-sided) of per-example AULC between each "
-                   "noisy run and its noise-free twin (same model, method, rank, dataset and seed), on the shared "
-                   "examples; subsets: all, the noised examples, the others. cohen_d: paired d_av "
-                   "(pingouin.compute_effsize); > 0 means higher AULC with noise.")
+                   "noisy run and its noise-free twin: the run equal in every other setting of the condition key and "
+                   "in the seed (no other run is ever paired). target 'training': the noisy run's AULC against the "
+                   "label it was trained on (the noisy one) vs the twin's; target 'original': both against the label "
+                   "before noise, so both sides measure the same class. Subsets: all, the examples chosen for noise, "
+                   "the others. noise_rule: how noisy labels were drawn ('all classes': uniformly from all K, so a "
+                   "share keeps its label; 'other classes': --label_noise_exclude_original). share_changed: noised "
+                   "examples whose label the draw actually changed. d_z: mean difference / sd of the differences "
+                   "(paired); d_av: mean difference / root mean of the two variances (pingouin's paired cohen); "
+                   "> 0: higher AULC with noise.")
             shown = t["noise_tests"].drop(columns=["run_id", "baseline_run_id"], errors="ignore")
-            s.blocks.append(_table("noise_tests", "Paired tests, noisy vs noise-free", t,
-                                   display=format_table(shown, drop_keys=False)))
+            keep = [c for c in ("model", "method", "rank", "dataset", "seed", "label_noise", "noise_rule", "target",
+                                "subset", "n", "n_noised", "share_changed", "aulc_baseline_mean", "aulc_noisy_mean",
+                                "mean_diff", "W", "p_val", "d_z", "d_av") if c in shown]
+            s.blocks.append(_table("noise_tests", "Paired tests, noisy vs its noise-free twin", t,
+                                   display=format_table(shown[keep], drop_keys=False)))
     if figs["noise"]:
         s.blocks.append(FigureItem("noise", figs["noise"], "rho and mean ΔL per category against the noise level "
                                                             "(error bars: sd over seeds)."))
@@ -443,6 +518,8 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     else:
         s.text("Runs trained on the annotator distribution (e.g. loss = soft_kl) beside the matching hard-label "
                "(ce) runs; the tracked loss is the gold-label cross-entropy in both.")
+        for note in T.unmatched_variants(runs, "loss", "ce"):
+            s.note(note)
         s.blocks.append(_table("soft_label", "Soft vs hard labels", t,
                                display=_comparison_display(t["soft_label"], "loss")))
     sections.append(s)
@@ -455,26 +532,38 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     if t["calibration"].empty:
         s.note("no usable runs with finite final log-probabilities.")
     else:
-        s.text("At the final tracking point (hf_entropy_callback.dynamics.calibration): mean entropy of the predicted "
-               "distribution (nats), mean max probability, ECE (10 equal-width bins), accuracy; mean ± sd across seeds.")
+        s.text(f"At the final tracking point (hf_entropy_callback.dynamics.calibration): mean entropy of the predicted "
+               f"distribution (nats), mean max probability, ECE ({opts.ece_bins} equal-width confidence bins, "
+               f"--ece-bins), accuracy; mean ± sd across seeds. ECE depends on the bin count; each run's ECE has a 95% "
+               f"percentile bootstrap interval ({n_boot} resamples of the examples) in the per-run table.")
         s.blocks.append(_table("calibration", "Calibration per condition, set and category", t, inline=False))
+        s.blocks.append(_table("calibration_runs", "Calibration per run, with the ECE bootstrap interval", t,
+                               inline=False))
     if figs["calibration"]:
-        s.blocks.append(FigureItem("calibration", figs["calibration"], "Calibration per category at the final point."))
+        s.blocks.append(FigureItem("calibration", figs["calibration"],
+                                   f"Calibration per category at the final point: prediction entropy, mean max "
+                                   f"confidence and ECE ({opts.ece_bins} bins); bars: mean over seeds, error bars: sd over "
+                                   f"seeds."))
     sections.append(s)
 
     s = Section("15. Dataset cartography")
     if t["cartography"].empty:
         s.note("no usable runs.")
     else:
-        s.text("confidence = mean p(gold) over tracking points, variability = its sd. rho_conf_aulc: Spearman of "
+        pts = ("the epoch-end tracking points (one per epoch, as Swayamdipta et al. 2020; step 0 and the interval "
+               "points are left out)" if opts.cartography_points == "epoch_end" else
+               "every tracking point, step 0 and the every-track_every points included (--cartography-points all)")
+        s.text(f"confidence = mean p(gold) over {pts}; variability = its population sd (ddof 0, as the original). "
+               "rho_conf_aulc: Spearman of "
                "confidence vs AULC. r2_confidence: OLS AULC ~ confidence; r2_full: + entropy; delta_r2: the "
                "increment from entropy; p_delta_max: the largest seed p of the nested F test.")
         s.blocks.append(_table("cartography", "Cartography: confidence vs AULC and the R² added by entropy", t))
         s.blocks.append(_table("cartography_runs", "Cartography per run", t, inline=False))
     if figs["cartography"]:
         s.blocks.append(FigureItem("cartography", figs["cartography"],
-                                   "Cartography maps (lowest seed of each main-setting condition), coloured by entropy "
-                                   "category."))
+                                   "Cartography maps (lowest seed of each main-setting condition): variability "
+                                   "(population sd of p(gold)) against confidence (mean p(gold)) over the points named "
+                                   "above, one dot per tracked train example, coloured by entropy category."))
     sections.append(s)
 
     s = Section("16. Decoders vs encoders")
@@ -487,6 +576,27 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
         if figs["rho_vs_rank"]:
             s.text("See the rho-vs-rank figure in section 5 (encoders solid, decoders dashed).")
     sections.append(s)
+    s = Section("17. Agreement with the human label distribution")
+    if t["agreement"].empty:
+        s.note("no usable runs.")
+    else:
+        s.text("Beyond the study (as in the ChaosNLI / LeWiDi line of work): per example, from the stored "
+               "log-probabilities and the 100 annotators' label counts (natural log, nats): KL(human || model); "
+               "Jensen–Shannon divergence and JS distance (its square root, as scipy.spatial.distance.jensenshannon "
+               "and ChaosNLI's scoreboard); soft-label cross-entropy; Manhattan (L1) distance; accuracy against the "
+               "majority label (the label before any noise). Mean over a category's examples per run at the final "
+               "tracking point, then mean ± sd across seeds. Every tracking point: agreement_points (CSV).")
+        s.blocks.append(_table("agreement", "Agreement with the human distribution at the final point", t,
+                               inline=False))
+        s.blocks.append(_table("agreement_points", "Agreement per run, tracking point, set and category", t,
+                               inline=False))
+    if figs.get("agreement"):
+        s.blocks.append(FigureItem("agreement", figs["agreement"],
+                                   "Mean Jensen–Shannon distance (natural log) between the model's and the annotators' "
+                                   "distribution over training, per entropy category, on the validation set (the "
+                                   "train set when none is tracked); averaged over seeds; main-setting conditions."))
+    sections.append(s)
+
     return sections
 
 
@@ -740,6 +850,9 @@ def build_report(
     html_index: bool = True,
     progress: Optional[bool] = None,
     skip_invalid: bool = False,
+    options: Optional[Options] = None,
+    family: str = "main",
+    main_ranks=MAIN_RANKS,
 ) -> Report:
     """Load every run below `paths` and write the full report to `out_dir`.
 
@@ -760,6 +873,12 @@ def build_report(
         tqdm progress bar while loading (None: on a terminal only).
     skip_invalid : bool
         Skip runs that cannot be read (listed in the report) instead of failing.
+    options : Options, optional
+        Bootstrap count and seed, ECE bins, cartography points (`analysis.loading.Options`).
+    family : {"main", "all"}
+        Correction family of the condition test (`analysis.tables.rho_by_condition`).
+    main_ranks : sequence of int
+        LoRA ranks of the main matrix (for ``family="main"``).
 
     Returns
     -------
@@ -780,10 +899,11 @@ def build_report(
     inputs = list(paths) + run_dirs
     _check_target(out_dir, inputs)
     t0 = time.perf_counter()
-    study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid)
+    study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid,
+                       options=options, main_ranks=main_ranks)
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tables = compute_tables(study, alpha)
+    tables = compute_tables(study, alpha, family)
     timings["tables"] = time.perf_counter() - t0
 
     tmp = _make_temp(out_dir)
@@ -792,7 +912,7 @@ def build_report(
         figs = F.all_figures(study, tables, os.path.join(tmp, "figures"))
         timings["figures"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        sections = compose(study, tables, figs, alpha)
+        sections = compose(study, tables, figs, alpha, family, main_ranks)
         _write_tables(sections, tmp)
         n_fig = sum(len(v) for v in figs.values())
         header = (

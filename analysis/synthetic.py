@@ -196,8 +196,8 @@ def make_examples(
     Returns
     -------
     examples : :py:class:`pandas.DataFrame`
-        ``example_id, set, index, entropy, category, label, label_counts, token_length, noised``;
-        the "train" rows first, then "validation".
+        ``example_id, set, index, entropy, category, label, label_counts, token_length, noised,
+        original_label``; the "train" rows first, then "validation".
     """
     seed = [example_seed, sum(dataset.encode())]
     rng = np.random.default_rng(seed)
@@ -235,15 +235,18 @@ def make_examples(
             "label_counts": [list(map(int, c)) for c in counts],
             "token_length": np.clip(np.round(rng.lognormal(np.log(28), 0.35, size=n)), 6, 200).astype(np.int64),
             "noised": np.zeros(n, dtype=bool),
+            "original_label": counts.argmax(axis=1).astype(np.int64),
         }
     )
 
 
-def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noise: float = 0.0, seed: int = 42):
+def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noise: float = 0.0, seed: int = 42,
+                  exclude_original: bool = False):
     """Restrict the train examples to a composition and inject label noise, with the library's own data code.
 
-    Uses `hf_entropy_callback.data.select_composition` and `inject_label_noise` so the synthetic
-    variants are chosen exactly as the training script chooses them. Validation rows are unchanged.
+    Uses `hf_entropy_callback.data.select_composition` and `inject_label_noise` (with
+    `exclude_original`) so the synthetic variants are chosen exactly as the training script chooses
+    them; ``original_label`` keeps the label before the noise. Validation rows are unchanged.
     """
     if composition == "all" and not label_noise:
         return examples
@@ -252,14 +255,16 @@ def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noi
     from hf_entropy_callback.data import inject_label_noise, select_composition
 
     train = examples[examples["set"] == "train"].reset_index(drop=True)
-    ds = datasets.Dataset.from_pandas(train.drop(columns=["noised"]), preserve_index=False)
+    drop = [c for c in ("noised", "original_label") if c in train.columns]
+    ds = datasets.Dataset.from_pandas(train.drop(columns=drop), preserve_index=False)
     ds = select_composition(ds, composition, seed=seed)
     if label_noise:
-        ds = inject_label_noise(ds, label_noise, seed=seed)
-        ds = ds.remove_columns(["original_label"])
+        ds = inject_label_noise(ds, label_noise, seed=seed, exclude_original=exclude_original)
     new = ds.to_pandas()
     if "noised" not in new.columns:
         new["noised"] = False
+    if "original_label" not in new.columns:
+        new["original_label"] = new["label"]
     new["index"] = np.arange(len(new), dtype=np.int64)
     new["label_counts"] = [list(map(int, c)) for c in new["label_counts"]]
     new = new[list(examples.columns)]
@@ -391,7 +396,8 @@ def write_synthetic_run(
     examples = make_examples(str(cfg.get("dataset") or "snli"), n_train=n_train, n_val=n_val, num_classes=num_classes,
                              example_seed=example_seed)
     examples = apply_variant(examples, composition=cfg.get("composition") or "all",
-                             label_noise=float(cfg.get("label_noise") or 0.0), seed=seed)
+                             label_noise=float(cfg.get("label_noise") or 0.0), seed=seed,
+                             exclude_original=bool(cfg.get("label_noise_exclude_original", False)))
     dyn = dynamics or dynamics_for(cfg)
     progress = points["step"].to_numpy(np.float64) / points["step"].iloc[-1]
     # Trajectories differ by model, method and rank but not by variant: a noisy run and its

@@ -34,13 +34,21 @@ import pandas as pd
 import pingouin as pg
 from scipy import stats
 
+from hf_entropy_callback.agreement import METRICS as AGREEMENT_METRICS
 from hf_entropy_callback.entropy import CATEGORIES, quartile_bins, tercile_bins
+from hf_entropy_callback.inference import cohen_d, percentile_interval, spearman_permutation_test
 
-from .conditions import CONDITION_KEYS, order_conditions
+from .conditions import CONDITION_KEYS, KEY_COLUMNS, SHORT_NAMES, order_conditions
 
 ALPHA = 0.05
-#: Settings that must agree between a variant run and the run it is compared with.
-MATCH_KEYS = ("model", "architecture", "method", "rank", "dataset", "composition", "label_noise", "loss")
+#: Settings that must agree between a variant run and the run it is compared with: every key column
+#: (`analysis.conditions.KEY_COLUMNS`) except the varied setting and what it determines (`VARIED_WITH`).
+MATCH_KEYS = KEY_COLUMNS
+#: What else a varied setting changes by construction: a composition selects other tracked examples;
+#: the noise-drawing rule exists only with noise.
+VARIED_WITH = {"composition": ("tracked_set",), "label_noise": ("noise_rule",), "loss": ()}
+#: Correction families of the condition test.
+FAMILIES = ("main", "all")
 CATEGORY_ORDER = {c: i for i, c in enumerate(CATEGORIES + ("all",))}
 
 
@@ -117,26 +125,58 @@ def _corrected(p: np.ndarray, method: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
-    """Spearman rho(entropy, AULC) per condition: mean ± sd across seeds, combined and corrected p-values.
+def condition_mean_interval(boot: dict, run_ids: Sequence[str]):
+    """95% percentile interval of a condition's mean rho from its runs' bootstrap replicates.
+
+    Replicate b of the mean is the mean over the condition's runs of their replicate b; the runs of
+    one condition track the same examples and were resampled with the same seed after sorting by
+    example id, so replicate b resamples the same examples in every seed (examples are the
+    resampled unit; the spread across seeds is reported separately as the sd).
+
+    >>> import numpy as np
+    >>> lo, hi = condition_mean_interval({"a": np.arange(101.0), "b": np.arange(101.0) + 1}, ["a", "b"])
+    >>> round(lo, 6), round(hi, 6)
+    (3.0, 98.0)
+    """
+    reps = [np.asarray(boot[r], dtype=float) for r in run_ids if r in boot and len(boot[r])]
+    if not reps or len({len(r) for r in reps}) != 1:
+        return (np.nan, np.nan)
+    return percentile_interval(np.mean(np.vstack(reps), axis=0))
+
+
+def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional[dict] = None,
+                     family: str = "main") -> pd.DataFrame:
+    """Spearman rho(entropy, AULC) per condition: mean ± sd across seeds, bootstrap CI, directional test.
+
+    The claim is directional (rho > 0). A condition is significant when **every** seed's one-sided
+    p-value (``p_greater``, alternative rho > 0) passes: its p-value ``p_max`` is the largest of
+    them (intersection-union test, see the module docstring), so rho = +0.2, -0.2, +0.2 is never
+    significant however small the two-sided p-values. ``p_max`` is corrected (Bonferroni, BH) over
+    the conditions of the *family*: ``family="main"`` the study's main-matrix conditions present
+    (``in_main_family``, see `analysis.conditions.is_main_matrix`), ``"all"`` every condition.
+    Conditions outside the family keep ``p_max`` but get no corrected p.
 
     Parameters
     ----------
     runs : DataFrame
-        One row per run with ``condition``, ``seed``, ``rho``, ``p_val``, ``n`` and optionally
-        ``diverged`` and the condition keys.
+        One row per run with ``condition``, ``seed``, ``rho``, ``p_greater`` (or ``p_val`` as a
+        stand-in when absent, with a note in ``test``), ``n``, optionally ``excluded`` /
+        ``diverged``, ``in_main_family``, ``run_id`` and the condition keys.
     alpha : float
-        Significance level for the ``n_sig_seeds``, ``sig_bonf`` and ``sig_bh`` columns.
+        Significance level.
+    boot : dict, optional
+        Bootstrap replicates of each run's rho by ``run_id`` (`Study.boot`) for ``rho_ci_low`` /
+        ``rho_ci_high`` (`condition_mean_interval`).
+    family : {"main", "all"}
+        The correction family.
 
     Returns
     -------
     table : DataFrame
-        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``n_incomplete`` (runs
-        with an incomplete history, when the runs have ``history_complete``), ``seeds``,
-        ``n_examples`` (median tracked examples per run), ``rho_mean``, ``rho_sd``, ``rho_min``,
-        ``rho_max``, ``n_sig_seeds`` (seeds with p < alpha), ``p_max`` (the condition's p: the
-        largest seed p-value, see the module docstring), ``p_bonf`` and ``p_bh`` (``p_max``
-        corrected over conditions), ``sig_bonf``, ``sig_bh``.
+        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``n_incomplete``,
+        ``seeds``, ``n_examples``, ``rho_mean``, ``rho_sd``, ``rho_ci_low``, ``rho_ci_high``,
+        ``rho_min``, ``rho_max``, ``n_positive``, ``n_sig_seeds`` (seeds with one-sided p < alpha),
+        ``p_max``, ``in_family``, ``p_bonf``, ``p_bh``, ``sig_bonf``, ``sig_bh``.
 
     Examples
     --------
@@ -144,23 +184,31 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     >>> from analysis.tables import rho_by_condition
     >>> runs = pd.DataFrame({"condition": ["A", "A", "A", "B", "C"], "seed": [1, 2, 3, 1, 1],
     ...                      "rho": [0.1, 0.2, 0.3, 0.25, 0.05], "n": 100,
-    ...                      "p_val": [0.001, 0.01, 0.002, 0.04, 0.03]})
-    >>> t = rho_by_condition(runs)
+    ...                      "p_greater": [0.001, 0.01, 0.002, 0.04, 0.03]})
+    >>> t = rho_by_condition(runs, family="all")
     >>> t[["condition", "n_runs", "rho_mean", "rho_sd", "p_max", "p_bonf", "p_bh"]].round(3)
       condition  n_runs  rho_mean  rho_sd  p_max  p_bonf  p_bh
     0         A       3      0.20     0.1   0.01    0.03  0.03
     1         B       1      0.25     NaN   0.04    0.12  0.04
     2         C       1      0.05     NaN   0.03    0.09  0.04
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     keys = _present(runs, CONDITION_KEYS)
     diverged = runs["diverged"].astype(bool) if "diverged" in runs else pd.Series(False, index=runs.index)
     excluded = _excluded(runs)
     incomplete = ~runs["history_complete"].astype(bool) if "history_complete" in runs else None
+    p_col = "p_greater" if "p_greater" in runs else "p_val"
+    from .conditions import is_main_matrix
+
+    main = runs["in_main_family"].astype(bool) if "in_main_family" in runs else is_main_matrix(runs)
     rows = []
     for cond, grp in runs.groupby("condition", sort=False):
         ok = grp[~excluded.loc[grp.index]]
-        p = ok["p_val"].astype(float)
+        p = ok[p_col].astype(float)
         extra = {} if incomplete is None else {"n_incomplete": int((incomplete.loc[grp.index] & ~diverged.loc[grp.index]).sum())}
+        lo, hi = (condition_mean_interval(boot, list(ok["run_id"])) if boot is not None and "run_id" in ok
+                  else (np.nan, np.nan))
         rows.append(
             {
                 "condition": cond,
@@ -172,24 +220,32 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
                 "n_examples": float(ok["n"].median()) if len(ok) else np.nan,
                 "rho_mean": ok["rho"].mean(),
                 "rho_sd": ok["rho"].std(ddof=1),
+                "rho_ci_low": lo,
+                "rho_ci_high": hi,
                 "rho_min": ok["rho"].min(),
                 "rho_max": ok["rho"].max(),
+                "n_positive": int((ok["rho"] > 0).sum()),
                 "n_sig_seeds": int((p < alpha).sum()),
-                # Intersection-union: the condition is only as significant as its weakest seed; a seed
+                # Intersection-union over the one-sided p-values: significant only if every seed is; a seed
                 # without a p-value (constant input) leaves the condition without one.
                 "p_max": p.max() if len(p) and p.notna().all() else np.nan,
+                "in_family": bool(family == "all" or main.loc[grp.index].iloc[0]),
             }
         )
     out = pd.DataFrame(rows)
-    out["p_bonf"] = _corrected(out["p_max"], "bonf")
-    out["p_bh"] = _corrected(out["p_max"], "fdr_bh")
+    fam = out["in_family"].to_numpy(bool)
+    for col, method in (("p_bonf", "bonf"), ("p_bh", "fdr_bh")):
+        out[col] = np.nan
+        if fam.any():
+            out.loc[fam, col] = _corrected(out.loc[fam, "p_max"], method)
     out["sig_bonf"] = out["p_bonf"] < alpha
     out["sig_bh"] = out["p_bh"] < alpha
     return order_conditions(out)
 
 
 def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-run breakdown: rho, p-value (raw and corrected over all usable runs), tau, validation accuracy, status.
+    """Per-run breakdown: rho with its bootstrap CI, p-values (two-sided ``p_val``, one-sided ``p_greater``; the
+    two-sided corrected over all usable runs), tau, validation accuracy, status.
 
     Diverged runs are listed with ``status`` "diverged" and their rho over the examples whose
     losses stayed finite; runs with an incomplete history with ``status`` "incomplete history"
@@ -216,9 +272,9 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     for col, method in (("p_bonf", "bonf"), ("p_bh", "fdr_bh")):
         out[col] = np.nan
         out.loc[~excluded, col] = _corrected(out.loc[~excluded, "p_val"], method)
-    cols = ["run_id", "condition", *_present(out, CONDITION_KEYS), "seed", "status", "n", "rho", "p_val", "p_bonf",
-            "p_bh", "tau", "validation_accuracy", "final_step", "n_nonfinite", "first_nonfinite_step",
-            "max_mean_loss", "exclusion"]
+    cols = ["run_id", "condition", *_present(out, CONDITION_KEYS), "seed", "status", "n", "rho", "rho_ci_low",
+            "rho_ci_high", "p_val", "p_greater", "p_bonf", "p_bh", "tau", "validation_accuracy", "final_step",
+            "tracked_set", "n_nonfinite", "first_nonfinite_step", "max_mean_loss", "duplicate_of", "exclusion"]
     out = out[_present(out, cols)]
     return order_conditions(out.sort_values(["seed"] if "seed" in out else [], kind="stable"))
 
@@ -342,9 +398,13 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
     """Spearman correlation of LoRA rank with rho, per model x dataset of a `rank_sweep` table.
 
     The correlation is taken over the per-rank mean rho (one point per rank: seeds are
-    replicates, not extra ranks); its p-value is scipy's exact / asymptotic Spearman p. It needs
-    at least three ranks (two points always give +-1). ``monotonic`` is True when the mean rho
-    strictly increases with rank; ``rho_full`` is the full fine-tuning mean rho for comparison.
+    replicates, not extra ranks). ``p_val`` is the **one-sided permutation p** for "rho grows with
+    rank" (`hf_entropy_callback.inference.spearman_permutation_test`, alternative "greater"):
+    exact, by enumerating all n! orderings, for up to 8 ranks (``p_method`` "exact"), else Monte
+    Carlo with 100,000 seeded permutations. Six perfectly monotone ranks give 1/720 = 0.00139
+    (two-sided it would be 2/720). It needs at least three ranks (two points always give +-1).
+    ``monotonic`` is True when the mean rho strictly increases with rank; ``rho_full`` is the full
+    fine-tuning mean rho for comparison.
 
     Examples
     --------
@@ -362,10 +422,11 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
     for (model, arch, dataset), grp in sweep.groupby(["model", "architecture", "dataset"], sort=False):
         lora = grp[grp["method"] == "lora"].sort_values("rank")
         full = grp[grp["method"] == "full"]["rho_mean"]
-        r, p = np.nan, np.nan
+        r, p, method = np.nan, np.nan, ""
         if len(lora) >= 3:
-            res = stats.spearmanr(lora["rank"], lora["rho_mean"])
-            r, p = float(res.statistic), float(res.pvalue)
+            res = spearman_permutation_test(lora["rank"].to_numpy(float), lora["rho_mean"].to_numpy(float),
+                                            alternative="greater")
+            r, p, method = float(res["rho"].iloc[0]), float(res["p_val"].iloc[0]), str(res["method"].iloc[0])
         rows.append(
             {
                 "model": model,
@@ -375,6 +436,7 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
                 "n_ranks": len(lora),
                 "spearman_r": r,
                 "p_val": p,
+                "p_method": method,
                 "monotonic": bool(np.all(np.diff(lora["rho_mean"].to_numpy()) > 0)),
                 "rho_lowest_rank": lora["rho_mean"].iloc[0] if len(lora) else np.nan,
                 "rho_highest_rank": lora["rho_mean"].iloc[-1] if len(lora) else np.nan,
@@ -436,7 +498,8 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
     -------
     table : DataFrame
         Per usable run: keys, ``seed``, ``n``, ``rho`` (plain Spearman), ``partial_r``, ``ci_low``,
-        ``ci_high``, ``p_val``. NaN when the covariate is constant in the run.
+        ``ci_high`` (95% Fisher-z interval with n - 1 - 3 degrees of freedom, as pingouin's but not
+        rounded), ``p_val``. NaN when the covariate is constant in the run.
 
     Examples
     --------
@@ -460,8 +523,12 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
                "p_val": np.nan}
         if len(d) > 3 and d[covar].nunique() > 1:
             res = pg.partial_corr(data=d, x="entropy", y="aulc", covar=covar, method="spearman")
-            row.update(partial_r=float(res["r"].iloc[0]), p_val=float(res["p_val"].iloc[0]))
-            row["ci_low"], row["ci_high"] = (float(v) for v in res["CI95"].iloc[0])
+            r = float(res["r"].iloc[0])
+            row.update(partial_r=r, p_val=float(res["p_val"].iloc[0]))
+            # pingouin rounds its CI; the same Fisher-z interval (n - 1 covariate - 3 dof), unrounded:
+            se = 1.0 / np.sqrt(len(d) - 1 - 3)
+            z, crit = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15)), stats.norm.ppf(0.975)
+            row["ci_low"], row["ci_high"] = float(np.tanh(z - crit * se)), float(np.tanh(z + crit * se))
         rows.append(row)
     out = meta.merge(pd.DataFrame(rows), on="run_id")
     if "rho" in runs:
@@ -646,12 +713,61 @@ def kendall_vs_spearman(runs: pd.DataFrame):
 # --------------------------------------------------------------------------------------------
 
 
+def _match_columns(runs: pd.DataFrame, vary: str) -> list:
+    """The key columns a variant and its baseline must share: all but `vary` and what it determines."""
+    skip = {vary, *VARIED_WITH.get(vary, ())}
+    return [k for k in _present(runs, MATCH_KEYS) if k not in skip]
+
+
+def _key_series(frame: pd.DataFrame, cols: Sequence[str]) -> pd.Series:
+    """NaN-safe tuple of `cols` per row (NaN and None compare equal)."""
+    def norm(v):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+    return pd.Series([tuple(norm(v) for v in row) for row in frame[list(cols)].itertuples(index=False)],
+                     index=frame.index, dtype=object)
+
+
+def unmatched_variants(runs: pd.DataFrame, vary: str, baseline) -> list:
+    """Notes for variant runs without a baseline run equal in every other setting, naming what differs.
+
+    Example: a noisy run at learning rate 1e-4 with only 2e-4 baselines gets "no twin; the closest
+    baselines differ in lr".
+    """
+    u = _usable(runs)
+    if vary not in u:
+        return []
+    cols = _match_columns(u, vary)
+    base = u[u[vary] == baseline]
+    var = u[u[vary] != baseline]
+    bkeys = set(_key_series(base, cols)) if len(base) else set()
+    notes = []
+    for idx, r in var.iterrows():
+        key = _key_series(var.loc[[idx]], cols).iloc[0]
+        if key in bkeys:
+            continue
+        # The baselines closest to it (fewest differing settings), and those settings.
+        best, diff = None, None
+        for _, b in base.iterrows():
+            d = [c for c in cols if _key_series(pd.DataFrame([r[cols]]), [c]).iloc[0] != _key_series(
+                pd.DataFrame([b[cols]]), [c]).iloc[0]]
+            if best is None or len(d) < len(diff):
+                best, diff = b, d
+        what = ("; the closest baseline runs differ in " + ", ".join(SHORT_NAMES.get(c, c) for c in diff)
+                if diff else "; there is no baseline run")
+        notes.append(f"{r.get('run_id', idx)} ({vary}={r[vary]}): no baseline ({vary}={baseline}) equal in every "
+                     f"other setting{what}; not compared")
+    return notes
+
+
 def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, baseline) -> pd.DataFrame:
     """Compare runs whose setting `vary` differs from `baseline` with the runs that match them in every other setting.
 
-    For every group of runs equal in all of `MATCH_KEYS` except `vary` that holds at least one
-    variant run, each level of `vary` (the baseline first) gets per category the mean ± sd
-    across seeds of the per-run mean Delta L and AULC, and the run-level rho.
+    Runs are grouped by every key column (`MATCH_KEYS`) except `vary` and what it determines
+    (`VARIED_WITH`: a composition changes the tracked set; the noise rule goes with the noise);
+    each group that holds at least one variant run gets, for each level of `vary` (the baseline
+    first) and category, the mean ± sd across seeds of the per-run mean Delta L and AULC, and the
+    run-level rho. Variant runs without such a baseline are listed by `unmatched_variants` and
+    appear here without baseline rows.
 
     Parameters
     ----------
@@ -667,8 +783,9 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     table : DataFrame
         The other match keys, `vary`, ``is_baseline``, ``category``, ``n_runs``, ``seeds``,
         ``n_examples``, ``delta_loss_mean``, ``delta_loss_sd``, ``aulc_mean``, ``aulc_sd``,
-        ``rho_mean``, ``rho_sd``. Empty when no run differs from the baseline. A group without
-        baseline runs has only its variant rows.
+        ``rho_mean``, ``rho_sd`` (and, for label noise, the same of ``aulc_original`` /
+        ``delta_loss_original``: against the label before noise). Empty when no run differs from
+        the baseline.
 
     Examples
     --------
@@ -686,29 +803,41 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     4  soft_kl        False             -0.2       0.1
     """
     u = _usable(runs)
-    others = [k for k in _present(u, MATCH_KEYS) if k != vary]
+    others = _match_columns(u, vary)
+    extra_cols = [c for c in VARIED_WITH.get(vary, ()) if c in u]
     variants = u[u[vary] != baseline]
     if variants.empty:
         return pd.DataFrame()
-    cm = category_means(examples[examples["run_id"].isin(u["run_id"])])
-    cm = cm.merge(u[["run_id", *others, vary, "rho", *_present(u, ["seed"])]], on="run_id")
-    wanted = variants[others].drop_duplicates()
-    # NaN-safe matching on the other keys (rank is NaN for full fine-tuning and IA3).
-    key = lambda f: pd.Series(list(zip(*(f[k].astype(str) for k in others))), index=f.index)  # noqa: E731
-    cm = cm[key(cm).isin(set(key(wanted)))]
-    by = [*others, vary, "category"]
-    out = mean_sd(cm, by, ["delta_loss", "aulc", "rho"])
+    ex = examples[examples["run_id"].isin(u["run_id"])]
+    cm = category_means(ex)
+    values = ["delta_loss", "aulc", "rho"]
+    if vary == "label_noise" and "aulc_original" in ex:
+        orig = category_means(ex.assign(aulc=ex["aulc_original"], delta_loss=ex["delta_loss_original"]))
+        cm = cm.merge(orig[["run_id", "category", "aulc", "delta_loss"]].rename(
+            columns={"aulc": "aulc_original", "delta_loss": "delta_loss_original"}), on=["run_id", "category"])
+        values += ["delta_loss_original", "aulc_original"]
+    cm = cm.merge(u[["run_id", *others, vary, *extra_cols, "rho", *_present(u, ["seed"])]], on="run_id")
+    wanted = set(_key_series(variants, others))
+    cm = cm[_key_series(cm, others).isin(wanted)]
+    if cm.empty:
+        return pd.DataFrame()
+    by = [*others, vary, *[c for c in extra_cols if c != "tracked_set"], "category"]
+    # Key columns hold None for unrecorded settings; groupby drops None/NaN keys unless dropna=False.
+    out = mean_sd(cm, by, values)
     g = cm.groupby(by, dropna=False, sort=False)
     extra = g["n"].mean().rename("n_examples").to_frame()
     extra["seeds"] = g["seed"].agg(_seeds) if "seed" in cm else "—"
     out = out.merge(extra.reset_index(), on=by)
     out["is_baseline"] = out[vary] == baseline
-    cols = [*others, vary, "is_baseline", "category", "n_runs", "seeds", "n_examples", "delta_loss_mean",
-            "delta_loss_sd", "aulc_mean", "aulc_sd", "rho_mean", "rho_sd"]
-    out = out[cols].assign(_b=~out["is_baseline"], _c=out["category"].map(CATEGORY_ORDER),
-                           _v=out[vary].astype(str))
-    out = out.sort_values([*others, "_b", "_v", "_c"], kind="stable")
-    return out.drop(columns=["_b", "_c", "_v"]).reset_index(drop=True)
+    cols = [*others, vary, *[c for c in extra_cols if c != "tracked_set"], "is_baseline", "category", "n_runs",
+            "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd", "aulc_mean", "aulc_sd"]
+    if "aulc_original" in values:
+        cols += ["delta_loss_original_mean", "delta_loss_original_sd", "aulc_original_mean", "aulc_original_sd"]
+    cols += ["rho_mean", "rho_sd"]
+    out = out[cols].assign(_g=_key_series(out, others).astype(str), _b=~out["is_baseline"],
+                           _c=out["category"].map(CATEGORY_ORDER), _v=out[vary].astype(str))
+    out = out.sort_values(["_g", "_b", "_v", "_c"], kind="stable")
+    return out.drop(columns=["_g", "_b", "_c", "_v"]).reset_index(drop=True)
 
 
 def composition_comparison(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
@@ -726,62 +855,92 @@ def noise_levels(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     return variant_comparison(runs, examples, "label_noise", 0.0) if "label_noise" in runs else pd.DataFrame()
 
 
-def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True) -> pd.DataFrame:
-    """Paired tests of per-example AULC between each noisy run and its noise-free twin.
+NOISE_TARGETS = {"training": ("aulc", "the training (noisy) label"),
+                 "original": ("aulc_original", "the label before noise")}
 
-    The twin is the usable run with ``label_noise`` 0 that equals the noisy run in every other
-    setting, the seed included. Examples are paired by ``example_id`` (those tracked in both runs
-    with finite AULC). Per pair and subset ("all"; with `subsets` also "noised" — the examples
-    whose label the noise replaced — and "not noised"): the Wilcoxon signed-rank test
-    (pingouin.wilcoxon, two-sided; zero differences dropped, continuity correction when scipy
-    uses the normal approximation) and Cohen's d for paired samples (pingouin.compute_effsize,
-    ``paired=True``: d_av, the mean difference over the square root of the average of the two
-    variances). Positive d: higher AULC with noise.
+
+def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True) -> pd.DataFrame:
+    """Paired tests of per-example AULC between each noisy run and its noise-free twin, against both targets.
+
+    The twin is the usable run with ``label_noise`` 0 equal to the noisy run in every other key
+    column (`MATCH_KEYS` but the noise and its drawing rule: model, method, rank, alpha, learning
+    rate, epochs, batch, data, tracked set, ...) **and the seed**; a noisy run without one is not
+    tested (`unmatched_variants` says why). Examples are paired by ``example_id`` (finite AULC in
+    both runs). Per pair, target and subset ("all"; with `subsets` also "noised" — the examples
+    chosen for noise — and "not noised"):
+
+    - target "training": the noisy run's AULC against its training label (what it was trained on)
+      vs the twin's AULC (its label is the original);
+    - target "original": both against the label before noise (the noisy run's ``aulc_original``),
+      so both sides measure the loss of the same class.
+
+    Tests: Wilcoxon signed-rank (pingouin.wilcoxon, two-sided; zero differences dropped), and
+    Cohen's d of noisy minus baseline as ``d_z`` (mean difference / sd of differences: paired)
+    and ``d_av`` (mean difference / mean of the two variances' root: pingouin's paired
+    ``compute_effsize``). Positive: higher AULC with noise.
 
     Returns
     -------
     table : DataFrame
-        Match keys, ``seed``, ``label_noise``, ``run_id``, ``baseline_run_id``, ``subset``, ``n``,
-        ``aulc_baseline_mean``, ``aulc_noisy_mean``, ``mean_diff``, ``W``, ``p_val``, ``rbc``,
-        ``cohen_d``. Empty when no noisy run has a twin.
+        Match keys, ``seed``, ``label_noise``, ``noise_rule``, ``run_id``, ``baseline_run_id``,
+        ``target``, ``subset``, ``n``, ``n_noised``, ``n_label_changed`` (noised examples whose label
+        the draw actually changed), ``share_changed``, ``aulc_baseline_mean``, ``aulc_noisy_mean``,
+        ``mean_diff``, ``W``, ``p_val``, ``rbc``, ``d_z``, ``d_av``. Empty when no noisy run has a
+        twin. Rows of target "original" are NaN for a version-1 run with noise (original unknown).
     """
     u = _usable(runs)
     if "label_noise" not in u or u.empty:
         return pd.DataFrame()
-    others = [k for k in _present(u, MATCH_KEYS) if k != "label_noise"] + _present(u, ["seed"])
+    others = _match_columns(u, "label_noise") + _present(u, ["seed"])
     noisy = u[u["label_noise"] > 0]
     clean = u[u["label_noise"] == 0]
+    if noisy.empty or clean.empty:
+        return pd.DataFrame()
+    clean_keys = _key_series(clean, others)
     rows = []
-    cols = ["example_id", "aulc", "noised"]
-    for r in noisy.itertuples(index=False):
-        r = r._asdict()
-        match = clean
-        for k in others:
-            match = match[match[k].isna()] if pd.isna(r[k]) else match[match[k] == r[k]]
+    cols = ["example_id", "aulc", "aulc_original", "noised", "label_changed"]
+    for idx, r in noisy.iterrows():
+        key = _key_series(noisy.loc[[idx]], others).iloc[0]
+        match = clean[clean_keys == key]
         if match.empty:
             continue
         base_id = match["run_id"].iloc[0]
-        a = examples.loc[examples["run_id"] == base_id, cols]
-        b = examples.loc[examples["run_id"] == r["run_id"], cols]
+        a = examples.loc[examples["run_id"] == base_id, [c for c in cols if c in examples]]
+        b = examples.loc[examples["run_id"] == r["run_id"], [c for c in cols if c in examples]]
+        if "aulc_original" not in a:
+            a = a.assign(aulc_original=a["aulc"])
+            b = b.assign(aulc_original=b["aulc"], label_changed=np.nan)
         pair = a.merge(b, on="example_id", suffixes=("_base", "_noisy"))
-        pair = pair[np.isfinite(pair["aulc_base"]) & np.isfinite(pair["aulc_noisy"])]
+        pair = pair[np.isfinite(pair["aulc_base"].to_numpy(float)) & np.isfinite(pair["aulc_noisy"].to_numpy(float))]
+        noised = pair["noised_noisy"].astype(bool)
+        changed = pd.to_numeric(pair["label_changed_noisy"], errors="coerce")
+        n_changed = float(changed[noised].sum()) if changed[noised].notna().all() else np.nan
         parts = [("all", pair)]
         if subsets:
-            noised = pair["noised_noisy"].astype(bool)
             parts += [("noised", pair[noised]), ("not noised", pair[~noised])]
-        for subset, d in parts:
-            row = {**{k: r[k] for k in others}, "label_noise": r["label_noise"], "run_id": r["run_id"],
-                   "baseline_run_id": base_id, "subset": subset, "n": len(d),
-                   "aulc_baseline_mean": d["aulc_base"].mean(), "aulc_noisy_mean": d["aulc_noisy"].mean(),
-                   "mean_diff": (d["aulc_noisy"] - d["aulc_base"]).mean(), "W": np.nan, "p_val": np.nan,
-                   "rbc": np.nan, "cohen_d": np.nan}
-            diff = d["aulc_noisy"].to_numpy() - d["aulc_base"].to_numpy()
-            if len(d) >= 2 and np.any(diff != 0):
-                w = pg.wilcoxon(d["aulc_noisy"].to_numpy(), d["aulc_base"].to_numpy())
-                row.update(W=float(w["W_val"].iloc[0]), p_val=float(w["p_val"].iloc[0]), rbc=float(w["RBC"].iloc[0]))
-                row["cohen_d"] = float(pg.compute_effsize(d["aulc_noisy"].to_numpy(), d["aulc_base"].to_numpy(),
-                                                          paired=True, eftype="cohen"))
-            rows.append(row)
+        for target, (col, _) in NOISE_TARGETS.items():
+            for subset, d in parts:
+                y_noisy = d[f"{col}_noisy"].to_numpy(float)
+                y_base = d["aulc_original_base"].to_numpy(float) if col == "aulc_original" else d["aulc_base"].to_numpy(float)
+                ok = np.isfinite(y_noisy) & np.isfinite(y_base)
+                y_noisy, y_base = y_noisy[ok], y_base[ok]
+                row = {**{k: r[k] for k in others}, "label_noise": r["label_noise"],
+                       "noise_rule": r.get("noise_rule"), "run_id": r["run_id"], "baseline_run_id": base_id,
+                       "target": target, "subset": subset, "n": int(ok.sum()), "n_noised": int(noised.sum()),
+                       "n_label_changed": n_changed,
+                       "share_changed": n_changed / noised.sum() if noised.sum() else np.nan,
+                       "aulc_baseline_mean": y_base.mean() if ok.any() else np.nan,
+                       "aulc_noisy_mean": y_noisy.mean() if ok.any() else np.nan,
+                       "mean_diff": (y_noisy - y_base).mean() if ok.any() else np.nan,
+                       "W": np.nan, "p_val": np.nan, "rbc": np.nan, "d_z": np.nan, "d_av": np.nan}
+                diff = y_noisy - y_base
+                if ok.sum() >= 2 and np.any(diff != 0):
+                    w = pg.wilcoxon(y_noisy, y_base)
+                    row.update(W=float(w["W_val"].iloc[0]), p_val=float(w["p_val"].iloc[0]),
+                               rbc=float(w["RBC"].iloc[0]))
+                    d_ = cohen_d(y_noisy, y_base)
+                    row.update(d_z=float(d_["d_z"].iloc[0]), d_av=float(d_["d_av"].iloc[0]))
+                rows.append(row)
     return order_conditions(pd.DataFrame(rows)) if rows else pd.DataFrame()
 
 
@@ -794,7 +953,8 @@ def calibration_table(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataF
     """Calibration per condition, tracked set and entropy category at the final point, mean ± sd across seeds.
 
     Per run the numbers come from `hf_entropy_callback.dynamics.calibration` (mean entropy of the
-    predicted distribution in nats, mean max-probability, ECE with 10 equal-width bins, accuracy).
+    predicted distribution in nats, mean max-probability, ECE with the run's equal-width bins,
+    ``--ece-bins``, default 10; accuracy). Per-run ECE intervals: `calibration_runs`.
 
     Examples
     --------
@@ -996,3 +1156,54 @@ def entropy_distribution(entropy: pd.DataFrame) -> pd.DataFrame:
                          "entropy_mean": sub["entropy"].mean(), "entropy_min": sub["entropy"].min(),
                          "entropy_max": sub["entropy"].max()})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Beyond the study: agreement with the human distribution; per-run calibration intervals
+# --------------------------------------------------------------------------------------------
+
+
+def calibration_runs(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataFrame:
+    """Per usable run, tracked set and category at the final point: ECE with its bootstrap interval and the rest.
+
+    ``ece_ci_low`` / ``ece_ci_high``: 95% percentile interval over bootstrap resamples of the
+    examples (`hf_entropy_callback.dynamics.ece_bootstrap`); ``ece_bins``: the equal-width bins.
+    """
+    if calibration.empty:
+        return pd.DataFrame()
+    out = _run_meta(runs).merge(calibration, on="run_id")
+    return _category_sort(out, ["condition", "run_id", "set"])
+
+
+def agreement_by_condition(runs: pd.DataFrame, agreement: pd.DataFrame, point: str = "final") -> pd.DataFrame:
+    """Agreement of the predicted with the human distribution per condition, tracked set and category.
+
+    Per run, the mean over a category's examples of each metric of
+    `hf_entropy_callback.agreement.METRICS` (KL(human || model), Jensen–Shannon divergence and
+    distance, soft-label cross-entropy, L1 distance, accuracy against the majority label) at the
+    final tracking point (`point="final"`) or the first (`"first"`); then mean ± sd across seeds.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from analysis.tables import agreement_by_condition
+    >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "diverged": False})
+    >>> ag = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "set": "validation", "category": "all",
+    ...                    "point": [0, 1, 0, 1], "n": 10, "kl": [0.9, 0.3, 0.8, 0.5],
+    ...                    "js_divergence": 0.1, "js_distance": 0.3, "cross_entropy": 1.0, "l1": 0.5,
+    ...                    "accuracy": [0.4, 0.7, 0.5, 0.8]})
+    >>> agreement_by_condition(runs, ag)[["set", "category", "n_runs", "kl_mean", "accuracy_mean"]]
+              set category  n_runs  kl_mean  accuracy_mean
+    0  validation      all       2      0.4           0.75
+    """
+    if agreement.empty:
+        return pd.DataFrame()
+    ag = agreement.merge(_usable(runs)[["run_id", "condition"]], on="run_id")
+    last = ag.groupby("run_id")["point"].transform("max" if point == "final" else "min")
+    ag = ag[ag["point"] == last]
+    out = mean_sd(ag, ["condition", "set", "category"], list(AGREEMENT_METRICS))
+    n = ag.groupby(["condition", "set", "category"], sort=False)["n"].mean().rename("n_examples").reset_index()
+    out = out.merge(n, on=["condition", "set", "category"]).merge(_condition_keys(runs), on="condition")
+    metric_cols = [f"{m}_{s}" for m in AGREEMENT_METRICS for s in ("mean", "sd")]
+    cols = ["condition", *_present(runs, CONDITION_KEYS), "set", "category", "n_runs", "n_examples", *metric_cols]
+    return _category_sort(out[cols], ["condition", "set"])

@@ -71,16 +71,42 @@ def delta_loss(losses: np.ndarray) -> np.ndarray:
     return loss[-1] - loss[0]
 
 
-def cartography(logprobs: np.ndarray, labels: Sequence[int], losses: Optional[np.ndarray] = None):
+def cartography_points(reasons: Sequence[str], which: str = "epoch_end") -> np.ndarray:
+    """Indices of the tracking points Dataset Cartography uses.
+
+    ``"epoch_end"`` (default, as Swayamdipta et al. 2020: one record per epoch): the points whose
+    reason includes "epoch_end" (a partial last epoch ends at the final step); when a run has none,
+    every point after step 0. ``"all"``: every tracking point, step 0 included.
+
+    Example:
+        >>> cartography_points(["step0", "interval", "epoch_end", "interval", "epoch_end+final"])
+        array([2, 4])
+    """
+    reasons = [str(r) for r in reasons]
+    if which == "all":
+        return np.arange(len(reasons))
+    if which != "epoch_end":
+        raise ValueError(f"cartography points must be 'epoch_end' or 'all', got {which!r}")
+    idx = np.array([i for i, r in enumerate(reasons) if "epoch_end" in r.split("+")], dtype=np.intp)
+    if idx.size == 0:
+        idx = np.array([i for i, r in enumerate(reasons) if "step0" not in r.split("+")], dtype=np.intp)
+    return idx
+
+
+def cartography(logprobs: np.ndarray, labels: Sequence[int], losses: Optional[np.ndarray] = None,
+                points: Optional[Sequence[int]] = None):
     """Dataset Cartography statistics per example (Swayamdipta et al., 2020).
 
-    confidence = mean p(gold) over tracking points; variability = its (population) standard
-    deviation; correctness = share of points at which the argmax is the gold label.
+    confidence = mean p(gold) over the chosen tracking points; variability = its **population**
+    standard deviation (ddof = 0, as in the original code); correctness = share of those points at
+    which the argmax is the gold label.
 
     Args:
         logprobs (`np.ndarray` of shape `(points, examples, classes)`): log-probabilities.
         labels (`Sequence[int]`): gold labels.
         losses (`np.ndarray`, *optional*): `gold_loss(logprobs, labels)` when already computed.
+        points (`Sequence[int]`, *optional*): indices of the points to use (`cartography_points`);
+            default all.
 
     Returns:
         `pandas.DataFrame` with columns `confidence`, `variability`, `correctness`.
@@ -88,7 +114,12 @@ def cartography(logprobs: np.ndarray, labels: Sequence[int], losses: Optional[np
     import pandas as pd
 
     lp = np.asarray(logprobs, dtype=np.float64)
-    p_gold = np.exp(-(gold_loss(lp, labels) if losses is None else losses))
+    if losses is None:
+        losses = gold_loss(lp, labels)
+    if points is not None:
+        points = np.asarray(points, dtype=np.intp)
+        lp, losses = lp[points], np.asarray(losses)[points]
+    p_gold = np.exp(-losses)
     correct = lp.argmax(axis=2) == np.asarray(labels)[None, :]
     return pd.DataFrame(
         {"confidence": p_gold.mean(axis=0), "variability": p_gold.std(axis=0), "correctness": correct.mean(axis=0)}
@@ -113,21 +144,57 @@ def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins:
     return float(ece)
 
 
-def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: Sequence[str], n_bins: int = 10):
+def ece_bootstrap(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *, n_boot: int = 1000,
+                  seed: int = 0) -> np.ndarray:
+    """`expected_calibration_error` on `n_boot` resamples of the examples (with replacement), vectorised.
+
+    ECE = (1/n) sum_b |sum_{i in b} (correct_i - confidence_i)|, so all resamples' bin sums are one
+    weighted `numpy.bincount`.
+
+    Example:
+        >>> p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]])
+        >>> reps = ece_bootstrap(p, [0, 1, 1, 0], n_bins=5, n_boot=200, seed=0)
+        >>> reps.shape, bool((reps >= 0).all() and (reps <= 1).all())
+        ((200,), True)
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    n = len(y)
+    if n_boot <= 0 or n == 0:
+        return np.full(max(int(n_boot), 0), np.nan)
+    conf = p.max(axis=1)
+    diff = (p.argmax(axis=1) == y).astype(np.float64) - conf
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount.
+    cell = (np.arange(n_boot)[:, None] * n_bins + bins[idx]).ravel()
+    sums = np.bincount(cell, weights=diff[idx].ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
+    return np.abs(sums).sum(axis=1) / n
+
+
+def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: Sequence[str], n_bins: int = 10,
+                *, n_boot: int = 0, seed: int = 0):
     """Calibration per entropy category at one tracking point.
 
     Args:
         logprobs_point (`np.ndarray` of shape `(examples, classes)`): log-probabilities at one point.
         labels (`Sequence[int]`): gold labels.
         categories (`Sequence[str]`): entropy category of each example.
-        n_bins (`int`, *optional*, defaults to 10): ECE bins.
+        n_bins (`int`, *optional*, defaults to 10): ECE bins (equal width).
+        n_boot (`int`, *optional*, defaults to 0): bootstrap resamples for the ECE interval (0: none).
+        seed (`int`, *optional*, defaults to 0): bootstrap seed.
 
     Returns:
         `pandas.DataFrame` with one row per category (and "all"): `n`, `n_nan` (examples with
         non-finite log-probabilities, left out of the other columns), `accuracy`, `pred_entropy`
-        (mean entropy of the predicted distribution, nats), `max_confidence`, `ece`.
+        (mean entropy of the predicted distribution, nats), `max_confidence`, `ece`, `ece_ci_low`,
+        `ece_ci_high` (95% percentile bootstrap interval over examples; NaN without `n_boot`),
+        `ece_bins`.
     """
     import pandas as pd
+
+    from .inference import percentile_interval
 
     lp = np.asarray(logprobs_point, dtype=np.float64)
     finite = np.isfinite(lp).all(axis=1)
@@ -146,8 +213,10 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
             nan = float("nan")
             n_nan = int(sum(n_nan_by.values())) if name == "all" else int(n_nan_by.get(name, 0))
             rows.append({"category": name, "n": 0, "n_nan": n_nan, "accuracy": nan, "pred_entropy": nan,
-                         "max_confidence": nan, "ece": nan})
+                         "max_confidence": nan, "ece": nan, "ece_ci_low": nan, "ece_ci_high": nan, "ece_bins": n_bins})
             continue
+        lo, hi = percentile_interval(ece_bootstrap(probs[m], y[m], n_bins, n_boot=n_boot, seed=seed)) if n_boot else (
+            float("nan"), float("nan"))
         rows.append(
             {
                 "category": name,
@@ -157,6 +226,9 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
                 "pred_entropy": float(pred_h[m].mean()),
                 "max_confidence": float(probs[m].max(axis=1).mean()),
                 "ece": expected_calibration_error(probs[m], y[m], n_bins),
+                "ece_ci_low": lo,
+                "ece_ci_high": hi,
+                "ece_bins": n_bins,
             }
         )
     return pd.DataFrame(rows)
@@ -171,9 +243,14 @@ def accuracy(logprobs_point: np.ndarray, labels: Sequence[int]) -> float:
     return float((lp.argmax(axis=-1) == np.asarray(labels)).mean())
 
 
-def example_dynamics(run, name: str = "train"):
+def example_dynamics(run, name: str = "train", *, cartography_points_: str = "epoch_end"):
     """One row per tracked example of set `name`: its metadata plus aulc, delta_loss, first/last loss
-    and the cartography statistics.
+    (all against the training label ``label``), the same against the label before noise
+    (``aulc_original``, ``delta_loss_original``; NaN for a noised example of a version-1 run, whose
+    original label is unknown), ``label_changed`` (1.0 where the noise changed the label, NaN where
+    unknown) and the
+    cartography statistics over `cartography_points_` ("epoch_end" or "all", see
+    `cartography_points`).
 
     Args:
         run (`Run`): from `load_run`.
@@ -189,7 +266,22 @@ def example_dynamics(run, name: str = "train"):
     out["loss_last"] = loss[-1]
     out["aulc"] = aulc(loss, run.steps)
     out["delta_loss"] = delta_loss(loss)
-    carto = cartography(run.logprobs[name], ex["label"].to_numpy(), losses=loss)
+    if "original_label" not in out:
+        out["original_label"] = out["label"]
+    # 1.0 / 0.0, NaN where unknown (a noised example of a version-1 run).
+    out["label_changed"] = (out["label"].to_numpy() != out["original_label"].to_numpy()).astype(np.float64)
+    if (out["original_label"] == out["label"]).all():
+        out["aulc_original"], out["delta_loss_original"] = out["aulc"], out["delta_loss"]
+    else:
+        loss_o = gold_loss(run.logprobs[name], out["original_label"].to_numpy())
+        out["aulc_original"] = aulc(loss_o, run.steps)
+        out["delta_loss_original"] = delta_loss(loss_o)
+    if not getattr(run, "original_label_known", True):
+        unknown = out["noised"].astype(bool).to_numpy()
+        out.loc[unknown, ["aulc_original", "delta_loss_original"]] = np.nan
+        out.loc[unknown, "label_changed"] = np.nan
+    pts = cartography_points(run.points["reason"].tolist(), cartography_points_) if hasattr(run, "points") else None
+    carto = cartography(run.logprobs[name], ex["label"].to_numpy(), losses=loss, points=pts)
     for col in carto.columns:
         out[col] = carto[col].to_numpy()
     return out

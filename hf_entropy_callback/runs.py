@@ -1,13 +1,20 @@
 """The run directory: what a tracked training run leaves for the analysis, written atomically.
 
-Layout of ``<output_dir>/entropy_tracking/`` (format version 1)::
+Layout of ``<output_dir>/entropy_tracking/`` (format version 2)::
 
-    run_config.json    {"format_version": 1, "config": {...}, "versions": {...}}
+    run_config.json    {"format_version": 2, "config": {...}, "versions": {...}}
     examples.parquet   one row per tracked example: example_id, set, index (position in its set),
-                       entropy, category, label, label_counts, token_length, noised
+                       entropy, category, label (the training label, after any label noise),
+                       label_counts, token_length, noised (chosen for label noise), original_label
+                       (the label before noise; equals ``label`` where there was none)
     points.parquet     one row per tracking point: point, step, epoch, reason ("step0", "interval",
                        "epoch_end", "final", joined with "+" when they coincide)
     logprobs.npz       per set name, float32 log-probabilities of shape (points, examples, classes)
+
+Version 1 (before ``original_label``) is still read: `load_run` sets ``original_label := label`` and
+``Run.original_label_known`` False when a version-1 run has noised examples (their label before the
+noise is unknown; a noise-free version-1 run loses nothing). `write_run` fills a missing
+``original_label`` with ``label`` only when no example is noised, and refuses otherwise.
 
 The parquet files carry page checksums and the npz its zip CRCs, so a damaged file is reported
 (`RunFormatError`, naming the run and the file) rather than read as other numbers.
@@ -34,9 +41,14 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2
+#: Older format versions `load_run` still reads (see the module docstring).
+READABLE_FORMAT_VERSIONS = (1, 2)
 TRACKING_DIRNAME = "entropy_tracking"
-EXAMPLE_COLUMNS = ("example_id", "set", "index", "entropy", "category", "label", "label_counts", "token_length", "noised")
+EXAMPLE_COLUMNS = ("example_id", "set", "index", "entropy", "category", "label", "label_counts", "token_length", "noised",
+                   "original_label")
+#: The example columns of format version 1 (no ``original_label``).
+EXAMPLE_COLUMNS_V1 = EXAMPLE_COLUMNS[:-1]
 POINT_COLUMNS = ("point", "step", "epoch", "reason")
 
 
@@ -184,6 +196,11 @@ def write_run(
     Returns:
         `str`: the path written.
     """
+    if "original_label" not in examples.columns and "noised" in examples.columns:
+        if examples["noised"].astype(bool).any():
+            raise RunFormatError("write_run: examples table lacks original_label (the label before noise), which "
+                                 "is required when some examples are noised")
+        examples = examples.assign(original_label=examples["label"])  # no noise: the label is the original
     missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
     if missing:
         raise RunFormatError(f"write_run: examples table lacks columns {missing}")
@@ -240,6 +257,7 @@ class Run:
         examples (`pandas.DataFrame`): one row per tracked example (`EXAMPLE_COLUMNS`).
         points (`pandas.DataFrame`): the tracking points (`POINT_COLUMNS`), in order.
         logprobs (`Dict[str, np.ndarray]`): per set, float32 (points, examples, classes).
+        format_version (`int`): the format version the run was written in.
     """
 
     path: str
@@ -248,6 +266,14 @@ class Run:
     examples: Any
     points: Any
     logprobs: Dict[str, np.ndarray] = field(repr=False)
+    format_version: int = RUN_FORMAT_VERSION
+
+    @property
+    def original_label_known(self) -> bool:
+        """False for a version-1 run with noised examples: their label before the noise was not stored."""
+        if self.format_version >= 2 or "noised" not in self.examples:
+            return True
+        return not bool(self.examples["noised"].astype(bool).any())
 
     @property
     def sets(self):
@@ -306,22 +332,27 @@ def load_run(path: str) -> Run:
     if not isinstance(meta, dict):
         raise RunFormatError(f"{tdir}: run_config.json is corrupt (expected a JSON object, got {type(meta).__name__})")
     version = meta.get("format_version")
-    if version != RUN_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
         raise RunFormatError(
-            f"{tdir}: run format version {version!r} is not supported (this library reads version "
-            f"{RUN_FORMAT_VERSION}); rerun it or load it with the library version that wrote it"
+            f"{tdir}: run format version {version!r} is not supported (this library reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rerun it or load it with the library version "
+            "that wrote it"
         )
     for name in ("examples.parquet", "points.parquet", "logprobs.npz"):
         if not os.path.isfile(os.path.join(tdir, name)):
             raise RunFormatError(f"{tdir}: incomplete run, {name} is missing")
     examples = _read_file(tdir, "examples.parquet", _load_parquet)
     points = _read_file(tdir, "points.parquet", _load_parquet)
-    for name, frame, cols in (("examples.parquet", examples, EXAMPLE_COLUMNS), ("points.parquet", points, POINT_COLUMNS)):
+    ex_cols = EXAMPLE_COLUMNS if version >= 2 else EXAMPLE_COLUMNS_V1
+    for name, frame, cols in (("examples.parquet", examples, ex_cols), ("points.parquet", points, POINT_COLUMNS)):
         missing = [c for c in cols if c not in frame.columns]
         if missing:
-            raise RunFormatError(f"{tdir}: {name} lacks columns {missing}")
+            raise RunFormatError(f"{tdir}: {name} lacks columns {missing} (format version {version})")
+    if "original_label" not in examples.columns:
+        # Version 1: exact where nothing was noised; `Run.original_label_known` flags the rest.
+        examples = examples.assign(original_label=examples["label"])
     logprobs = _read_file(tdir, "logprobs.npz", _load_npz)
-    run = Run(tdir, meta.get("config", {}), meta.get("versions", {}), examples, points, logprobs)
+    run = Run(tdir, meta.get("config", {}), meta.get("versions", {}), examples, points, logprobs, int(version))
     for name, arr in logprobs.items():
         n = int((examples["set"] == name).sum())
         if arr.shape[:2] != (len(points), n):

@@ -5,6 +5,7 @@ scipy directly) from the stored log-probabilities, never through hf_entropy_call
 """
 
 import doctest
+import itertools
 import json
 import os
 import re
@@ -93,7 +94,11 @@ def by_hand(run_dir, name="train"):
     loss = np.stack([-lp[t, np.arange(len(y)), y] for t in range(lp.shape[0])])
     x = run.points["step"].to_numpy(float) / run.points["step"].iloc[-1]
     aulc = ((x[1:] - x[:-1])[:, None] * (loss[1:] + loss[:-1]) / 2).sum(axis=0)
-    p_gold = np.exp(-loss)
+    # Cartography's default: the epoch-end points only (reason contains "epoch_end").
+    ends = [i for i, r in enumerate(run.points["reason"]) if "epoch_end" in r.split("+")]
+    if not ends:
+        ends = [i for i, r in enumerate(run.points["reason"]) if "step0" not in r.split("+")]
+    p_gold = np.exp(-loss[ends])
     out = ex.copy()
     out["aulc"] = aulc
     out["delta_loss"] = loss[-1] - loss[0]
@@ -209,12 +214,14 @@ def test_conditions_group_seeds_as_replicates(study):
     assert runs.loc[runs["run_id"] == "qwen_lora8_s1", "architecture"].item() == "decoder"
 
 
-def test_replicate_warnings_name_differing_settings():
-    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "condition": "X", "seed": [1.0, 1.0, 2.0]})
-    notes = conditions.replicate_warnings(runs, {"a": {"learning_rate": 1e-4}, "b": {"learning_rate": 1e-4},
-                                                 "c": {"learning_rate": 2e-4}})
-    assert any("seed(s) [1]" in n for n in notes)
-    assert any("learning_rate" in n for n in notes)
+def test_assign_conditions_splits_by_setting_and_marks_duplicates():
+    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "condition": "X", "seed": [1.0, 1.0, 2.0],
+                         "learning_rate": [1e-4, 1e-4, 2e-4]})
+    out, notes = conditions.assign_conditions(runs)
+    # c has another learning rate: its own condition, and a and b (same lr and seed) are duplicates.
+    assert out["condition"].tolist() == ["X · lr=0.0001", "X · lr=0.0001", "X · lr=0.0002"]
+    assert out["duplicate_of"].tolist() == [None, "a", None]
+    assert any("differ in lr" in n for n in notes) and any(n.startswith("b: duplicate of a") for n in notes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,7 +338,11 @@ def test_rank_sweep_and_trend_match_scipy(study):
     trend = tables.rank_trend(sweep).set_index("model").loc["roberta-base"]
     expected = stats.spearmanr(lora["rank"], lora["rho_mean"])
     assert trend["spearman_r"] == pytest.approx(expected.statistic)
-    assert trend["p_val"] == pytest.approx(expected.pvalue)
+    # One-sided exact permutation p, by hand: the share of the 3! orderings with rho >= the observed one.
+    sims = [stats.spearmanr(lora["rank"], lora["rho_mean"].to_numpy()[list(p)]).statistic
+            for p in itertools.permutations(range(3))]
+    assert trend["p_val"] == pytest.approx(np.mean(np.array(sims) >= expected.statistic - 1e-12))
+    assert trend["p_method"] == "exact"
     assert trend["n_ranks"] == 3 and trend["monotonic"] == bool(np.all(np.diff(lora["rho_mean"]) > 0))
     # bert has one rank only: not a sweep.
     assert "bert-base-uncased" not in set(sweep["model"])
@@ -413,7 +424,7 @@ def test_noise_tests_match_scipy_and_hand_cohen_d(study, study_root):
         base, _ = by_hand(run_dir(study_root, f"rob_lora8_s{s}"))
         noisy, _ = by_hand(run_dir(study_root, f"rob_lora8_noise03_s{s}"))
         pair = base.merge(noisy, on="example_id", suffixes=("_b", "_n"))
-        row = t[(t["run_id"] == f"rob_lora8_noise03_s{s}")].set_index("subset")
+        row = t[(t["run_id"] == f"rob_lora8_noise03_s{s}") & (t["target"] == "training")].set_index("subset")
         assert row.loc["all", "baseline_run_id"] == f"rob_lora8_s{s}"
         for subset, d in (("all", pair), ("noised", pair[pair["noised_n"]])):
             x, y = d["aulc_n"].to_numpy(), d["aulc_b"].to_numpy()
@@ -422,9 +433,10 @@ def test_noise_tests_match_scipy_and_hand_cohen_d(study, study_root):
             assert row.loc[subset, "n"] == len(d)
             assert row.loc[subset, "W"] == pytest.approx(w.statistic)
             assert row.loc[subset, "p_val"] == pytest.approx(w.pvalue, rel=1e-9)
-            assert row.loc[subset, "cohen_d"] == pytest.approx(d_av)
+            assert row.loc[subset, "d_av"] == pytest.approx(d_av)
+            assert row.loc[subset, "d_z"] == pytest.approx((x - y).mean() / (x - y).std(ddof=1))
         # Noised examples are harder to learn: their AULC rises.
-        assert row.loc["noised", "cohen_d"] > 0.5 and row.loc["noised", "p_val"] < 0.05
+        assert row.loc["noised", "d_av"] > 0.5 and row.loc["noised", "p_val"] < 0.05
 
 
 def test_noise_levels_rho_per_level(study):
@@ -579,7 +591,7 @@ def test_report_links_resolve_and_tables_exist(built):
 
 def test_report_shows_single_runs_and_flags_divergence(built):
     index = open(built.index).read()
-    line = next(x for x in index.splitlines() if x.startswith("| roberta-base · LoRA r=32 · snli |"))
+    line = next(x for x in index.splitlines() if x.startswith("| roberta-base · LoRA r=32 · snli |") and " ± " in x)
     assert " ± — |" in line
     assert "bert_lora8_s1" in index and "diverged" in index
     per_seed = pd.read_csv(os.path.join(built.folder, "tables", "per_seed.csv"))
