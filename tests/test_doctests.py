@@ -21,6 +21,10 @@ MUST_HAVE_EXAMPLES = {
     "hf_entropy_callback.entropy",
     "hf_entropy_callback.trainer",
     "hf_entropy_callback.dynamics",
+    "hf_entropy_callback.inference",
+    "hf_entropy_callback.agreement",
+    "hf_entropy_callback.labels",
+    "hf_entropy_callback.tracker",
     "analysis.figures",
     "analysis.synthetic",
     "analysis.tables",
@@ -28,6 +32,7 @@ MUST_HAVE_EXAMPLES = {
 # Modules that import torch at the top; skipped, with the reason, only where torch is not installed.
 NEEDS_TORCH = {
     "hf_entropy_callback.callback",
+    "hf_entropy_callback.tracker",
     "hf_entropy_callback.trainer",
     "hf_entropy_callback.offline",
     "hf_entropy_callback.peft_setup",
