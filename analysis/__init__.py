@@ -1,10 +1,8 @@
-"""Tables and figures of the study, built from run directories written by hf_entropy_callback.
+"""The study's entry points in the repository (not installed).
 
-    python -m analysis RUNS_DIR [RUNS_DIR ...] --out REPORT_DIR
+    python -m analysis RUNS_DIR [RUNS_DIR ...] --out REPORT_DIR     # = hf-entropy-report
+    python -m analysis.chaosnli_stats [FILE_OR_FOLDER ...]           # entropy categories of ChaosNLI files
 
-Modules: `conditions` (finding runs, grouping them into conditions), `loading` (one pass over
-the runs into tidy tables), `tables` (the statistics, pingouin / scipy), `figures` (matplotlib),
-`report` (the report folder: index.md / index.html, tables as markdown and CSV, PNG figures),
-`synthetic` (run directories with known structure, for tests and benchmarks) and
-`chaosnli_stats` (entropy-category counts of ChaosNLI files).
+The report itself lives in the library, `hf_entropy_callback.study`, so that an installed
+package provides it (`hf-entropy-report`) without a top-level module named `analysis`.
 """

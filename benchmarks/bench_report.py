@@ -5,7 +5,7 @@
 Each run has 1,211 tracked train and 303 validation examples (ChaosNLI-SNLI split 80/20), 3
 classes, and the tracking points of a 5-epoch run at batch size 32 over 21,211 training examples
 with track_every = 100 (step 0, every 100 steps, every epoch end at 663-step epochs, the final
-step). The 54 runs follow `analysis.synthetic.study_configs` (main matrix, rank sweep, IA3, label
+step). The 54 runs follow `hf_entropy_callback.synthetic_runs.study_configs` (main matrix, rank sweep, IA3, label
 noise, soft labels, compositions). The report runs with its defaults (1,000 bootstrap resamples
 per run for the rho and ECE intervals, agreement metrics at every tracking point). Prints the
 seconds spent generating, loading, computing the tables, drawing the figures and writing, and
@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from analysis.synthetic import (  # noqa: E402
+from hf_entropy_callback.synthetic_runs import (  # noqa: E402
     STUDY_TRACKED_TRAIN,
     STUDY_TRACKED_VALIDATION,
     STUDY_TRAIN_SIZE,
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         rss_gen = peak_rss_mib()
         print(f"generate runs:  {t_gen:6.1f} s  (peak RSS so far {rss_gen:.0f} MiB)")
 
-        from analysis.report import build_report
+        from hf_entropy_callback.study.report import build_report
 
         t0 = time.perf_counter()
         report = build_report([runs_dir], report_dir, progress=False)

@@ -16,14 +16,15 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import conditions, loading, report, synthetic, tables
-from analysis.__main__ import main as cli_main
-from analysis.conditions import NoRunsFoundError, describe_run, discover_runs
-from analysis.loading import load_study
-from analysis.report import build_report, format_table
-from analysis.synthetic import Dynamics, tracking_points, write_synthetic_run
+from hf_entropy_callback import synthetic_runs as synthetic
 from hf_entropy_callback.entropy import annotation_entropy, entropy_category
 from hf_entropy_callback.runs import RunFormatError, load_run
+from hf_entropy_callback.study import conditions, loading, report, tables
+from hf_entropy_callback.study.cli import main as cli_main
+from hf_entropy_callback.study.conditions import NoRunsFoundError, describe_run, discover_runs
+from hf_entropy_callback.study.loading import load_study
+from hf_entropy_callback.study.report import build_report, format_table
+from hf_entropy_callback.synthetic_runs import Dynamics, tracking_points, write_synthetic_run
 
 N_TRAIN, N_VAL = 150, 45
 STEPS = [0, 20, 40, 60, 80, 100]

@@ -13,7 +13,7 @@ from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, w
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import run_glue_entropy  # noqa: E402
-from analysis.__main__ import main as analysis_main  # noqa: E402
+from hf_entropy_callback.study.cli import main as analysis_main  # noqa: E402
 
 
 def test_report_from_two_trained_runs(tmp_path):

@@ -1,4 +1,5 @@
-"""Run the `>>>` examples of every module of `hf_entropy_callback` and `analysis` as doctests.
+"""Run the `>>>` examples of every module of `hf_entropy_callback` (subpackages included) and `analysis`
+as doctests.
 
 Modules are collected with `pkgutil` (those whose source holds a `>>>`), so a new module's examples
 run without touching this file; the modules whose examples must not silently disappear are listed
@@ -25,9 +26,9 @@ MUST_HAVE_EXAMPLES = {
     "hf_entropy_callback.agreement",
     "hf_entropy_callback.labels",
     "hf_entropy_callback.tracker",
-    "analysis.figures",
-    "analysis.synthetic",
-    "analysis.tables",
+    "hf_entropy_callback.study.figures",
+    "hf_entropy_callback.synthetic_runs",
+    "hf_entropy_callback.study.tables",
 }
 # Modules that import torch at the top; skipped, with the reason, only where torch is not installed.
 NEEDS_TORCH = {
@@ -47,7 +48,9 @@ def _modules():
     """Modules of the packages whose source has an example, found without importing them."""
     names = []
     for pkg in PACKAGES:
-        for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+        for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+            if info.ispkg:
+                continue
             with open(info.module_finder.find_spec(info.name).origin, encoding="utf-8") as fh:
                 if ">>>" in fh.read():
                     names.append(info.name)

@@ -395,8 +395,8 @@ def test_early_stopping_with_best_model_reload_records_the_trained_model(tmp_pat
 
 
 def test_run_config_read_from_the_model_without_run_config(tmp_path):
-    from analysis.conditions import describe_run
     from hf_entropy_callback.peft_setup import apply_peft
+    from hf_entropy_callback.study.conditions import describe_run
 
     tok, model, raw, train = setup("bert", n=20)
     model = apply_peft(model, "lora", r=4)

@@ -12,11 +12,11 @@ import pytest
 from tiny import args, no_dropout, setup
 from transformers import Trainer, TrainerCallback
 
-from analysis import figures as F
-from analysis.loading import load_study
-from analysis.synthetic import STUDY_TRAIN_SIZE, Dynamics, tracking_points, write_synthetic_run
 from hf_entropy_callback import AnnotationEntropyCallback, load_run
 from hf_entropy_callback.schedule import tracking_schedule
+from hf_entropy_callback.study import figures as F
+from hf_entropy_callback.study.loading import load_study
+from hf_entropy_callback.synthetic_runs import STUDY_TRAIN_SIZE, Dynamics, tracking_points, write_synthetic_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REASON_ORDER = ("step0", "interval", "epoch_end", "final")
@@ -206,7 +206,7 @@ def test_divergence_note_names_an_integer_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
-    from analysis.report import compute_tables
+    from hf_entropy_callback.study.report import compute_tables
 
     root = tmp_path_factory.mktemp("fig_runs")
     for method, rank in (("lora", 8), ("full", None)):

@@ -20,10 +20,6 @@ import pytest
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from analysis import tables
-from analysis.loading import Options, load_study
-from analysis.report import build_report
-from analysis.synthetic import write_synthetic_run
 from hf_entropy_callback.agreement import agreement_metrics, agreement_table
 from hf_entropy_callback.dynamics import cartography_points, ece_bootstrap, expected_calibration_error
 from hf_entropy_callback.inference import (
@@ -34,6 +30,10 @@ from hf_entropy_callback.inference import (
     spearman_permutation_test,
 )
 from hf_entropy_callback.runs import load_run
+from hf_entropy_callback.study import tables
+from hf_entropy_callback.study.loading import Options, load_study
+from hf_entropy_callback.study.report import build_report
+from hf_entropy_callback.synthetic_runs import write_synthetic_run
 
 STEPS = [0, 40, 80, 120, 160]
 SMALL = dict(n_train=120, n_val=30, steps=STEPS)

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.__main__ import main as cli_main
-from analysis.report import REPORT_MARKER, ReportFolderError, build_report
-from analysis.synthetic import Dynamics, write_synthetic_run
 from hf_entropy_callback.dynamics import format_summary, run_summary
 from hf_entropy_callback.runs import load_run, write_run
+from hf_entropy_callback.study.cli import main as cli_main
+from hf_entropy_callback.study.report import REPORT_MARKER, ReportFolderError, build_report
+from hf_entropy_callback.synthetic_runs import Dynamics, write_synthetic_run
 
 FLAT = Dynamics(final_loss=0.05, entropy_slope=0.0, length_slope=0.0, noise_sd=0.3)
 STEPS = [0, 50, 100]

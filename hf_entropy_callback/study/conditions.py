@@ -15,7 +15,7 @@ Rules (see `assign_conditions`):
   ``label_noise_exclude_original`` False, and the noise rule is ignored when there is no noise).
 - Data files are compared by file name (not folder), so runs copied between machines still match.
 - The tracked set is a hash of the sorted ids of the tracked train examples (``tracked_set``,
-  added by `analysis.loading`): runs tracking different examples are never one condition.
+  added by `hf_entropy_callback.study.loading`): runs tracking different examples are never one condition.
 - A *duplicate* is a second run of the same condition and seed; it is listed, marked excluded
   and counted once (the first by run id stays).
 """
@@ -108,7 +108,7 @@ SETTINGS = (
      else bool(c.get("use_class_weights"))),
     ("label_names", "labels", lambda c: _listish(c.get("label_names"))),
 )
-#: Every column of the condition key, in order (``tracked_set`` is added by `analysis.loading`).
+#: Every column of the condition key, in order (``tracked_set`` is added by `hf_entropy_callback.study.loading`).
 KEY_COLUMNS = ("model", "architecture", "method", "rank", "dataset", "composition", "label_noise", "loss",
                *(name for name, _, _ in SETTINGS), "tracked_set")
 #: Short names of the key columns in condition labels and notes.

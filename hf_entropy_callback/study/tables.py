@@ -1,5 +1,5 @@
 """The study's tables, as tidy DataFrames, built from the ``runs`` and ``examples`` tables of
-`analysis.loading.load_study`.
+`hf_entropy_callback.study.loading.load_study`.
 
 Conventions
 -----------
@@ -9,7 +9,7 @@ Conventions
 - ``examples``: one row per (run, tracked example) from `hf_entropy_callback.dynamics.example_dynamics`
   plus ``run_id``.
 - Excluded runs never enter an aggregate; they stay visible in `per_seed_table`. A run is excluded
-  when ``excluded`` is True (diverged, or an incomplete history: see `analysis.loading`); frames
+  when ``excluded`` is True (diverged, or an incomplete history: see `hf_entropy_callback.study.loading`); frames
   without that column fall back to ``diverged``.
 - Across seeds: ``*_mean`` and ``*_sd`` (sample sd, ddof = 1; NaN with a single run).
 
@@ -42,7 +42,7 @@ from .conditions import CONDITION_KEYS, KEY_COLUMNS, SHORT_NAMES, order_conditio
 
 ALPHA = 0.05
 #: Settings that must agree between a variant run and the run it is compared with: every key column
-#: (`analysis.conditions.KEY_COLUMNS`) except the varied setting and what it determines (`VARIED_WITH`).
+#: (`hf_entropy_callback.study.conditions.KEY_COLUMNS`) except the varied setting and what it determines (`VARIED_WITH`).
 MATCH_KEYS = KEY_COLUMNS
 #: What else a varied setting changes by construction: a composition selects other tracked examples;
 #: the noise-drawing rule exists only with noise.
@@ -98,7 +98,7 @@ def mean_sd(frame: pd.DataFrame, by: Sequence[str], values: Sequence[str]) -> pd
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import mean_sd
+    >>> from hf_entropy_callback.study.tables import mean_sd
     >>> df = pd.DataFrame({"condition": ["A", "A", "A", "B"], "rho": [0.1, 0.2, 0.3, 0.25]})
     >>> mean_sd(df, ["condition"], ["rho"]).round(3)
       condition  n_runs  rho_mean  rho_sd
@@ -153,7 +153,7 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional
     them (intersection-union test, see the module docstring), so rho = +0.2, -0.2, +0.2 is never
     significant however small the two-sided p-values. ``p_max`` is corrected (Bonferroni, BH) over
     the conditions of the *family*: ``family="main"`` the study's main-matrix conditions present
-    (``in_main_family``, see `analysis.conditions.is_main_matrix`), ``"all"`` every condition.
+    (``in_main_family``, see `hf_entropy_callback.study.conditions.is_main_matrix`), ``"all"`` every condition.
     Conditions outside the family keep ``p_max`` but get no corrected p.
 
     Parameters
@@ -181,7 +181,7 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import rho_by_condition
+    >>> from hf_entropy_callback.study.tables import rho_by_condition
     >>> runs = pd.DataFrame({"condition": ["A", "A", "A", "B", "C"], "seed": [1, 2, 3, 1, 1],
     ...                      "rho": [0.1, 0.2, 0.3, 0.25, 0.05], "n": 100,
     ...                      "p_greater": [0.001, 0.01, 0.002, 0.04, 0.03]})
@@ -255,7 +255,7 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import per_seed_table
+    >>> from hf_entropy_callback.study.tables import per_seed_table
     >>> runs = pd.DataFrame({"run_id": ["a", "b", "c"], "condition": "A", "seed": [1, 2, 3],
     ...                      "rho": [0.2, 0.3, 0.1], "p_val": [0.01, 0.02, 0.5], "n": 100,
     ...                      "diverged": [False, False, True]})
@@ -292,7 +292,7 @@ def category_means(examples: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import category_means
+    >>> from hf_entropy_callback.study.tables import category_means
     >>> ex = pd.DataFrame({"run_id": "r", "category": ["clean", "clean", "contested"],
     ...                    "delta_loss": [-1.0, -0.5, 0.4], "aulc": [0.2, 0.4, 1.5]})
     >>> category_means(ex).round(3)
@@ -328,7 +328,7 @@ def delta_loss_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import delta_loss_table
+    >>> from hf_entropy_callback.study.tables import delta_loss_table
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "diverged": False})
     >>> ex = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "category": ["clean", "contested"] * 2,
     ...                    "delta_loss": [-1.0, 0.5, -0.6, 0.3], "aulc": [0.3, 1.2, 0.4, 1.1]})
@@ -367,7 +367,7 @@ def rank_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import rank_sweep
+    >>> from hf_entropy_callback.study.tables import rank_sweep
     >>> runs = pd.DataFrame({"model": "m", "architecture": "encoder", "dataset": "snli", "variant": "base",
     ...                      "method": ["lora", "lora", "lora", "full"], "rank": [4, 16, 16, None],
     ...                      "seed": [1, 1, 2, 1], "rho": [0.1, 0.3, 0.2, 0.05], "diverged": False})
@@ -409,7 +409,7 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import rank_trend
+    >>> from hf_entropy_callback.study.tables import rank_trend
     >>> sweep = pd.DataFrame({"model": "m", "architecture": "encoder", "dataset": "snli",
     ...                       "method": ["lora"] * 4 + ["full"], "rank": [4, 8, 16, 32, None],
     ...                       "rho_mean": [0.1, 0.2, 0.15, 0.3, 0.05]})
@@ -455,7 +455,7 @@ def architecture_table(runs: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import architecture_table
+    >>> from hf_entropy_callback.study.tables import architecture_table
     >>> runs = pd.DataFrame({"model": ["e1", "e2", "d1"], "architecture": ["encoder", "encoder", "decoder"],
     ...                      "dataset": "snli", "variant": "base", "method": "lora", "rank": 8,
     ...                      "rho": [0.1, 0.2, 0.4], "diverged": False})
@@ -504,7 +504,7 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from analysis.tables import partial_correlation
+    >>> from hf_entropy_callback.study.tables import partial_correlation
     >>> rng = np.random.default_rng(0)
     >>> length = rng.integers(5, 50, 200)
     >>> h = rng.uniform(0, 1, 200)
@@ -571,7 +571,7 @@ def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from analysis.tables import regression
+    >>> from hf_entropy_callback.study.tables import regression
     >>> rng = np.random.default_rng(0)
     >>> ex = pd.DataFrame({"run_id": "r", "entropy": rng.uniform(0, 1, 90),
     ...                    "token_length": rng.integers(5, 40, 90), "label": np.arange(90) % 3})
@@ -614,7 +614,7 @@ def summarize_terms(per_run: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import summarize_terms
+    >>> from hf_entropy_callback.study.tables import summarize_terms
     >>> reg = pd.DataFrame({"condition": "A", "term": ["entropy", "entropy"], "coef": [1.0, 2.0],
     ...                     "beta": [0.3, 0.5], "p_val": [0.01, 0.02], "r2": [0.2, 0.4]})
     >>> summarize_terms(reg)[["term", "n_runs", "coef_mean", "beta_mean", "p_max", "r2_mean"]]
@@ -642,7 +642,7 @@ def summarize_partial(per_run: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import summarize_partial
+    >>> from hf_entropy_callback.study.tables import summarize_partial
     >>> pc = pd.DataFrame({"condition": "A", "rho": [0.3, 0.4], "partial_r": [0.25, 0.35], "p_val": [0.01, 0.03]})
     >>> summarize_partial(pc)[["condition", "n_runs", "rho_mean", "partial_r_mean", "p_max"]]
       condition  n_runs  rho_mean  partial_r_mean  p_max
@@ -677,7 +677,7 @@ def kendall_vs_spearman(runs: pd.DataFrame):
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import kendall_vs_spearman
+    >>> from hf_entropy_callback.study.tables import kendall_vs_spearman
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "rho": [0.3, -0.1], "tau": [0.2, 0.05]})
     >>> per_run, summary = kendall_vs_spearman(runs)
     >>> per_run.ratio.round(3).tolist(), summary.sign_concordance.item()
@@ -790,7 +790,7 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import variant_comparison
+    >>> from hf_entropy_callback.study.tables import variant_comparison
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "model": "m", "method": "lora", "rank": 8,
     ...                      "dataset": "snli", "loss": ["ce", "soft_kl"], "seed": 1,
     ...                      "rho": [0.3, 0.1], "diverged": False})
@@ -959,7 +959,7 @@ def calibration_table(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataF
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import calibration_table
+    >>> from hf_entropy_callback.study.tables import calibration_table
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "diverged": False})
     >>> cal = pd.DataFrame({"run_id": ["a", "b"], "set": "train", "category": "clean", "n": 10,
     ...                     "accuracy": [0.9, 0.8], "pred_entropy": [0.2, 0.4],
@@ -996,7 +996,7 @@ def cartography_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFram
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from analysis.tables import cartography_table
+    >>> from hf_entropy_callback.study.tables import cartography_table
     >>> rng = np.random.default_rng(0)
     >>> conf, h = rng.uniform(0.2, 0.9, 100), rng.uniform(0, 1, 100)
     >>> ex = pd.DataFrame({"run_id": "r", "confidence": conf, "entropy": h,
@@ -1033,7 +1033,7 @@ def summarize_runs(per_run: pd.DataFrame, values: Sequence[str], p_cols: Sequenc
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import summarize_runs
+    >>> from hf_entropy_callback.study.tables import summarize_runs
     >>> ct = pd.DataFrame({"condition": "A", "delta_r2": [0.01, 0.03], "p_delta": [0.2, 0.001]})
     >>> summarize_runs(ct, ["delta_r2"], ["p_delta"]).round(4)
       condition  n_runs  delta_r2_mean  delta_r2_sd  p_delta_max
@@ -1082,7 +1082,7 @@ def binning_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import numpy as np, pandas as pd
-    >>> from analysis.tables import binning_table
+    >>> from hf_entropy_callback.study.tables import binning_table
     >>> h = np.linspace(0, 1, 12)
     >>> ex = pd.DataFrame({"run_id": "r", "entropy": h, "aulc": h,
     ...                    "category": np.where(h < 0.4, "clean", np.where(h <= 0.7, "ambiguous", "contested"))})
@@ -1138,7 +1138,7 @@ def entropy_distribution(entropy: pd.DataFrame) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import entropy_distribution
+    >>> from hf_entropy_callback.study.tables import entropy_distribution
     >>> ent = pd.DataFrame({"dataset": "snli", "example_id": list("abcd"), "entropy": [0.1, 0.2, 0.5, 0.9],
     ...                     "category": ["clean", "clean", "ambiguous", "contested"]})
     >>> entropy_distribution(ent)[["category", "n", "share"]]
@@ -1186,7 +1186,7 @@ def agreement_by_condition(runs: pd.DataFrame, agreement: pd.DataFrame, point: s
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.tables import agreement_by_condition
+    >>> from hf_entropy_callback.study.tables import agreement_by_condition
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "diverged": False})
     >>> ag = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "set": "validation", "category": "all",
     ...                    "point": [0, 1, 0, 1], "n": 10, "kl": [0.9, 0.3, 0.8, 0.5],

@@ -107,7 +107,7 @@ def format_table(frame: pd.DataFrame, drop_keys: bool = True) -> pd.DataFrame:
     Examples
     --------
     >>> import pandas as pd
-    >>> from analysis.report import format_table
+    >>> from hf_entropy_callback.study.report import format_table
     >>> df = pd.DataFrame({"condition": ["A", "B"], "rho_mean": [0.2, 0.25], "rho_sd": [0.1, float("nan")],
     ...                    "p_max": [0.0123456, 0.04]})
     >>> format_table(df)
@@ -788,13 +788,13 @@ def _check_target(target: str, inputs: Sequence[str] = ()) -> None:
         return
     raise ReportFolderError(
         f"{target}: folder is not empty and holds no {REPORT_MARKER} (it is not a report written by "
-        "`python -m analysis`); refusing to replace it. Choose a new or empty folder.")
+        "`hf-entropy-report` / `python -m analysis`); refusing to replace it. Choose a new or empty folder.")
 
 
 def _write_marker(folder: str) -> None:
     with open(os.path.join(folder, REPORT_MARKER), "w") as fh:
         fh.write(f"{REPORT_TAG}\nformat {REPORT_FORMAT_VERSION}\n"
-                 "This folder was written by `python -m analysis` and is replaced as a whole by the next report "
+                 "This folder was written by `hf-entropy-report` (`python -m analysis`) and is replaced as a whole by the next report "
                  "written to it.\n")
 
 
@@ -874,9 +874,9 @@ def build_report(
     skip_invalid : bool
         Skip runs that cannot be read (listed in the report) instead of failing.
     options : Options, optional
-        Bootstrap count and seed, ECE bins, cartography points (`analysis.loading.Options`).
+        Bootstrap count and seed, ECE bins, cartography points (`hf_entropy_callback.study.loading.Options`).
     family : {"main", "all"}
-        Correction family of the condition test (`analysis.tables.rho_by_condition`).
+        Correction family of the condition test (`hf_entropy_callback.study.tables.rho_by_condition`).
     main_ranks : sequence of int
         LoRA ranks of the main matrix (for ``family="main"``).
 

@@ -15,7 +15,7 @@ Per run, everything the report needs is derived right after loading, with
 - ``boot``: per run, the bootstrap replicates of its rho (`Options.n_boot`, seeded; examples
   sorted by id so the seeds of one condition, which track the same examples, share resamples).
 
-Conditions and duplicates: `analysis.conditions.assign_conditions`. A duplicate run (same
+Conditions and duplicates: `hf_entropy_callback.study.conditions.assign_conditions`. A duplicate run (same
 condition and seed as a run with a smaller id) has status "duplicate" and is excluded.
 
 A run is *diverged* when any tracked loss of its train set is not finite, or when the mean tracked
@@ -52,7 +52,7 @@ from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
 from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
 
-#: Defaults of the report's statistical options (CLI flags of `python -m analysis`).
+#: Defaults of the report's statistical options (flags of `hf-entropy-report` / `python -m analysis`).
 DEFAULT_BOOTSTRAP = 1000
 DEFAULT_BOOTSTRAP_SEED = 0
 DEFAULT_ECE_BINS = 10
@@ -61,7 +61,7 @@ DEFAULT_CARTOGRAPHY_POINTS = "epoch_end"
 
 @dataclass
 class Options:
-    """The statistical options of a report (see `python -m analysis --help`)."""
+    """The statistical options of a report (see `hf-entropy-report --help`)."""
 
     n_boot: int = DEFAULT_BOOTSTRAP
     boot_seed: int = DEFAULT_BOOTSTRAP_SEED
@@ -287,10 +287,10 @@ def load_study(
     options : Options, optional
         Bootstrap count and seed, ECE bins, cartography points.
     main_ranks : sequence of float, optional
-        LoRA ranks of the main matrix (`analysis.conditions.MAIN_RANKS` by default); sets the
+        LoRA ranks of the main matrix (`hf_entropy_callback.study.conditions.MAIN_RANKS` by default); sets the
         ``in_main_family`` column.
 
-    Conditions come from `analysis.conditions.assign_conditions`: a duplicate run (same
+    Conditions come from `hf_entropy_callback.study.conditions.assign_conditions`: a duplicate run (same
     condition and seed as an earlier run id) gets status "duplicate" and is excluded.
 
     Raises
@@ -303,8 +303,8 @@ def load_study(
     Examples
     --------
     >>> import tempfile
-    >>> from analysis.synthetic import write_synthetic_run
-    >>> from analysis.loading import load_study
+    >>> from hf_entropy_callback.synthetic_runs import write_synthetic_run
+    >>> from hf_entropy_callback.study.loading import load_study
     >>> root = tempfile.mkdtemp()
     >>> for seed in (1, 2):
     ...     _ = write_synthetic_run(f"{root}/lora_s{seed}", {"seed": seed}, n_train=60, n_val=20,

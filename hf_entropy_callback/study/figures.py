@@ -5,7 +5,7 @@ Two layers, as in seaborn: *panel* functions (``*_panel``) draw one panel into a
 `entropy_histogram`) lay panels out in a grid, into a given figure or sequence of axes
 (``axes=``) or a new figure, and return the figure, or None when there is nothing to draw.
 Neither writes anything: `save_figure` does, and `all_figures` draws and saves the report's set.
-Every function takes tidy tables from `analysis.loading` / `analysis.tables`, data first and
+Every function takes tidy tables from `hf_entropy_callback.study.loading` / `hf_entropy_callback.study.tables`, data first and
 options keyword-only. Losses and entropies are in nats. The report's grids are split into pages
 of at most `MAX_ROWS` rows so the number of files stays small however many runs there are.
 

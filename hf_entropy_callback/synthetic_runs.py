@@ -23,7 +23,7 @@ Examples
 --------
 >>> import tempfile
 >>> from hf_entropy_callback.runs import load_run
->>> from analysis.synthetic import write_synthetic_run
+>>> from hf_entropy_callback.synthetic_runs import write_synthetic_run
 >>> root = tempfile.mkdtemp()
 >>> path = write_synthetic_run(root + "/run", {"method": "lora", "rank": 8, "seed": 1},
 ...                            n_train=30, n_val=10, steps=[0, 10, 20])
@@ -47,7 +47,7 @@ from hf_entropy_callback.entropy import annotation_entropy, entropy_category
 from hf_entropy_callback.runs import TRACKING_DIRNAME, write_run
 from hf_entropy_callback.schedule import tracking_schedule
 
-from .conditions import is_decoder
+from .study.conditions import is_decoder
 
 #: Shares of clean / ambiguous / contested examples in the two ChaosNLI subsets (from the real files).
 CATEGORY_SHARES = {"snli": (0.250, 0.506, 0.244), "mnli": (0.049, 0.326, 0.625)}
