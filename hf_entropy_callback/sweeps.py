@@ -34,8 +34,8 @@ done", an unfinished one resumes from its last complete checkpoint, other settin
 the differences. The runner therefore simply starts the command again; it skips a run without
 starting Python only when the folder's fingerprint says *finished* and the runner's record shows the
 run was last launched with the identical command (anything else goes to the script, which decides).
-A failed run is retried `--retries` times (not after a usage error, exit status 2, or a refusal of the
-output folder, which would fail again), logged with its command and log file, and the other runs
+A failed run is retried `--retries` times (not after a usage error, exit status 2 or an unknown flag,
+or a refusal of the output folder, which would fail again), logged with its command and log file, and the other runs
 go on. Files under `--out`:
 
     <out>/<run name>/              the run (the script's output folder)
@@ -649,10 +649,11 @@ class _Runner:
                 res.status = "skipped" if _ALREADY_DONE in text and "***** train metrics *****" not in text else "done"
                 break
             res.status = "failed"
-            refused = re.search(rf"^{re.escape(os.path.basename(self.script))}: error:", text, re.M)
+            refused = re.search(rf"^{re.escape(os.path.basename(self.script))}: error:", text, re.M) or (
+                "are not used by the HfArgumentParser" in text)  # an unknown flag (ValueError, exit status 1)
             if code == 2 or refused or res.attempts > self.retries:
                 res.note = ("usage error (exit status 2): not retried" if code == 2 else
-                            "the script refused the output folder: not retried" if refused else "")
+                            "usage error or refused output folder: not retried" if refused else "")
                 break
             self._say(f"[retry] {run.name}: exit status {code}, attempt {res.attempts + 1} of {self.retries + 1}")
             res.resumed = res.resumed or folder_state(run.output_dir) == "partial"
@@ -1026,6 +1027,9 @@ def calibrate_model(source: str, method: str, *, data_dir: str, steps: int = 3, 
     if getattr(config, "pad_token_id", None) is None:
         eos = getattr(config, "eos_token_id", None)
         config.pad_token_id = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos:
+        seq_len = min(seq_len, max_pos - 2)  # RoBERTa's positions start after the padding index
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
     model = apply_peft(model, method={"full": "none"}.get(method, method), r=rank).to(device)
@@ -1098,7 +1102,11 @@ def calibrate(runs: Sequence[Run], *, data_dir: str, path: str, steps: int = 3, 
             continue
         done.add(pair)
         echo(f"calibrating {c.model.name} ({c.method}) on {key} ...")
-        m = calibrate_model(c.model.source, c.method, data_dir=data_dir, steps=steps, rank=c.rank or 8)
+        try:
+            m = calibrate_model(c.model.source, c.method, data_dir=data_dir, steps=steps, rank=c.rank or 8)
+        except Exception as err:
+            raise RuntimeError(f"--calibrate: cannot time {c.model.name} ({c.method}) from {c.model.source}: "
+                               f"{type(err).__name__}: {err}") from err
         entry.setdefault(c.model.name, {})[c.method] = m
         echo(f"  {m['train_step_s']:.3f} s / training step of {m['batch_size']}, {m['track_batch_s']:.3f} s / "
              f"tracking batch of {m['tracking_batch_size']} ({m['batches']})")
@@ -1124,11 +1132,9 @@ def estimate_lines(runs: Sequence[Run], matrices: Sequence[str], *, data_dir: st
     sizes = {t: data_sizes(data_dir, t) for t in DATA_FILES}
     measured = calibration.get(device, {})
     lines = []
-    src = {s["source"] for s in sizes.values()}
-    lines.append(f"estimated compute on {device} (one process per run; data sizes from "
-                 f"{'the files under --data' if src == {'files'} else 'the study'}: SNLI {sizes['snli']['tracked']} "
-                 f"tracked + {min(20000, sizes['snli']['bulk_available'])} bulk, MNLI {sizes['mnli']['tracked']} "
-                 f"tracked + {min(20000, sizes['mnli']['bulk_available'])} bulk):")
+    desc = ", ".join(f"{t.upper()} {s['tracked']} tracked + {min(20000, s['bulk_available'])} bulk "
+                     f"({'from --data' if s['source'] == 'files' else 'study sizes'})" for t, s in sizes.items())
+    lines.append(f"estimated compute on {device} (one process per run, measured step times; {desc}):")
     missing_all = set()
     for mname in list(matrices) + ["all selected"]:
         mruns = [r for r in runs if mname in r.matrices] if mname != "all selected" else list(runs)
@@ -1346,7 +1352,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cal_path = args.calibration_file or default_calibration_file()
     if args.calibrate:
-        calibrate(runs, data_dir=args.data, path=cal_path, steps=args.calibrate_steps)
+        try:
+            calibrate(runs, data_dir=args.data, path=cal_path, steps=args.calibrate_steps)
+        except RuntimeError as err:
+            print(f"hf-entropy-sweep: error: {err}", file=sys.stderr)
+            return 1
 
     if args.dry_run:
         for run in runs:
