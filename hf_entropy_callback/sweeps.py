@@ -1164,10 +1164,11 @@ def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_di
                         throttle: Optional[int] = None, partition: Optional[str] = None,
                         time_limit: Optional[str] = None, gpus: Optional[int] = None, cpus: Optional[int] = None,
                         mem: Optional[str] = None, account: Optional[str] = None,
-                        setup: Sequence[str] = (), report_argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
+                        setup: Sequence[str] = (), report_argv: Optional[Sequence[str]] = None,
+                        extra: Sequence[str] = ()) -> Dict[str, str]:
     """Write `<out>/slurm/<job>.sbatch` (an array job, one task per run) and `<job>-report.sbatch`.
 
-    Task i runs `task_argv` followed by `--task-index i`: the same runner, which picks the i-th run of
+    Task i runs `task_argv` followed by `--task-index i` and `extra` (`["--extra", ...]`): the same runner, which picks the i-th run of
     the same expansion, so resubmitting the array skips the runs that finished. Task logs go to
     `<out>/slurm/logs/<job id>_<task>.out`, each run's own log to `<out>/logs/`.
 
@@ -1195,7 +1196,7 @@ def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_di
     lines += [f"#   {i} {r.name}" for i, r in enumerate(runs)]
     lines += ["set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", *setup,
               ': "${SLURM_ARRAY_TASK_ID:?run this script with sbatch (or set SLURM_ARRAY_TASK_ID)}"',
-              f"exec {shlex.join(task_argv)} --task-index \"$SLURM_ARRAY_TASK_ID\"", ""]
+              f"exec {shlex.join(task_argv)} --task-index \"$SLURM_ARRAY_TASK_ID\" {shlex.join(extra)}".rstrip(), ""]
     array_path = os.path.join(folder, f"{job_name}.sbatch")
     with open(array_path, "w") as fh:
         fh.write("\n".join(lines))
@@ -1374,7 +1375,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task, tail = _task_argv(args, extra)
         report_argv = None if args.no_report else task + ["--collect"] + tail
         paths = write_slurm_scripts(
-            runs, task + tail, out_dir=out_dir, job_name=job, throttle=args.slurm_throttle,
+            runs, task, extra=tail, out_dir=out_dir, job_name=job, throttle=args.slurm_throttle,
             partition=args.slurm_partition, time_limit=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus,
             mem=args.slurm_mem, account=args.slurm_account, setup=args.slurm_setup, report_argv=report_argv)
         print(f"wrote {paths['array']} ({len(runs)} array tasks)" + (f" and {paths['report']}" if "report" in paths else ""))

@@ -267,7 +267,7 @@ def test_slurm_script_runs_a_task_by_index(swept, tiny):
                  "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", f"#SBATCH --output={out}/slurm/logs/%A_%a.out",
                  "#   4 tiny-bert-snli-lora-r8-s3"):
         assert line in text.splitlines(), line
-    assert '--task-index "$SLURM_ARRAY_TASK_ID" --extra --preset smoke' in text
+    assert text.rstrip().endswith('--task-index "$SLURM_ARRAY_TASK_ID" --extra --preset smoke')
     report_script = (out / "slurm" / "hf-entropy-soft_label-report.sbatch").read_text()
     assert "--collect" in report_script
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="4")
