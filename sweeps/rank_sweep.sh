@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
-# Rank sweep (figure 5 of the study): RoBERTa and BERT on SNLI, one seed, six LoRA ranks plus full FT.
+# Rank sweep (figure 5 of the study): RoBERTa and BERT on SNLI, one seed (SEED, default 42), six LoRA
+# ranks (RANKS, default "2 4 8 16 32 64") plus full FT: 14 runs, 6 of them shared with the main matrix.
 source "$(dirname "$0")/common.sh"
-RANKS=${RANKS:-2 4 8 16 32 64}
-seed=${SEED:-42}
-for model in roberta-base bert-base-uncased; do
-  for r in $RANKS; do
-    launch "sweep-${model##*/}-snli-lora-r$r-s$seed" --model_name_or_path "$(model_path $model)" $(data_args snli) \
-      $(method_args lora $r) --seed $seed
-  done
-  launch "sweep-${model##*/}-snli-full-s$seed" --model_name_or_path "$(model_path $model)" $(data_args snli) \
-    $(method_args full) --seed $seed
-done
+read -r -a _ranks <<< "${RANKS:-2 4 8 16 32 64}"
+if [ -z "${SEEDS:-}" ]; then RUNNER_ARGS+=(--seeds "${SEED:-42}"); fi
+run_matrix rank_sweep --sweep-ranks "${_ranks[@]}" "$@"
