@@ -870,12 +870,12 @@ def collect_results(runs: Sequence[Run], out_dir: str, launcher: Sequence[str], 
 
 
 def build_report(run_dirs: Sequence[str], report_dir: str, log: str) -> int:
-    """Build the analysis report over `run_dirs` with `python -m analysis ... --out report_dir`.
+    """Build the analysis report over `run_dirs` with `hf-entropy-report ... --out report_dir`.
 
     The analysis' output goes to `log`. Returns its exit status (0 when built).
     """
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    cmd = [sys.executable, "-m", "analysis", *run_dirs, "--out", report_dir, "--quiet"]
+    cmd = [sys.executable, "-m", "hf_entropy_callback.study.cli", *run_dirs, "--out", report_dir, "--quiet"]
     with open(log, "wb") as fh:
         fh.write(f"===== command: {shlex.join(cmd)}\n".encode())
         fh.flush()

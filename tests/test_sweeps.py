@@ -286,3 +286,28 @@ def test_slurm_script_runs_a_task_by_index(swept, tiny):
     assert rep.returncode == 1  # seed 3's softkl run never ran
     counts = _status(out)["counts"]
     assert counts["not started"] == 1 and counts.get("done", 0) + counts.get("skipped", 0) == 5
+
+
+def test_report_compares_methods_at_matched_learning_rates(tmp_path):
+    """The report's matched-LR section: one row per model x dataset x rate x method, its rho the mean of
+    the per-seed table's."""
+    import pandas as pd
+
+    from hf_entropy_callback.study.report import build_report
+    from hf_entropy_callback.synthetic_runs import write_synthetic_run
+
+    for method, rank in (("full", None), ("lora", 8)):
+        for lr in (1e-5, 5e-5):
+            for seed in (1, 2):
+                write_synthetic_run(str(tmp_path / "runs" / f"{method}-{lr:g}-s{seed}"),
+                                    {"method": method, "rank": rank, "learning_rate": lr, "seed": seed},
+                                    n_train=60, n_val=20)
+    build_report([str(tmp_path / "runs")], str(tmp_path / "report"), progress=False)
+    table = pd.read_csv(tmp_path / "report" / "tables" / "matched_lr.csv")
+    assert len(table) == 4 and set(table["learning_rate"]) == {1e-5, 5e-5}
+    per_seed = pd.read_csv(tmp_path / "report" / "tables" / "per_seed.csv")
+    row = table[(table["method"].str.startswith("LoRA")) & (table["learning_rate"] == 5e-5)].iloc[0]
+    lora = per_seed[per_seed["run_id"].str.startswith("lora-5e-05")]
+    assert row["n_runs"] == 2 and row["rho_mean"] == pytest.approx(lora["rho"].mean())
+    assert len(per_seed) == 8 and per_seed["condition"].nunique() == 4  # each rate x method its own condition
+    assert "18. Matched learning rates" in (tmp_path / "report" / "index.md").read_text()

@@ -47,6 +47,7 @@ from . import figures as F
 from . import tables as T
 from .conditions import CONDITION_KEYS, MAIN_RANKS, condition_table, discover_runs
 from .loading import Options, Study, load_study
+from .matched_lr import UNDERFIT_MARGIN, matched_lr_table
 
 #: Marker file written into every report folder; only a folder holding it is ever replaced.
 REPORT_MARKER = ".hf_entropy_report"
@@ -280,6 +281,7 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
     out["calibration"] = T.calibration_table(runs, study.calibration)
     out["calibration_runs"] = T.calibration_runs(runs, study.calibration)
     out["agreement"] = T.agreement_by_condition(runs, study.agreement)
+    out["matched_lr"] = matched_lr_table(study)
     agr = study.agreement
     out["agreement_points"] = (agr.merge(runs[["run_id", "condition", "seed"]], on="run_id")
                                if not agr.empty else pd.DataFrame())
@@ -595,6 +597,18 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
                                    "Mean Jensen–Shannon distance (natural log) between the model's and the annotators' "
                                    "distribution over training, per entropy category, on the validation set (the "
                                    "train set when none is tracked); averaged over seeds; main-setting conditions."))
+    sections.append(s)
+
+    s = Section("18. Matched learning rates: full fine-tuning vs LoRA")
+    if t["matched_lr"].empty:
+        s.note("no model and dataset trained at two or more learning rates by both methods (the sweeps' "
+               "matched_lr matrix); section skipped.")
+    else:
+        s.text(f"Runs without a variant, per model, dataset and learning rate: mean ± sd over seeds of rho "
+               f"(entropy vs AULC) and validation accuracy, mean ΔL per category. underfit: mean validation accuracy "
+               f"within {UNDERFIT_MARGIN:g} of chance (1/K); lora_underfit_regime: LoRA underfit where full "
+               "fine-tuning is not, so LoRA's rho and ΔL there describe a model that did not train.")
+        s.blocks.append(_table("matched_lr", "Full FT vs LoRA at matched learning rates", t))
     sections.append(s)
 
     return sections

@@ -43,7 +43,7 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
 
     Parameters
     ----------
-    study : analysis.loading.Study
+    study : hf_entropy_callback.study.loading.Study
         Needs ``runs`` (``run_id``, ``model``, ``dataset``, ``method``, ``rank``, ``variant``,
         ``rho``, ``validation_accuracy``, ``excluded``), ``examples`` (``run_id``, ``category``,
         ``delta_loss``) and ``configs`` (``run_id -> config`` with ``learning_rate``).
@@ -63,7 +63,7 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     --------
     >>> import pandas as pd
     >>> from types import SimpleNamespace
-    >>> from analysis.matched_lr import matched_lr_table
+    >>> from hf_entropy_callback.study.matched_lr import matched_lr_table
     >>> runs = pd.DataFrame({
     ...     "run_id": list("abcd"), "model": "m", "dataset": "snli", "method": ["lora", "full"] * 2,
     ...     "rank": [8.0, float("nan")] * 2, "variant": "base", "rho": [0.02, 0.2, 0.3, 0.25],
@@ -84,7 +84,7 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     """
     for name in ("runs", "examples", "configs"):
         if not hasattr(study, name):
-            raise TypeError(f"matched_lr_table: the study has no {name!r} (pass analysis.loading.Study)")
+            raise TypeError(f"matched_lr_table: the study has no {name!r} (pass hf_entropy_callback.study.loading.Study)")
     runs = study.runs
     need = {"run_id", "model", "dataset", "method", "rank", "variant", "rho", "validation_accuracy"}
     missing = need - set(runs.columns)
