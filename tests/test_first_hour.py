@@ -86,7 +86,7 @@ def test_bare_headline_command_trains_with_the_printed_choices(tiny_cache, tmp_p
     run = load_run(str(tmp_path / "runs" / "all-MiniLM-L6-v2-snli-lora-r8-s42"))
     assert run.config["model_name_or_path"] == model_dir
     assert run.config["chaosnli_file"] == os.path.abspath(os.path.join(SHARED, "chaosnli", "chaosNLI_snli.jsonl"))
-    assert [s for s, _ in run.points] == [0, 1, 2] and run.config["n_tracked"] == 29
+    assert list(run.steps) == [0, 1, 2] and run.config["n_tracked"] == 29
     assert "mean dL: mean Delta L" in out and "95% CI [" in out
 
 
@@ -258,11 +258,11 @@ def test_trainer_example_on_chaosnli_and_bulk(tmp_path):
         ["--chaosnli_file", chaos, "--train_file", bulk, "--model_name_or_path", model, "--output_dir", str(out),
          "--bulk_size", "40", "--max_steps", "3", "--track_every", "1", "--max_length", "32"])
     run = load_run(str(out))
-    assert [s for s, _ in run.points] == [0, 1, 2, 3] and summary["n_examples"] == 48
+    assert list(run.steps) == [0, 1, 2, 3] and summary["n_examples"] == 48
     described = describe_run(run.config)
     assert (described["model"], described["method"], described["rank"], described["dataset"]) == ("tiny", "lora", 8, "snli")
     with open(out / "entropy_tracking" / "run_config.json") as fh:
-        assert json.load(fh)["bulk_size"] == 40
+        assert json.load(fh)["config"]["bulk_size"] == 40
 
 
 @requires_shared_snli
