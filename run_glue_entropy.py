@@ -10,8 +10,12 @@ Predicts Per-Example Learning Dynamics in LoRA Fine-Tuning" through `hf_entropy_
         --chaosnli_file chaosNLI_snli.jsonl --train_file snli_train.jsonl --peft lora --r 8 --output_dir runs/x
     python run_glue_entropy.py --preset smoke --output_dir /tmp/smoke     # tiny random model, generated data
 
-Arguments are checked before any data or model is loaded (missing required ones all at once; bad
-values name their flag; exit status 2). The output folder follows `hf_entropy_callback.run_folder`:
+Without model or data flags it uses the default model (all-MiniLM-L6-v2 from the package index,
+`hf_entropy_callback.models`) and the study's data in ../shared/data (`choose_defaults`), and says so
+in its first lines. Arguments are checked before any data or model is loaded (every problem at once,
+each naming its flag; exit status 2, no traceback). A start-up block gives the data sizes, steps,
+tracking points and the time of a tracking pass; the summary at the end explains its columns and
+says when the model stayed near chance. The output folder follows `hf_entropy_callback.run_folder`:
 
 - `<output_dir>/run_fingerprint.json` records the settings that change the numbers (`build_run_config`
   minus `NOT_FINGERPRINTED`; library versions as torch / transformers / peft major.minor) and whether
@@ -925,9 +929,9 @@ def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
         checkpoint = last_complete_checkpoint(output_dir)
         if is_main:
             remove_incomplete_checkpoints(output_dir, checkpoint)
-        if checkpoint is not None:
+        if checkpoint is not None and is_main:
             logger.warning(f"Resuming training from the last complete checkpoint {checkpoint}.")
-        elif state == "resume":
+        elif state == "resume" and is_main:  # the other processes see the main one's fresh fingerprint as "resume"
             logger.warning(f"{output_dir} holds an unfinished run of this configuration without a complete "
                            "checkpoint: training starts over from step 0.")
     if is_main:
