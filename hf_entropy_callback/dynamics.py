@@ -357,8 +357,43 @@ def run_summary(run, name: str = "train", validation_set: Optional[str] = "valid
     }
 
 
+#: How far above chance (1 / number of classes) the validation accuracy must be for `format_summary`
+#: to read the correlations: 5 accuracy points.
+LEARNED_MARGIN = 0.05
+
+
+def near_chance(accuracy: Optional[float], num_labels: int = 3, *, margin: float = LEARNED_MARGIN) -> bool:
+    """Whether a validation accuracy is too close to chance to read the run's correlations.
+
+    The rule: `accuracy < 1 / num_labels + margin` (by default, less than 5 points above chance: below
+    0.3833 with the 3 NLI classes). A model that has not learned the task has loss trajectories that
+    mostly reflect its initialisation and the class weights, so entropy correlations from it say little
+    about learning dynamics. A missing or non-finite accuracy counts as near chance.
+
+    Args:
+        accuracy (`float`, *optional*): the validation accuracy, in [0, 1].
+        num_labels (`int`, *optional*, defaults to 3): number of classes K; chance is 1 / K.
+        margin (`float`, *optional*, defaults to `LEARNED_MARGIN`): accuracy points above chance required.
+
+    Returns:
+        `bool`
+
+    Example:
+        >>> near_chance(0.36), near_chance(0.54), near_chance(0.40, num_labels=2)
+        (True, False, True)
+    """
+    if accuracy is None or not np.isfinite(accuracy):
+        return True
+    return bool(accuracy < 1.0 / num_labels + margin)
+
+
 def format_summary(summary: dict) -> str:
-    """A short human-readable rendering of `run_summary`'s result."""
+    """A short human-readable rendering of `run_summary`'s result, with what its columns mean.
+
+    Says whether the validation accuracy is far enough above chance to read the correlations
+    (`near_chance`; the number of classes is `summary["num_labels"]`, default 3). A correlation row
+    with `ci_low` / `ci_high` (and `ci_level`) shows that confidence interval next to r.
+    """
     lines = [f"tracked set {summary['set']!r}: {summary['n_examples']} examples, final step {summary['final_step']}"]
     if summary.get("n_nan"):
         lines.append(f"WARNING: {summary['n_nan']} examples have a NaN loss (diverged run?)")
@@ -367,14 +402,38 @@ def format_summary(summary: dict) -> str:
             "WARNING: incomplete history: the run resumed from a checkpoint without the trajectory recorded before "
             "it, so AULC and Delta L miss the early tracking points; the analysis leaves this run out of its means"
         )
-    if summary.get("validation_accuracy") is not None:
-        lines.append(f"ChaosNLI validation accuracy: {summary['validation_accuracy']:.4f}")
+    accuracy, k = summary.get("validation_accuracy"), int(summary.get("num_labels") or 3)
+    if accuracy is not None:
+        chance = f"chance {1.0 / k:.4f} with {k} classes"
+        if near_chance(accuracy, k):
+            lines.append(
+                f"ChaosNLI validation accuracy: {accuracy:.4f} ({chance}): NOT LEARNED: within {LEARNED_MARGIN * 100:g} "
+                "points of chance, so the correlations below do not tell how this model learns; train longer, with a "
+                "higher learning rate or a larger model before reading them"
+            )
+        else:
+            lines.append(f"ChaosNLI validation accuracy: {accuracy:.4f} ({chance}; more than {LEARNED_MARGIN * 100:g} "
+                         "points above it, so the correlations below can be read)")
     for row in summary["correlations"]:
-        lines.append(f"{row['method']:>8} entropy vs {row['y']:<10} r = {row['r']:+.4f}  p = {row['p_val']:.3g}  n = {row['n']}")
+        ci = ""
+        if row.get("ci_low") is not None and np.isfinite(row["ci_low"]):
+            ci = f"  {row.get('ci_level', 0.95) * 100:g}% CI [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        lines.append(
+            f"{row['method']:>8} entropy vs {row['y']:<10} r = {row['r']:+.4f}{ci}  p = {row['p_val']:.3g}  n = {row['n']}"
+        )
     lines.append(f"{'category':>10} {'n':>6} {'mean dL':>9} {'mean AULC':>10} {'loss0':>8} {'lossT':>8}")
     for c in summary["categories"]:
         lines.append(
             f"{c['category']:>10} {c['n']:>6} {c['mean_delta_loss']:>+9.4f} {c['mean_aulc']:>10.4f} "
             f"{c['mean_loss_first']:>8.4f} {c['mean_loss_last']:>8.4f}"
         )
+    lines += [
+        "r: Spearman rho / Kendall tau-b of annotation entropy against each example's AULC or Delta L, over the "
+        "tracked examples" + (" (CI: bootstrap over examples)" if any("ci_low" in r for r in summary["correlations"])
+                              else ""),
+        "n: tracked examples per entropy category (by default clean H < 0.4 <= ambiguous <= 0.7 < contested, in nats)",
+        "mean dL: mean Delta L = loss at the last tracking point minus loss at the first (> 0: un-learned)",
+        "mean AULC: mean area under the loss curve over training progress 0..1 (lower: learned sooner)",
+        "loss0 / lossT: mean loss at the first (step 0) / last tracking point",
+    ]
     return "\n".join(lines)

@@ -157,20 +157,32 @@ def test_help_lists_study_flags():
 
 
 @pytest.mark.parametrize(
-    "extra,error,match",
+    "extra,match",
     [
-        (dict(peft="qlora"), ValueError, "--peft must be one of"),
-        (dict(task="rte"), ValueError, "--task must be snli or mnli"),
-        (dict(composition="medium"), ValueError, "--composition"),
-        (dict(label_noise=1.5), ValueError, "--label_noise"),
-        (dict(chaosnli_file="/nonexistent/chaos.jsonl"), FileNotFoundError, "ChaosNLI file not found"),
-        (dict(train_file="/nonexistent/bulk.jsonl"), FileNotFoundError, "Bulk training file not found"),
-        (dict(model_name_or_path="/nonexistent/model"), FileNotFoundError, "model folder not found"),
-        (dict(model_name_or_path="someone/unreachable-model"), ConnectionError, "cannot be reached"),
-        (dict(resume_from_checkpoint="/nonexistent/ckpt"), FileNotFoundError, "no such checkpoint"),
+        (dict(peft="qlora"), "--peft must be one of"),
+        (dict(task="rte"), "--task must be snli or mnli"),
+        (dict(composition="medium"), "--composition"),
+        (dict(label_noise=1.5), "--label_noise"),
+        (dict(chaosnli_file="/nonexistent/chaos.jsonl"), "ChaosNLI file not found"),
+        (dict(train_file="/nonexistent/bulk.jsonl"), "Bulk training file not found"),
+        (dict(resume_from_checkpoint="/nonexistent/ckpt"), "no such checkpoint"),
     ],
 )
-def test_bad_flags_and_missing_files(inputs, tmp_path, extra, error, match, monkeypatch):
+def test_bad_flags_and_missing_files_are_usage_errors(inputs, tmp_path, extra, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_glue_entropy.main(_argv(inputs, tmp_path, **extra))
+    assert exc.value.code == 2 and match in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "entropy_tracking")
+
+
+@pytest.mark.parametrize(
+    "extra,error,match",
+    [
+        (dict(model_name_or_path="/nonexistent/model"), FileNotFoundError, "model folder not found"),
+        (dict(model_name_or_path="someone/unreachable-model"), ConnectionError, "cannot be reached"),
+    ],
+)
+def test_missing_model_fails_when_loading(inputs, tmp_path, extra, error, match, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(error, match=match):
         run_glue_entropy.main(_argv(inputs, tmp_path, **extra))
