@@ -73,11 +73,11 @@ from hf_entropy_callback.data import (
     build_training_set,
     inject_label_noise,
     load_bulk,
+    looks_like_path,  # the bulk loader's own rule
     sample_bulk,
     select_composition,
     split_chaosnli,
 )
-from hf_entropy_callback.data import _looks_like_path as looks_like_path  # the loader's own rule (private there)
 from hf_entropy_callback.dynamics import example_dynamics, format_summary, run_summary
 from hf_entropy_callback.models import DEFAULT_MODEL, ModelFetchError, default_model_path, is_model_folder
 from hf_entropy_callback.nli_metric import metrics_from_logits
@@ -166,6 +166,11 @@ class DataArguments:
     )
     label_noise: float = field(
         default=0.0, metadata={"help": "Share of clean ChaosNLI training examples relabelled uniformly at random."}
+    )
+    label_noise_exclude_original: bool = field(
+        default=False,
+        metadata={"help": "With --label_noise, draw each new label from the other classes, so every selected "
+                  "label changes (default: uniformly from all classes, as the study, so some keep theirs)."},
     )
     max_seq_length: int = field(default=128, metadata={"help": "Truncation length in tokens."})
     max_train_samples: Optional[int] = field(
@@ -519,7 +524,8 @@ def build_datasets(data_args: DataArguments):
     chaos_val = _stratified_head(split["validation"], data_args.max_tracked_samples, data_args.split_seed)
     chaos_train = select_composition(chaos_train, data_args.composition, seed=data_args.split_seed)
     if data_args.label_noise > 0:
-        chaos_train = inject_label_noise(chaos_train, data_args.label_noise, seed=data_args.split_seed)
+        chaos_train = inject_label_noise(chaos_train, data_args.label_noise, seed=data_args.split_seed,
+                                         exclude_original=data_args.label_noise_exclude_original)
     bulk = None
     if data_args.bulk_size > 0:
         bulk = load_bulk(data_args.train_file, config=data_args.train_dataset_config)
@@ -865,6 +871,7 @@ def build_run_config(model_args, data_args, ent_args, training_args) -> dict:
         "dataset": data_args.task,
         "composition": data_args.composition,
         "label_noise": data_args.label_noise,
+        "label_noise_exclude_original": data_args.label_noise_exclude_original,
         "loss": ent_args.loss,
         "use_class_weights": ent_args.use_class_weights,
         "chaosnli_file": _path_or_id(data_args.chaosnli_file),

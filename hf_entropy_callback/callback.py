@@ -203,10 +203,21 @@ class AnnotationEntropyCallback(TrainerCallback):
         self.tracker.prepare(model, self.tracker.tokenizer or processing_class or kwargs.get("tokenizer"))
         self.tracker.reset()
         self.tracker.config.update(self._collect_config(args, model))
+        self._pending = None
         if state.global_step > 0:
             self._resume(args, state)
         else:
-            self._track(args, state, control, model, "step0")
+            # Logged at the first step instead of now: the Trainer's progress bar, which prints logs, is
+            # set up in its own on_train_begin, after the user's callbacks.
+            self._pending = self.tracker.track(model, 0, state.epoch or 0.0, "step0")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._flush(args, state, control)
+
+    def _flush(self, args, state, control) -> None:
+        pending, self._pending = getattr(self, "_pending", None), None
+        if pending:
+            self._log(args, state, control, pending)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         """Record every `track_every` steps, at the last step of an epoch, and at the final step."""
@@ -252,6 +263,7 @@ class AnnotationEntropyCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         """Make sure the last step is recorded, then write the run directory."""
+        self._flush(args, state, control)
         best = state.best_model_checkpoint if getattr(args, "load_best_model_at_end", False) else None
         if best:
             self.tracker.config["best_model_checkpoint"] = best

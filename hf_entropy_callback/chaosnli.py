@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Type
 import numpy as np
 
 from .entropy import DEFAULT_THRESHOLDS, annotation_entropy, entropy_category
+from .models import cache_root
 
 #: Label names in the SNLI / GLUE-MNLI id order (0, 1, 2).
 NLI_LABELS: Tuple[str, str, str] = ("entailment", "neutral", "contradiction")
@@ -96,14 +97,9 @@ def _subset_alias(subset: Optional[str]) -> Optional[str]:
     return s
 
 
-def _default_cache_dir() -> str:
-    root = os.environ.get("HF_ENTROPY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_entropy_callback")
-    return root
-
-
 def _download(url: str, cache_dir: Optional[str]) -> str:
     """Download `url` once into the cache; the file appears only when complete."""
-    cache_dir = cache_dir or _default_cache_dir()
+    cache_dir = cache_dir or cache_root()
     os.makedirs(cache_dir, exist_ok=True)
     name = os.path.basename(url.split("?")[0]) or "chaosnli_download"
     target = os.path.join(cache_dir, name)

@@ -190,7 +190,7 @@ def _read_records(path: str):
                 raise DataFormatError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """A hub id is "name" or "owner/name"; anything else that does not exist is a missing file."""
     suffixes = BULK_SUFFIXES + tuple(s + ".gz" for s in BULK_SUFFIXES) + (".gz",)
     return source.lower().endswith(suffixes) or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -252,7 +252,7 @@ def load_bulk(
             rows["premise"].append(premise)
             rows["hypothesis"].append(hypothesis)
             rows["label"].append(label)
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise FileNotFoundError(f"Bulk training file not found: {source}")
     else:
         from .offline import require_hub
@@ -376,7 +376,8 @@ def build_training_set(chaosnli_train, bulk=None):
     Returns:
         `datasets.Dataset` with `example_id` (stable: `"chaosnli:<uid>"` / `"bulk:<id>"`), `premise`,
         `hypothesis`, `label`, `tracked`, `entropy` (NaN for bulk), `category` (`"bulk"` for bulk),
-        `label_counts` (zeros for bulk: no annotator distribution) and `noised`.
+        `label_counts` (zeros for bulk: no annotator distribution), `noised` and `original_label` (the
+        label before label noise; the label itself where there was none).
     """
     import datasets
 
@@ -394,6 +395,7 @@ def build_training_set(chaosnli_train, bulk=None):
             "category": list(ds["category"]) if tracked else ["bulk"] * n,
             "label_counts": [list(v) for v in ds["label_counts"]] if tracked else [[0, 0, 0]] * n,
             "noised": [bool(v) for v in ds["noised"]] if "noised" in cols else [False] * n,
+            "original_label": [int(v) for v in ds["original_label" if "original_label" in cols else "label"]],
         }
 
     parts = [part(chaosnli_train, True)] + ([part(bulk, False)] if bulk is not None else [])

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .chaosnli import NLI_LABELS
 from .dynamics import accuracy, gold_loss
@@ -38,6 +39,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: Reasons a tracking point can have (joined with "+" when several fall on one step).
 REASONS = ("step0", "interval", "epoch_end", "final")
 _ENTROPY_ATOL = 1e-6
+#: Rise (nats) of the contested examples' mean loss over its first value that counts as un-learning in
+#: the warning; smaller rises are noise of a few steps (the run files keep every value either way).
+UNLEARNING_MARGIN = 0.02
 #: Padding a tracking batch may carry, as a share of its tokens (see `EntropyTracker._shard_batches`).
 PADDING_SLACK = 0.05
 
@@ -539,7 +543,8 @@ class EntropyTracker:
         device = next(model.parameters()).device
         mine, batches = self._shard_batches(tset, _forward_parameters(model), world, rank, device)
         out = []
-        for batch in batches:
+        # A bar only for passes that take a while (tqdm's delay), on one process.
+        for batch in tqdm(batches, desc=f"tracking {name!r}", delay=5, leave=False, disable=rank != 0):
             logits = _logits_of(model(**batch), f"tracked set {name!r}")
             if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
                 raise ValueError(
@@ -691,13 +696,14 @@ class EntropyTracker:
             return
         mask = self.sets[first].categories == "contested"
         start = float(self._point_loss(first, 0)[mask].mean())
-        if metrics[key] > start:
+        if metrics[key] > start + UNLEARNING_MARGIN and distributed_world()[1] == 0:
             self._warned_unlearning = True
             logger.warning(
-                "Un-learning: the contested examples' mean loss %.4f at step %d is above its value at the first "
-                "tracking point (step %d: %.4f).",
+                "Un-learning: the contested examples' mean loss %.4f at step %d is more than %.2f nats above its "
+                "value at the first tracking point (step %d: %.4f).",
                 metrics[key],
                 self.steps[-1],
+                UNLEARNING_MARGIN,
                 self.steps[0],
                 start,
             )

@@ -296,14 +296,6 @@ def test_bad_values_fail_before_any_work(inputs, tmp_path, capsys, extra, match)
     assert not os.path.exists(out)  # nothing created: it stopped before the folder, data and model
 
 
-def test_missing_required_arguments_are_all_reported(tmp_path):
-    proc = _run_cli(["--output_dir", str(tmp_path / "run"), "--use_cpu", "true"], timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "missing required arguments: --model_name_or_path, --chaosnli_file, --train_file" in proc.stderr
-    assert "usage:" in proc.stderr
-    assert not os.path.exists(tmp_path / "run")
-
-
 @pytest.mark.parametrize("kind", ["overlong", "a file", "read-only"])
 def test_unusable_output_dir_fails_before_training(inputs, tmp_path, kind):
     if kind == "overlong":

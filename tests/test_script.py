@@ -110,7 +110,8 @@ def _check_reload(out, base, peft, run):
 
 
 def test_json_config_file(inputs, tmp_path):
-    cfg = _values(inputs, tmp_path / "out", composition="balanced", label_noise=0.5, loss="soft_kl")
+    cfg = _values(inputs, tmp_path / "out", composition="balanced", label_noise=0.5, loss="soft_kl",
+                  label_noise_exclude_original=True)
     path = tmp_path / "args.json"
     path.write_text(json.dumps(cfg))
     run_glue_entropy.main([str(path)])
@@ -121,6 +122,11 @@ def test_json_config_file(inputs, tmp_path):
     assert counts.nunique() == 1  # balanced: equal numbers per category
     clean = ex[ex["category"] == "clean"]
     assert clean["noised"].sum() == round(0.5 * len(clean)) and not ex[ex["category"] != "clean"]["noised"].any()
+    # the run files keep the label before noise; with exclude_original every noised label changed
+    noised = ex[ex["noised"]]
+    assert (noised["label"] != noised["original_label"]).all()
+    assert (ex[~ex["noised"]]["label"] == ex[~ex["noised"]]["original_label"]).all()
+    assert run.config["label_noise_exclude_original"] is True
 
 
 def test_resume_from_last_checkpoint(inputs, tmp_path):
