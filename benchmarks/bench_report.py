@@ -52,8 +52,10 @@ def main(argv=None) -> int:
     runs_dir, report_dir = os.path.join(work, "runs"), os.path.join(work, "report")
     points = tracking_points(STUDY_TRAIN_SIZE, batch_size=32, num_epochs=5, track_every=100)
     configs = study_configs()
-    print(f"{len(configs)} runs x {STUDY_TRACKED_TRAIN} train + {STUDY_TRACKED_VALIDATION} validation examples, "
-          f"{len(points)} tracking points (steps {points.step.iloc[0]}..{points.step.iloc[-1]}), 3 classes")
+    print(
+        f"{len(configs)} runs x {STUDY_TRACKED_TRAIN} train + {STUDY_TRACKED_VALIDATION} validation examples, "
+        f"{len(points)} tracking points (steps {points.step.iloc[0]}..{points.step.iloc[-1]}), 3 classes"
+    )
     try:
         t0 = time.perf_counter()
         write_runs(runs_dir, configs, steps=points["step"].tolist())
@@ -75,10 +77,15 @@ def main(argv=None) -> int:
         print(f"peak RSS:       {peak_rss_mib():6.0f} MiB (whole process, generation included)")
         if args.cli:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"],
-                           check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            print(f"CLI end to end: {time.perf_counter() - t0:6.1f} s  (imports included; "
-                  f"peak RSS {peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB)")
+            subprocess.run(
+                [sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"],
+                check=True,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            )
+            print(
+                f"CLI end to end: {time.perf_counter() - t0:6.1f} s  (imports included; "
+                f"peak RSS {peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB)"
+            )
         if args.keep:
             print(f"kept: {work}")
     finally:

@@ -26,8 +26,15 @@ from hf_entropy_callback.testing import make_tokenizer, synthetic_nli
 
 def _model(tok, layers, hidden):
     cfg = AutoConfig.for_model(
-        "bert", vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_labels=3, pad_token_id=tok.pad_token_id, max_position_embeddings=128,
+        "bert",
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_labels=3,
+        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=128,
     )
     torch.manual_seed(0)
     return AutoModelForSequenceClassification.from_config(cfg)
@@ -64,8 +71,10 @@ def main():
     tok = make_tokenizer(model_max_length=128)
     model = _model(tok, a.layers, a.hidden)
     raw, train = _data(tok, a.examples)
-    print(f"model: BERT {a.layers} layers x {a.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{a.examples} tracked examples; torch threads {torch.get_num_threads()}")
+    print(
+        f"model: BERT {a.layers} layers x {a.hidden}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{a.examples} tracked examples; torch threads {torch.get_num_threads()}"
+    )
 
     model.eval()
     tracker = EntropyTracker(raw, tok, batch_size=a.batch_size).prepare(model)
@@ -74,12 +83,16 @@ def main():
     tset = unsorted_tracker.sets["train"]
     tset.order = np.arange(len(tset.labels))  # before the first pass: batches are built once, then cached
     unsorted_s = _time(lambda: unsorted_tracker.compute_logprobs(model, "train"))
-    print(f"one tracking pass: {sorted_s:.2f} s length-sorted ({a.examples / sorted_s:.0f} examples/s), "
-          f"{unsorted_s:.2f} s in dataset order; sorted/unsorted = {sorted_s / unsorted_s:.2f}")
+    print(
+        f"one tracking pass: {sorted_s:.2f} s length-sorted ({a.examples / sorted_s:.0f} examples/s), "
+        f"{unsorted_s:.2f} s in dataset order; sorted/unsorted = {sorted_s / unsorted_s:.2f}"
+    )
 
     model.train()
-    batch = tok.pad([{k: train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(32)],
-                    return_tensors="pt")
+    batch = tok.pad(
+        [{k: train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(32)],
+        return_tensors="pt",
+    )
     labels = torch.tensor(train["label"][:32])
 
     def step():
@@ -90,22 +103,35 @@ def main():
     print(f"one training step (batch 32): {step_s:.3f} s; a tracking pass costs {sorted_s / step_s:.1f} steps")
 
     with tempfile.TemporaryDirectory() as out:
+
         def run(track):
             m = _model(tok, a.layers, a.hidden)
-            args = TrainingArguments(os.path.join(out, str(track)), per_device_train_batch_size=32, num_train_epochs=1,
-                                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                     disable_tqdm=True, max_steps=40)
+            args = TrainingArguments(
+                os.path.join(out, str(track)),
+                per_device_train_batch_size=32,
+                num_train_epochs=1,
+                report_to=[],
+                save_strategy="no",
+                logging_strategy="no",
+                use_cpu=True,
+                disable_tqdm=True,
+                max_steps=40,
+            )
             cbs = [AnnotationEntropyCallback(raw, tokenizer=tok, track_every=10, log_metrics=False)] if track else []
             t = time.perf_counter()
             Trainer(model=m, args=args, train_dataset=train, processing_class=tok, callbacks=cbs).train()
             return time.perf_counter() - t
 
         plain, tracked = run(False), run(True)
-    print(f"40 training steps: {plain:.1f} s without the callback, {tracked:.1f} s tracking every 10 steps "
-          f"(5 points incl. step 0); overhead {tracked / plain:.2f}x")
+    print(
+        f"40 training steps: {plain:.1f} s without the callback, {tracked:.1f} s tracking every 10 steps "
+        f"(5 points incl. step 0); overhead {tracked / plain:.2f}x"
+    )
     lp_bytes = a.examples * 3 * 4
-    print(f"stored per tracking point: {lp_bytes / 1024:.1f} KiB of float32 log-probabilities; "
-          f"a 5-epoch study run (39 points) keeps {39 * lp_bytes / 2**20:.2f} MiB")
+    print(
+        f"stored per tracking point: {lp_bytes / 1024:.1f} KiB of float32 log-probabilities; "
+        f"a 5-epoch study run (39 points) keeps {39 * lp_bytes / 2**20:.2f} MiB"
+    )
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -72,8 +72,9 @@ def main(argv=None):
     for feats in by_len.values():
         for i in range(0, len(feats), a.batch_size):
             chunk = feats[i : i + a.batch_size]
-            floor_batches.append({k: torch.tensor([f[k] for f in chunk]) for k in ("input_ids", "token_type_ids")
-                                  if k in chunk[0]})
+            floor_batches.append(
+                {k: torch.tensor([f[k] for f in chunk]) for k in ("input_ids", "token_type_ids") if k in chunk[0]}
+            )
 
     @torch.inference_mode()
     def floor():
@@ -84,15 +85,24 @@ def main(argv=None):
         for name in tracker.sets:
             tracker.compute_logprobs(model, name)
 
-    enc = {name: ds.map(lambda b: tok(b["premise"], b["hypothesis"], truncation=True, max_length=a.max_length),
-                        batched=True, remove_columns=[c for c in ds.column_names if c != "label"])
-           for name, ds in sets.items()}
+    enc = {
+        name: ds.map(
+            lambda b: tok(b["premise"], b["hypothesis"], truncation=True, max_length=a.max_length),
+            batched=True,
+            remove_columns=[c for c in ds.column_names if c != "label"],
+        )
+        for name, ds in sets.items()
+    }
     from datasets import concatenate_datasets
 
     eval_ds = concatenate_datasets(list(enc.values()))
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model=model, args=TrainingArguments(out, report_to=[], use_cpu=True, disable_tqdm=True),
-                          eval_dataset=eval_ds, processing_class=tok)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(out, report_to=[], use_cpu=True, disable_tqdm=True),
+            eval_dataset=eval_ds,
+            processing_class=tok,
+        )
 
         def evaluate():
             trainer.evaluate()
@@ -107,13 +117,17 @@ def main(argv=None):
                 fn()
                 times[k].append(time.perf_counter() - t)
 
-    print(f"model {os.path.basename(a.model)} + LoRA r8; {n} tracked examples ({tokens:,} tokens), "
-          f"torch threads {torch.get_num_threads()}, {a.repeats} interleaved repeats")
+    print(
+        f"model {os.path.basename(a.model)} + LoRA r8; {n} tracked examples ({tokens:,} tokens), "
+        f"torch threads {torch.get_num_threads()}, {a.repeats} interleaved repeats"
+    )
     for k, v in times.items():
         print(f"  {k:<17} median {statistics.median(v):6.2f} s   min {min(v):6.2f}   max {max(v):6.2f}")
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"tracking pass / floor = {med['tracking pass'] / med['floor']:.3f}   "
-          f"(min/min {min(times['tracking pass']) / min(times['floor']):.3f})")
+    print(
+        f"tracking pass / floor = {med['tracking pass'] / med['floor']:.3f}   "
+        f"(min/min {min(times['tracking pass']) / min(times['floor']):.3f})"
+    )
     print(f"Trainer.evaluate / tracking pass = {med['Trainer.evaluate'] / med['tracking pass']:.2f}")
     return med
 

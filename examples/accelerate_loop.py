@@ -42,8 +42,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop_after_epoch", type=int, help="exit after this epoch's checkpoint (to test resuming)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
-    parser.add_argument("--no_dropout", action="store_true",
-                        help="switch dropout off (runs on 1 and N processes then give the same numbers)")
+    parser.add_argument(
+        "--no_dropout",
+        action="store_true",
+        help="switch dropout off (runs on 1 and N processes then give the same numbers)",
+    )
     args = parser.parse_args(argv)
 
     accelerator = Accelerator(cpu=args.cpu)
@@ -68,16 +71,22 @@ def main(argv=None):
             for attr in ("dropout_prob", "attention_dropout"):  # attention dropout some versions keep as a float
                 if isinstance(getattr(module, attr, None), float):
                     setattr(module, attr, 0.0)
-    train = split["train"].map(
-        lambda b: tokenizer(b["premise"], b["hypothesis"], truncation=True, max_length=args.max_length),
-        batched=True,
-        remove_columns=["uid", "premise", "hypothesis", "label_counts", "entropy", "category", "subset"],
-    ).rename_column("label", "labels")
+    train = (
+        split["train"]
+        .map(
+            lambda b: tokenizer(b["premise"], b["hypothesis"], truncation=True, max_length=args.max_length),
+            batched=True,
+            remove_columns=["uid", "premise", "hypothesis", "label_counts", "entropy", "category", "subset"],
+        )
+        .rename_column("label", "labels")
+    )
 
     # The tracker: the ChaosNLI examples, tokenized as the training data is.
     tracker = EntropyTracker(
-        {"train": split["train"], "validation": split["validation"]}, tokenizer,
-        track_every=args.track_every, max_length=args.max_length,
+        {"train": split["train"], "validation": split["validation"]},
+        tokenizer,
+        track_every=args.track_every,
+        max_length=args.max_length,
     )
 
     per_process = args.batch_size // accelerator.num_processes
@@ -112,8 +121,11 @@ def main(argv=None):
             optimizer.zero_grad()
             step += 1
             metrics = tracker.maybe_track(
-                model, step, epoch + (i + 1) / len(loader),
-                epoch_end=i + 1 == len(loader), final=(epoch + 1 == args.epochs and i + 1 == len(loader)),
+                model,
+                step,
+                epoch + (i + 1) / len(loader),
+                epoch_end=i + 1 == len(loader),
+                final=(epoch + 1 == args.epochs and i + 1 == len(loader)),
             )
             if metrics:
                 accelerator.log(metrics, step=step)  # any tracker set up with Accelerator(log_with=...)

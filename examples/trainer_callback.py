@@ -52,7 +52,10 @@ def main(argv=None):
     names = sorted(split["train"].features["label"].names)  # contradiction, entailment, neutral
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        model_path,
+        num_labels=3,
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
         ignore_mismatched_sizes=True,
     )
     to_model_id = {i: names.index(n) for i, n in enumerate(split["train"].features["label"].names)}
@@ -73,8 +76,13 @@ def main(argv=None):
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=args.output_dir, num_train_epochs=args.epochs, learning_rate=args.learning_rate,
-            per_device_train_batch_size=16, logging_steps=10, save_strategy="no", report_to="none",
+            output_dir=args.output_dir,
+            num_train_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=16,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
         ),
         train_dataset=train,
         eval_dataset=val,

@@ -37,7 +37,9 @@ from hf_entropy_callback.peft_setup import apply_peft
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chaosnli_file", required=True, help="ChaosNLI jsonl (or the v1.0 zip, or 'official')")
-    parser.add_argument("--train_file", required=True, help="bulk corpus: jsonl/json/csv with premise, hypothesis, label")
+    parser.add_argument(
+        "--train_file", required=True, help="bulk corpus: jsonl/json/csv with premise, hypothesis, label"
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--model_name_or_path", help="local model folder or hub id (default: all-MiniLM-L6-v2)")
     parser.add_argument("--task", default="snli", choices=["snli", "mnli"])
@@ -60,8 +62,11 @@ def main(argv=None):
     # 2. Model with the library's label order (0=entailment, 1=neutral, 2=contradiction), LoRA on it.
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(NLI_LABELS), id2label=dict(enumerate(NLI_LABELS)),
-        label2id={name: i for i, name in enumerate(NLI_LABELS)}, ignore_mismatched_sizes=True,
+        model_path,
+        num_labels=len(NLI_LABELS),
+        id2label=dict(enumerate(NLI_LABELS)),
+        label2id={name: i for i, name in enumerate(NLI_LABELS)},
+        ignore_mismatched_sizes=True,
     )
     model = apply_peft(model, "lora", r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05)
 
@@ -81,15 +86,30 @@ def main(argv=None):
         tokenizer=tokenizer,
         track_every=args.track_every,
         max_length=args.max_length,
-        run_config={"model_name_or_path": model_path, "method": "lora", "rank": args.r, "lora_alpha": 2 * args.r,
-                    "dataset": args.task, "bulk_size": len(bulk), "learning_rate": args.learning_rate, "seed": 42},
+        run_config={
+            "model_name_or_path": model_path,
+            "method": "lora",
+            "rank": args.r,
+            "lora_alpha": 2 * args.r,
+            "dataset": args.task,
+            "bulk_size": len(bulk),
+            "learning_rate": args.learning_rate,
+            "seed": 42,
+        },
     )
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-            learning_rate=args.learning_rate, per_device_train_batch_size=32, lr_scheduler_type="cosine",
-            logging_steps=25, save_strategy="no", report_to="none", seed=42,
+            output_dir=args.output_dir,
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            per_device_train_batch_size=32,
+            lr_scheduler_type="cosine",
+            logging_steps=25,
+            save_strategy="no",
+            report_to="none",
+            seed=42,
         ),
         train_dataset=train_tok,
         eval_dataset=val_tok,

@@ -1,5 +1,7 @@
 """hf_entropy_callback: per-example learning dynamics vs annotation entropy for HuggingFace transformers."""
 
+from typing import TYPE_CHECKING
+
 from .chaosnli import NLI_LABELS, ChaosNLIFormatError, category_table, load_chaosnli
 from .entropy import (
     CATEGORIES,
@@ -15,6 +17,11 @@ from .labels import LabelSpaceError
 from .runs import Run, RunFormatError, load_run
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ below imports them
+    from .callback import AnnotationEntropyCallback
+    from .tracker import EntropyTracker
+    from .trainer import ClassWeightedTrainer
 
 # The Trainer-side classes import torch and transformers; load them on first use so that reading
 # runs and data (e.g. the analysis) stays light.

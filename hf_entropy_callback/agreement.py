@@ -35,8 +35,9 @@ def human_distribution(label_counts) -> np.ndarray:
         array([[0.9 , 0.05, 0.05],
                [ nan,  nan,  nan]])
     """
-    c = np.asarray([list(v) for v in label_counts] if not isinstance(label_counts, np.ndarray) else label_counts,
-                   dtype=np.float64)
+    c = np.asarray(
+        [list(v) for v in label_counts] if not isinstance(label_counts, np.ndarray) else label_counts, dtype=np.float64
+    )
     tot = c.sum(axis=-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(tot > 0, c / np.where(tot > 0, tot, 1.0), np.nan)
@@ -88,16 +89,20 @@ def agreement_metrics(logprobs: np.ndarray, label_counts, majority: Optional[Seq
     maj = np.argmax(np.nan_to_num(h, nan=-1.0), axis=-1) if majority is None else np.asarray(majority)
     acc = (lq.argmax(axis=-1) == maj).astype(np.float64)
     missing = ~np.isfinite(h).all(axis=-1)
-    out = {"kl": kl, "js_divergence": jsd, "js_distance": np.sqrt(jsd), "cross_entropy": ce, "l1": l1,
-           "accuracy": acc}
+    out = {"kl": kl, "js_divergence": jsd, "js_distance": np.sqrt(jsd), "cross_entropy": ce, "l1": l1, "accuracy": acc}
     bad = missing | ~np.isfinite(lq).all(axis=-1)
     for k in out:
         out[k] = np.where(bad, np.nan, out[k])
     return out
 
 
-def agreement_table(logprobs: np.ndarray, label_counts, categories: Sequence[str],
-                    majority: Optional[Sequence[int]] = None, steps: Optional[Sequence[int]] = None):
+def agreement_table(
+    logprobs: np.ndarray,
+    label_counts,
+    categories: Sequence[str],
+    majority: Optional[Sequence[int]] = None,
+    steps: Optional[Sequence[int]] = None,
+):
     """Mean agreement metrics per tracking point and entropy category (and "all").
 
     Args:

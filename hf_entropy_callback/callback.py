@@ -57,8 +57,11 @@ def _resume_checkpoint_on_stack() -> Optional[str]:
     The Trainer keeps it in a local variable only; the checkpoint folder under `output_dir` is the
     fallback when this lookup finds nothing.
     """
-    return _from_stack(lambda local: local.get("resume_from_checkpoint") if isinstance(
-        local.get("resume_from_checkpoint"), str) else None)
+    return _from_stack(
+        lambda local: (
+            local.get("resume_from_checkpoint") if isinstance(local.get("resume_from_checkpoint"), str) else None
+        )
+    )
 
 
 class AnnotationEntropyCallback(TrainerCallback):
@@ -334,4 +337,3 @@ class AnnotationEntropyCallback(TrainerCallback):
         )
         self.tracker.config["resumed_without_history"] = True
         self.tracker.config["history_complete"] = False
-

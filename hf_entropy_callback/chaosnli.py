@@ -143,7 +143,9 @@ def _parse_counts(record: dict, where: str, expected_total: Optional[int]) -> Li
                     f"{where}: unknown label letter {letter!r} in 'label_counter'; expected one of e, n, c"
                 )
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ChaosNLIFormatError(f"{where}: count for {letter!r} must be a non-negative integer, got {value!r}")
+                raise ChaosNLIFormatError(
+                    f"{where}: count for {letter!r} must be a non-negative integer, got {value!r}"
+                )
             counts[CHAOSNLI_LETTERS.index(letter)] = value
     if count_list is not None:
         if (
@@ -251,7 +253,9 @@ def _zip_lines(path: str, subset: Optional[str]) -> Tuple[Iterator[str], str, st
             if os.path.basename(member) == base:
                 found[key] = member
     if not found:
-        raise ChaosNLIFormatError(f"{path}: no ChaosNLI NLI file ({', '.join(CHAOSNLI_MEMBERS.values())}) in the archive")
+        raise ChaosNLIFormatError(
+            f"{path}: no ChaosNLI NLI file ({', '.join(CHAOSNLI_MEMBERS.values())}) in the archive"
+        )
     if subset is None:
         if len(found) > 1:
             raise ValueError(f"{path} holds several ChaosNLI subsets {sorted(found)}; pass subset='snli' or 'mnli'")

@@ -63,9 +63,7 @@ def split_chaosnli(ds, val_fraction: float = 0.2, seed: int = 42, stratify_by: s
         val_idx.extend(rng.permutation(members)[:n_val].tolist())
     is_val = np.zeros(len(ds), dtype=bool)
     is_val[val_idx] = True
-    return datasets.DatasetDict(
-        train=ds.select(np.flatnonzero(~is_val)), validation=ds.select(np.flatnonzero(is_val))
-    )
+    return datasets.DatasetDict(train=ds.select(np.flatnonzero(~is_val)), validation=ds.select(np.flatnonzero(is_val)))
 
 
 def _label_id(value, where: str, label_names: Sequence[str]) -> int:
@@ -88,7 +86,9 @@ def _label_id(value, where: str, label_names: Sequence[str]) -> int:
         try:
             v = int(text)
         except ValueError:
-            raise DataFormatError(f"{where}: unknown label {value!r}; expected one of {list(label_names)} or an id") from None
+            raise DataFormatError(
+                f"{where}: unknown label {value!r}; expected one of {list(label_names)} or an id"
+            ) from None
     if v == -1:
         return -1
     if not 0 <= v < len(label_names):

@@ -93,8 +93,12 @@ def cartography_points(reasons: Sequence[str], which: str = "epoch_end") -> np.n
     return idx
 
 
-def cartography(logprobs: np.ndarray, labels: Sequence[int], losses: Optional[np.ndarray] = None,
-                points: Optional[Sequence[int]] = None):
+def cartography(
+    logprobs: np.ndarray,
+    labels: Sequence[int],
+    losses: Optional[np.ndarray] = None,
+    points: Optional[Sequence[int]] = None,
+):
     """Dataset Cartography statistics per example (Swayamdipta et al., 2020).
 
     confidence = mean p(gold) over the chosen tracking points; variability = its **population**
@@ -144,8 +148,9 @@ def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins:
     return float(ece)
 
 
-def ece_bootstrap(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *, n_boot: int = 1000,
-                  seed: int = 0) -> np.ndarray:
+def ece_bootstrap(
+    probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *, n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
     """`expected_calibration_error` on `n_boot` resamples of the examples (with replacement), vectorised.
 
     ECE = (1/n) sum_b |sum_{i in b} (correct_i - confidence_i)|, so all resamples' bin sums are one
@@ -173,8 +178,15 @@ def ece_bootstrap(probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *,
     return np.abs(sums).sum(axis=1) / n
 
 
-def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: Sequence[str], n_bins: int = 10,
-                *, n_boot: int = 0, seed: int = 0):
+def calibration(
+    logprobs_point: np.ndarray,
+    labels: Sequence[int],
+    categories: Sequence[str],
+    n_bins: int = 10,
+    *,
+    n_boot: int = 0,
+    seed: int = 0,
+):
     """Calibration per entropy category at one tracking point.
 
     Args:
@@ -206,17 +218,34 @@ def calibration(logprobs_point: np.ndarray, labels: Sequence[int], categories: S
     pred_h = -(probs * np.where(probs > 0, lp, 0.0)).sum(axis=1)
     rows = []
     all_cats = np.asarray(categories)
-    groups = [c for c in CATEGORIES if (all_cats == c).any()] + [c for c in dict.fromkeys(all_cats) if c not in CATEGORIES]
+    groups = [c for c in CATEGORIES if (all_cats == c).any()] + [
+        c for c in dict.fromkeys(all_cats) if c not in CATEGORIES
+    ]
     for name in groups + ["all"]:
         m = np.ones(len(y), bool) if name == "all" else cats == name
         if not m.any():
             nan = float("nan")
             n_nan = int(sum(n_nan_by.values())) if name == "all" else int(n_nan_by.get(name, 0))
-            rows.append({"category": name, "n": 0, "n_nan": n_nan, "accuracy": nan, "pred_entropy": nan,
-                         "max_confidence": nan, "ece": nan, "ece_ci_low": nan, "ece_ci_high": nan, "ece_bins": n_bins})
+            rows.append(
+                {
+                    "category": name,
+                    "n": 0,
+                    "n_nan": n_nan,
+                    "accuracy": nan,
+                    "pred_entropy": nan,
+                    "max_confidence": nan,
+                    "ece": nan,
+                    "ece_ci_low": nan,
+                    "ece_ci_high": nan,
+                    "ece_bins": n_bins,
+                }
+            )
             continue
-        lo, hi = percentile_interval(ece_bootstrap(probs[m], y[m], n_bins, n_boot=n_boot, seed=seed)) if n_boot else (
-            float("nan"), float("nan"))
+        lo, hi = (
+            percentile_interval(ece_bootstrap(probs[m], y[m], n_bins, n_boot=n_boot, seed=seed))
+            if n_boot
+            else (float("nan"), float("nan"))
+        )
         rows.append(
             {
                 "category": name,
@@ -412,8 +441,10 @@ def format_summary(summary: dict) -> str:
                 "higher learning rate or a larger model before reading them"
             )
         else:
-            lines.append(f"ChaosNLI validation accuracy: {accuracy:.4f} ({chance}; more than {LEARNED_MARGIN * 100:g} "
-                         "points above it, so the correlations below can be read)")
+            lines.append(
+                f"ChaosNLI validation accuracy: {accuracy:.4f} ({chance}; more than {LEARNED_MARGIN * 100:g} "
+                "points above it, so the correlations below can be read)"
+            )
     for row in summary["correlations"]:
         ci = ""
         if row.get("ci_low") is not None and np.isfinite(row["ci_low"]):
@@ -429,8 +460,8 @@ def format_summary(summary: dict) -> str:
         )
     lines += [
         "r: Spearman rho / Kendall tau-b of annotation entropy against each example's AULC or Delta L, over the "
-        "tracked examples" + (" (CI: bootstrap over examples)" if any("ci_low" in r for r in summary["correlations"])
-                              else ""),
+        "tracked examples"
+        + (" (CI: bootstrap over examples)" if any("ci_low" in r for r in summary["correlations"]) else ""),
         "n: tracked examples per entropy category (by default clean H < 0.4 <= ambiguous <= 0.7 < contested, in nats)",
         "mean dL: mean Delta L = loss at the last tracking point minus loss at the first (> 0: un-learned)",
         "mean AULC: mean area under the loss curve over training progress 0..1 (lower: learned sooner)",

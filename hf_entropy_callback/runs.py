@@ -45,8 +45,18 @@ RUN_FORMAT_VERSION = 2
 #: Older format versions `load_run` still reads (see the module docstring).
 READABLE_FORMAT_VERSIONS = (1, 2)
 TRACKING_DIRNAME = "entropy_tracking"
-EXAMPLE_COLUMNS = ("example_id", "set", "index", "entropy", "category", "label", "label_counts", "token_length", "noised",
-                   "original_label")
+EXAMPLE_COLUMNS = (
+    "example_id",
+    "set",
+    "index",
+    "entropy",
+    "category",
+    "label",
+    "label_counts",
+    "token_length",
+    "noised",
+    "original_label",
+)
 #: The example columns of format version 1 (no ``original_label``).
 EXAMPLE_COLUMNS_V1 = EXAMPLE_COLUMNS[:-1]
 POINT_COLUMNS = ("point", "step", "epoch", "reason")
@@ -198,8 +208,10 @@ def write_run(
     """
     if "original_label" not in examples.columns and "noised" in examples.columns:
         if examples["noised"].astype(bool).any():
-            raise RunFormatError("write_run: examples table lacks original_label (the label before noise), which "
-                                 "is required when some examples are noised")
+            raise RunFormatError(
+                "write_run: examples table lacks original_label (the label before noise), which "
+                "is required when some examples are noised"
+            )
         examples = examples.assign(original_label=examples["label"])  # no noise: the label is the original
     missing = [c for c in EXAMPLE_COLUMNS if c not in examples.columns]
     if missing:
@@ -226,10 +238,12 @@ def write_run(
         )
         # Page checksums (CRC32, part of the parquet format) let `load_run` catch a damaged page that
         # would otherwise read back as silently changed values.
-        examples.reset_index(drop=True).to_parquet(os.path.join(tmp, "examples.parquet"), index=False,
-                                                   write_page_checksum=True)
-        points.reset_index(drop=True).to_parquet(os.path.join(tmp, "points.parquet"), index=False,
-                                                 write_page_checksum=True)
+        examples.reset_index(drop=True).to_parquet(
+            os.path.join(tmp, "examples.parquet"), index=False, write_page_checksum=True
+        )
+        points.reset_index(drop=True).to_parquet(
+            os.path.join(tmp, "points.parquet"), index=False, write_page_checksum=True
+        )
         np.savez(os.path.join(tmp, "logprobs.npz"), **{k: np.asarray(v, dtype=np.float32) for k, v in logprobs.items()})
         # Swap in: the old copy moves aside first so `path` is never a half-written directory.
         old = None
@@ -356,7 +370,9 @@ def load_run(path: str) -> Run:
     for name, arr in logprobs.items():
         n = int((examples["set"] == name).sum())
         if arr.shape[:2] != (len(points), n):
-            raise RunFormatError(f"{tdir}: logprobs.npz: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n}, K)")
+            raise RunFormatError(
+                f"{tdir}: logprobs.npz: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n}, K)"
+            )
     return run
 
 
@@ -379,7 +395,9 @@ def _load_npz(path: str) -> Dict[str, np.ndarray]:
         for key in npz.files:
             arr = npz[key]
             if not np.issubdtype(arr.dtype, np.floating) or arr.ndim != 3:
-                raise ValueError(f"array {key!r} is {arr.dtype} of shape {arr.shape}, expected float (points, examples, classes)")
+                raise ValueError(
+                    f"array {key!r} is {arr.dtype} of shape {arr.shape}, expected float (points, examples, classes)"
+                )
             out[key] = arr
     return out
 
@@ -391,8 +409,19 @@ def _read_file(tdir: str, name: str, reader):
         return reader(path)
     except RunFormatError:
         raise
-    except (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, SyntaxError, zipfile.BadZipFile,
-            zlib.error, UnicodeDecodeError, MemoryError) as err:
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        KeyError,
+        IndexError,
+        TypeError,
+        SyntaxError,
+        zipfile.BadZipFile,
+        zlib.error,
+        UnicodeDecodeError,
+        MemoryError,
+    ) as err:
         # numpy's message for a damaged header ("contains pickled (object) data ... allow_pickle=") would
         # invite loading untrusted bytes unsafely; a run never holds object arrays, so say what it is.
         detail = f"{type(err).__name__}: {err}"

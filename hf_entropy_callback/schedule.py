@@ -74,15 +74,17 @@ def tracking_schedule(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"tracking_schedule: {name} must be an integer >= 1, got {value!r}")
     if not isinstance(track_every, int) or track_every < 0:
-        raise ValueError(f"tracking_schedule: track_every must be an integer >= 0 (0 = no interval points), "
-                         f"got {track_every!r}")
+        raise ValueError(
+            f"tracking_schedule: track_every must be an integer >= 0 (0 = no interval points), got {track_every!r}"
+        )
     per_epoch = _steps_per_epoch(num_examples, batch_size, gradient_accumulation_steps, world_size)
     if max_steps is not None and max_steps > 0:
         last = int(max_steps)
     else:
         if num_epochs is None or not math.isfinite(num_epochs) or num_epochs <= 0:
-            raise ValueError(f"tracking_schedule: num_epochs must be a positive number (or pass max_steps > 0), "
-                             f"got {num_epochs!r}")
+            raise ValueError(
+                f"tracking_schedule: num_epochs must be a positive number (or pass max_steps > 0), got {num_epochs!r}"
+            )
         # The Trainer's expression, float rounding included (2.2 * 25 -> 55.00000000000001 -> 56 steps).
         last = math.ceil(num_epochs * per_epoch)
     points: Dict[int, List[str]] = {0: ["step0"]}

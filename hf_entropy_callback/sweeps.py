@@ -171,7 +171,9 @@ def _config_says_decoder(folder: str) -> bool:
         return False
 
 
-def resolve_models(models: Optional[Sequence[str]] = None, models_dir: Optional[str] = None) -> Optional[List[ModelSpec]]:
+def resolve_models(
+    models: Optional[Sequence[str]] = None, models_dir: Optional[str] = None
+) -> Optional[List[ModelSpec]]:
     """The models given on the command line as `ModelSpec`s (`None` when none: each matrix's defaults).
 
     Args:
@@ -188,8 +190,10 @@ def resolve_models(models: Optional[Sequence[str]] = None, models_dir: Optional[
     for entry in models:
         name = _short_name(entry)
         if name in seen:
-            raise ValueError(f"--models: {seen[name]!r} and {entry!r} have the same short name {name!r} "
-                             "(the basename names the runs); rename one folder")
+            raise ValueError(
+                f"--models: {seen[name]!r} and {entry!r} have the same short name {name!r} "
+                "(the basename names the runs); rename one folder"
+            )
         seen[name] = entry
         source = entry
         if models_dir and not os.path.isdir(entry):
@@ -200,8 +204,11 @@ def resolve_models(models: Optional[Sequence[str]] = None, models_dir: Optional[
             out.append(replace(STUDY_MODELS[name], source=source))
         else:
             decoder = os.path.isdir(source) and _config_says_decoder(source)
-            out.append(ModelSpec(name, source, decoder=decoder, tasks=("snli",) if decoder else ("snli", "mnli"),
-                                 full_ft=not decoder))
+            out.append(
+                ModelSpec(
+                    name, source, decoder=decoder, tasks=("snli",) if decoder else ("snli", "mnli"), full_ft=not decoder
+                )
+            )
     return out
 
 
@@ -255,10 +262,19 @@ class Condition:
     def flags(self, data_dir: str) -> List[str]:
         """The script's flags for this condition (without seed, output folder and run name)."""
         chaos, bulk = DATA_FILES[self.task]
-        out = ["--model_name_or_path", self.model.source, "--task", self.task,
-               "--chaosnli_file", os.path.join(data_dir, chaos), "--train_file", os.path.join(data_dir, bulk)]
+        out = [
+            "--model_name_or_path",
+            self.model.source,
+            "--task",
+            self.task,
+            "--chaosnli_file",
+            os.path.join(data_dir, chaos),
+            "--train_file",
+            os.path.join(data_dir, bulk),
+        ]
         out += {"full": ["--peft", "none"], "ia3": ["--peft", "ia3"]}.get(
-            self.method, ["--peft", "lora", "--lora_r", str(self.rank)])
+            self.method, ["--peft", "lora", "--lora_r", str(self.rank)]
+        )
         if self.composition != "all":
             out += ["--composition", self.composition]
         if self.label_noise:
@@ -302,12 +318,16 @@ def _main_matrix(models: Sequence[ModelSpec], o: MatrixOptions) -> List[Conditio
 
 def _rank_sweep(models, o):
     return [Condition(m, "snli", "lora", r) for m in models for r in o.sweep_ranks] + [
-        Condition(m, "snli", "full") for m in models if m.full_ft]
+        Condition(m, "snli", "full") for m in models if m.full_ft
+    ]
 
 
 def _composition(models, o):
-    return [Condition(m, "snli", "lora", o.ablation_rank, composition=c) for m in models
-            for c in ("all", "low", "high", "balanced")]
+    return [
+        Condition(m, "snli", "lora", o.ablation_rank, composition=c)
+        for m in models
+        for c in ("all", "low", "high", "balanced")
+    ]
 
 
 def _noise(models, o):
@@ -319,13 +339,21 @@ def _soft_label(models, o):
 
 
 def _ablations(models, o):
-    return [c for c in _composition(models, o) + _noise(models, o) + _soft_label(models, o)
-            if (c.composition, c.label_noise, c.loss) != ("all", 0.0, "ce")]
+    return [
+        c
+        for c in _composition(models, o) + _noise(models, o) + _soft_label(models, o)
+        if (c.composition, c.label_noise, c.loss) != ("all", 0.0, "ce")
+    ]
 
 
 def _matched_lr(models, o):
-    return [Condition(m, task, method, o.matched_lr_rank if method == "lora" else None, learning_rate=lr)
-            for m in models for task in ("snli", "mnli") for method in ("full", "lora") for lr in o.learning_rates]
+    return [
+        Condition(m, task, method, o.matched_lr_rank if method == "lora" else None, learning_rate=lr)
+        for m in models
+        for task in ("snli", "mnli")
+        for method in ("full", "lora")
+        for lr in o.learning_rates
+    ]
 
 
 @dataclass(frozen=True)
@@ -350,20 +378,55 @@ class Matrix:
 MATRICES: Dict[str, Matrix] = {
     m.name: m
     for m in (
-        Matrix("main", "model x method x dataset (table 2): LoRA low / high rank, full FT, IA3",
-               tuple(STUDY_MODELS), STUDY_SEEDS, _main_matrix),
-        Matrix("rank_sweep", "RoBERTa and BERT on SNLI: six LoRA ranks and full FT, one seed",
-               ("roberta-base", "bert-base-uncased"), (42,), _rank_sweep),
-        Matrix("composition", "ChaosNLI training part all / low / high / balanced (LoRA, RoBERTa, SNLI)",
-               ("roberta-base",), STUDY_SEEDS, _composition),
-        Matrix("noise", "label noise on clean examples 0 / 30 / 60% (LoRA, RoBERTa, SNLI)",
-               ("roberta-base",), STUDY_SEEDS, _noise),
-        Matrix("soft_label", "cross-entropy vs soft-label KL (LoRA, RoBERTa, SNLI)",
-               ("roberta-base",), STUDY_SEEDS, _soft_label),
-        Matrix("ablations", "composition, noise and soft labels without their baseline (a main-matrix run)",
-               ("roberta-base",), STUDY_SEEDS, _ablations),
-        Matrix("matched_lr", "full FT vs LoRA r=8 at matched learning rates 1e-6 .. 5e-5, SNLI and MNLI",
-               ("roberta-base",), MATCHED_LR_SEEDS, _matched_lr),
+        Matrix(
+            "main",
+            "model x method x dataset (table 2): LoRA low / high rank, full FT, IA3",
+            tuple(STUDY_MODELS),
+            STUDY_SEEDS,
+            _main_matrix,
+        ),
+        Matrix(
+            "rank_sweep",
+            "RoBERTa and BERT on SNLI: six LoRA ranks and full FT, one seed",
+            ("roberta-base", "bert-base-uncased"),
+            (42,),
+            _rank_sweep,
+        ),
+        Matrix(
+            "composition",
+            "ChaosNLI training part all / low / high / balanced (LoRA, RoBERTa, SNLI)",
+            ("roberta-base",),
+            STUDY_SEEDS,
+            _composition,
+        ),
+        Matrix(
+            "noise",
+            "label noise on clean examples 0 / 30 / 60% (LoRA, RoBERTa, SNLI)",
+            ("roberta-base",),
+            STUDY_SEEDS,
+            _noise,
+        ),
+        Matrix(
+            "soft_label",
+            "cross-entropy vs soft-label KL (LoRA, RoBERTa, SNLI)",
+            ("roberta-base",),
+            STUDY_SEEDS,
+            _soft_label,
+        ),
+        Matrix(
+            "ablations",
+            "composition, noise and soft labels without their baseline (a main-matrix run)",
+            ("roberta-base",),
+            STUDY_SEEDS,
+            _ablations,
+        ),
+        Matrix(
+            "matched_lr",
+            "full FT vs LoRA r=8 at matched learning rates 1e-6 .. 5e-5, SNLI and MNLI",
+            ("roberta-base",),
+            MATCHED_LR_SEEDS,
+            _matched_lr,
+        ),
     )
 }
 
@@ -428,11 +491,13 @@ def expand_runs(
         matrix = MATRICES[mname]
         specs = list(models) if models else [_study_model(n, models_dir) for n in matrix.models]
         conditions = matrix.conditions(specs, options)
-        for seed in (seeds or matrix.seeds):
+        for seed in seeds or matrix.seeds:
             for cond in conditions:
                 name = f"{cond.tag()}-s{seed}"
                 out = os.path.join(out_dir, name)
-                flags = cond.flags(data_dir) + ["--seed", str(seed), "--output_dir", out, "--run_name", name] + list(extra)
+                flags = (
+                    cond.flags(data_dir) + ["--seed", str(seed), "--output_dir", out, "--run_name", name] + list(extra)
+                )
                 if name in runs:
                     if runs[name].flags != flags:
                         raise ValueError(f"run {name} is built two ways: {runs[name].flags} vs {flags}")
@@ -479,12 +544,18 @@ def folder_state(output_dir: str) -> str:
         fp = read_fingerprint(output_dir)
     except RunFolderError:
         return "partial"
-    if fp is not None and fp.get("status") == "finished" and os.path.isfile(
-            os.path.join(output_dir, TRACKING_DIRNAME, "run_config.json")):
+    if (
+        fp is not None
+        and fp.get("status") == "finished"
+        and os.path.isfile(os.path.join(output_dir, TRACKING_DIRNAME, "run_config.json"))
+    ):
         return "finished"
     entries = [e for e in os.listdir(output_dir) if e not in ("smoke_inputs",)]
-    return "partial" if fp is not None or any(e.startswith("checkpoint-") or e == TRACKING_DIRNAME for e in entries) \
+    return (
+        "partial"
+        if fp is not None or any(e.startswith("checkpoint-") or e == TRACKING_DIRNAME for e in entries)
         else "empty"
+    )
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
@@ -542,8 +613,23 @@ class RunResult:
         return None if self.start is None or self.end is None else self.end - self.start
 
     def as_dict(self) -> Dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("name", "status", "exit_code", "attempts", "resumed", "slot", "pid",
-                                            "output_dir", "log", "command", "matrices", "note")}
+        d = {
+            k: getattr(self, k)
+            for k in (
+                "name",
+                "status",
+                "exit_code",
+                "attempts",
+                "resumed",
+                "slot",
+                "pid",
+                "output_dir",
+                "log",
+                "command",
+                "matrices",
+                "note",
+            )
+        }
         d["start"] = _iso(self.start)
         d["end"] = _iso(self.end)
         d["start_unix"], d["end_unix"] = self.start, self.end
@@ -562,8 +648,9 @@ _ALREADY_DONE = "already done"
 
 
 class _Runner:
-    def __init__(self, runs, *, launcher, script, out_dir, slots, retries, status_file, invocation, matrices,
-                 echo=print):
+    def __init__(
+        self, runs, *, launcher, script, out_dir, slots, retries, status_file, invocation, matrices, echo=print
+    ):
         self.runs = runs
         self.launcher, self.script = launcher, script
         self.out_dir = os.path.abspath(out_dir)
@@ -580,15 +667,21 @@ class _Runner:
         self.started = time.time()
         for run in runs:
             self.results[run.name] = RunResult(
-                run.name, "not started", run.output_dir, os.path.join(self.out_dir, LOGS_DIRNAME, f"{run.name}.log"),
-                run_command(run, launcher, script), list(run.matrices))
+                run.name,
+                "not started",
+                run.output_dir,
+                os.path.join(self.out_dir, LOGS_DIRNAME, f"{run.name}.log"),
+                run_command(run, launcher, script),
+                list(run.matrices),
+            )
 
     # -- status
     def write(self) -> None:
         with self.lock:
             results = [self.results[r.name] for r in self.runs]
-            write_status(self.status_file, results, started=self.started, matrices=self.matrices,
-                         invocation=self.invocation)
+            write_status(
+                self.status_file, results, started=self.started, matrices=self.matrices, invocation=self.invocation
+            )
 
     def _say(self, text: str) -> None:
         with self.lock:
@@ -622,13 +715,16 @@ class _Runner:
         while not self.stop.is_set():
             res.attempts += 1
             with open(res.log, "ab") as fh:
-                head = (f"\n===== attempt {res.attempts} of {run.name} on {socket.gethostname()} at {_iso(time.time())}"
-                        f" (slot {label})\n===== command: {shlex.join(res.command)}\n")
+                head = (
+                    f"\n===== attempt {res.attempts} of {run.name} on {socket.gethostname()} at {_iso(time.time())}"
+                    f" (slot {label})\n===== command: {shlex.join(res.command)}\n"
+                )
                 fh.write(head.encode())
                 fh.flush()
                 offset = fh.tell()
-                proc = subprocess.Popen(res.command, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    res.command, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
             res.pid = proc.pid
             with self.lock:
                 self.procs[run.name] = proc
@@ -650,18 +746,26 @@ class _Runner:
                 break
             res.status = "failed"
             refused = re.search(rf"^{re.escape(os.path.basename(self.script))}: error:", text, re.M) or (
-                "are not used by the HfArgumentParser" in text)  # an unknown flag (ValueError, exit status 1)
+                "are not used by the HfArgumentParser" in text
+            )  # an unknown flag (ValueError, exit status 1)
             if code == 2 or refused or res.attempts > self.retries:
-                res.note = ("usage error (exit status 2): not retried" if code == 2 else
-                            "usage error or refused output folder: not retried" if refused else "")
+                res.note = (
+                    "usage error (exit status 2): not retried"
+                    if code == 2
+                    else "usage error or refused output folder: not retried"
+                    if refused
+                    else ""
+                )
                 break
             self._say(f"[retry] {run.name}: exit status {code}, attempt {res.attempts + 1} of {self.retries + 1}")
             res.resumed = res.resumed or folder_state(run.output_dir) == "partial"
         res.end = time.time()
         dur = _fmt_duration(res.duration)
         if res.status == "failed":
-            self._say(f"[FAILED] {run.name}: exit status {res.exit_code} after {res.attempts} attempt(s), {dur}\n"
-                      f"         log: {res.log}\n         command: {shlex.join(res.command)}")
+            self._say(
+                f"[FAILED] {run.name}: exit status {res.exit_code} after {res.attempts} attempt(s), {dur}\n"
+                f"         log: {res.log}\n         command: {shlex.join(res.command)}"
+            )
         else:
             self._say(f"[{res.status}] {run.name} ({dur})")
         self._record(run, res)
@@ -732,8 +836,13 @@ def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def make_slots(jobs: int = 1, gpus: Optional[Sequence[str]] = None, jobs_per_gpu: int = 1, gpus_per_job: int = 1,
-               launcher: Sequence[str] = ()) -> List[Tuple[str, Dict[str, str]]]:
+def make_slots(
+    jobs: int = 1,
+    gpus: Optional[Sequence[str]] = None,
+    jobs_per_gpu: int = 1,
+    gpus_per_job: int = 1,
+    launcher: Sequence[str] = (),
+) -> List[Tuple[str, Dict[str, str]]]:
     """The parallel slots: `(label, environment overrides)` each; one job runs per slot at a time.
 
     With `gpus`, each slot sees its own GPUs through `CUDA_VISIBLE_DEVICES` (`gpus_per_job` of them,
@@ -752,7 +861,7 @@ def make_slots(jobs: int = 1, gpus: Optional[Sequence[str]] = None, jobs_per_gpu
     if gpus:
         if len(gpus) % gpus_per_job:
             raise ValueError(f"--gpus-per-job {gpus_per_job} does not divide the {len(gpus)} GPUs of --gpus")
-        groups = [",".join(gpus[i:i + gpus_per_job]) for i in range(0, len(gpus), gpus_per_job)]
+        groups = [",".join(gpus[i : i + gpus_per_job]) for i in range(0, len(gpus), gpus_per_job)]
         for k in range(jobs_per_gpu):
             for g in groups:
                 slots.append((f"gpu{g}" + (f"#{k}" if jobs_per_gpu > 1 else ""), {"CUDA_VISIBLE_DEVICES": g}))
@@ -767,10 +876,19 @@ def make_slots(jobs: int = 1, gpus: Optional[Sequence[str]] = None, jobs_per_gpu
     return slots
 
 
-def run_sweep(runs: Sequence[Run], *, out_dir: str, launcher: Sequence[str] = ("python",), script: str = "run_glue_entropy.py",
-              slots: Optional[List[Tuple[str, Dict[str, str]]]] = None, retries: int = 0,
-              status_file: Optional[str] = None, matrices: Sequence[str] = (), invocation: Sequence[str] = (),
-              echo: Callable[[str], None] = print) -> List[RunResult]:
+def run_sweep(
+    runs: Sequence[Run],
+    *,
+    out_dir: str,
+    launcher: Sequence[str] = ("python",),
+    script: str = "run_glue_entropy.py",
+    slots: Optional[List[Tuple[str, Dict[str, str]]]] = None,
+    retries: int = 0,
+    status_file: Optional[str] = None,
+    matrices: Sequence[str] = (),
+    invocation: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> List[RunResult]:
     """Run `runs` (skipping finished ones, resuming interrupted ones), `len(slots)` at a time.
 
     Each run's output goes to `<out_dir>/logs/<name>.log`; the status file is rewritten after every
@@ -791,17 +909,32 @@ def run_sweep(runs: Sequence[Run], *, out_dir: str, launcher: Sequence[str] = ("
         `List[RunResult]`, in the order of `runs`.
     """
     launcher = [sys.executable] if list(launcher) == ["python"] else list(launcher)
-    runner = _Runner(list(runs), launcher=launcher, script=script, out_dir=out_dir, slots=slots or make_slots(),
-                     retries=retries, status_file=status_file or os.path.join(out_dir, STATUS_NAME),
-                     invocation=list(invocation), matrices=list(matrices), echo=echo)
+    runner = _Runner(
+        list(runs),
+        launcher=launcher,
+        script=script,
+        out_dir=out_dir,
+        slots=slots or make_slots(),
+        retries=retries,
+        status_file=status_file or os.path.join(out_dir, STATUS_NAME),
+        invocation=list(invocation),
+        matrices=list(matrices),
+        echo=echo,
+    )
     results = runner.run()
     if runner.stop.is_set():
         raise KeyboardInterrupt(getattr(runner, "signal", signal.SIGINT))
     return results
 
 
-def write_status(path: str, results: Sequence[RunResult], *, started: Optional[float] = None,
-                 matrices: Sequence[str] = (), invocation: Sequence[str] = ()) -> None:
+def write_status(
+    path: str,
+    results: Sequence[RunResult],
+    *,
+    started: Optional[float] = None,
+    matrices: Sequence[str] = (),
+    invocation: Sequence[str] = (),
+) -> None:
     """Write the machine-readable status file (atomically).
 
     Format: `{"format_version": 1, "host", "started", "updated", "matrices", "invocation", "counts":
@@ -812,11 +945,19 @@ def write_status(path: str, results: Sequence[RunResult], *, started: Optional[f
     counts: Dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    _write_json_atomic(os.path.abspath(path), {
-        "format_version": STATUS_FORMAT_VERSION, "host": socket.gethostname(), "started": _iso(started),
-        "updated": _iso(time.time()), "matrices": list(matrices), "invocation": list(invocation),
-        "counts": counts, "runs": [r.as_dict() for r in results],
-    })
+    _write_json_atomic(
+        os.path.abspath(path),
+        {
+            "format_version": STATUS_FORMAT_VERSION,
+            "host": socket.gethostname(),
+            "started": _iso(started),
+            "updated": _iso(time.time()),
+            "matrices": list(matrices),
+            "invocation": list(invocation),
+            "counts": counts,
+            "runs": [r.as_dict() for r in results],
+        },
+    )
 
 
 def _fmt_duration(seconds: Optional[float]) -> str:
@@ -829,22 +970,31 @@ def _fmt_duration(seconds: Optional[float]) -> str:
 def format_summary_table(results: Sequence[RunResult]) -> str:
     """The end-of-sweep table: one row per run (status, attempts, duration), counts, then each failure."""
     width = max([len("run")] + [len(r.name) for r in results])
-    lines = [f"{'run':<{width}}  {'status':<11}  {'attempts':>8}  {'duration':>8}  resumed",
-             f"{'-' * width}  {'-' * 11}  {'-' * 8}  {'-' * 8}  -------"]
+    lines = [
+        f"{'run':<{width}}  {'status':<11}  {'attempts':>8}  {'duration':>8}  resumed",
+        f"{'-' * width}  {'-' * 11}  {'-' * 8}  {'-' * 8}  -------",
+    ]
     for r in results:
-        lines.append(f"{r.name:<{width}}  {r.status:<11}  {r.attempts:>8}  {_fmt_duration(r.duration):>8}  "
-                     f"{'yes' if r.resumed else 'no'}")
+        lines.append(
+            f"{r.name:<{width}}  {r.status:<11}  {r.attempts:>8}  {_fmt_duration(r.duration):>8}  "
+            f"{'yes' if r.resumed else 'no'}"
+        )
     counts: Dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     order = ["done", "skipped", "failed", "interrupted", "not started", "running", "pending"]
     total = sum(r.duration or 0.0 for r in results)
-    lines.append(f"{len(results)} runs: " + ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
-                 + f" (run time {_fmt_duration(total)})")
+    lines.append(
+        f"{len(results)} runs: "
+        + ", ".join(f"{counts[s]} {s}" for s in order if s in counts)
+        + f" (run time {_fmt_duration(total)})"
+    )
     for r in results:
         if r.status == "failed":
-            lines.append(f"FAILED {r.name}: exit status {r.exit_code}{'; ' + r.note if r.note else ''}\n"
-                         f"  log: {r.log}\n  command: {shlex.join(r.command)}")
+            lines.append(
+                f"FAILED {r.name}: exit status {r.exit_code}{'; ' + r.note if r.note else ''}\n"
+                f"  log: {r.log}\n  command: {shlex.join(r.command)}"
+            )
     return "\n".join(lines)
 
 
@@ -857,11 +1007,21 @@ def collect_results(runs: Sequence[Run], out_dir: str, launcher: Sequence[str], 
         status = rec.get("status") or {"finished": "skipped", "partial": "not started", "empty": "not started"}[state]
         if state == "finished" and status not in ("done", "skipped"):
             status = "done"
-        res = RunResult(run.name, status, run.output_dir, rec.get("log") or os.path.join(out_dir, LOGS_DIRNAME, f"{run.name}.log"),
-                        rec.get("command") or run_command(run, launcher, script), list(run.matrices),
-                        exit_code=rec.get("exit_code"), attempts=rec.get("attempts") or 0,
-                        start=rec.get("start_unix"), end=rec.get("end_unix"), resumed=bool(rec.get("resumed")),
-                        slot=rec.get("slot"), note=rec.get("note") or "")
+        res = RunResult(
+            run.name,
+            status,
+            run.output_dir,
+            rec.get("log") or os.path.join(out_dir, LOGS_DIRNAME, f"{run.name}.log"),
+            rec.get("command") or run_command(run, launcher, script),
+            list(run.matrices),
+            exit_code=rec.get("exit_code"),
+            attempts=rec.get("attempts") or 0,
+            start=rec.get("start_unix"),
+            end=rec.get("end_unix"),
+            resumed=bool(rec.get("resumed")),
+            slot=rec.get("slot"),
+            note=rec.get("note") or "",
+        )
         out.append(res)
     return out
 
@@ -948,10 +1108,17 @@ def run_steps(run: Run, sizes: Mapping[str, Any]) -> Dict[str, int]:
     steps = math.ceil(n_train / batch) * epochs
     if max_steps > 0:
         steps = max_steps
-    points = len(tracking_schedule(n_train, batch, epochs, track_every=track_every)) if max_steps <= 0 else \
-        max_steps // max(track_every, 1) + 2
-    return {"steps": int(math.ceil(steps)), "points": points, "n_train": n_train,
-            "n_tracked_total": sizes["tracked"] + sizes["validation"]}
+    points = (
+        len(tracking_schedule(n_train, batch, epochs, track_every=track_every))
+        if max_steps <= 0
+        else max_steps // max(track_every, 1) + 2
+    )
+    return {
+        "steps": int(math.ceil(steps)),
+        "points": points,
+        "n_train": n_train,
+        "n_tracked_total": sizes["tracked"] + sizes["validation"],
+    }
 
 
 def device_key() -> str:
@@ -995,17 +1162,30 @@ def _calibration_batches(source: str, data_dir: str, n: int, batch_size: int, se
         if len(pairs) >= n * batch_size:
             out = []
             for i in range(n):
-                p, h = zip(*pairs[i * batch_size:(i + 1) * batch_size])
+                p, h = zip(*pairs[i * batch_size : (i + 1) * batch_size])
                 enc = tok(list(p), list(h), truncation=True, max_length=seq_len, padding=True, return_tensors="pt")
                 out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
             return out, "SNLI batches"
-    return [{"input_ids": torch.randint(5, 100, (batch_size, seq_len)),
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long)} for _ in range(n)], \
-        f"random tokens, length {seq_len}"
+    return [
+        {
+            "input_ids": torch.randint(5, 100, (batch_size, seq_len)),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+        }
+        for _ in range(n)
+    ], f"random tokens, length {seq_len}"
 
 
-def calibrate_model(source: str, method: str, *, data_dir: str, steps: int = 3, batch_size: int = 32,
-                    tracking_batch_size: int = 64, seq_len: int = 128, rank: int = 8) -> Dict[str, Any]:
+def calibrate_model(
+    source: str,
+    method: str,
+    *,
+    data_dir: str,
+    steps: int = 3,
+    batch_size: int = 32,
+    tracking_batch_size: int = 64,
+    seq_len: int = 128,
+    rank: int = 8,
+) -> Dict[str, Any]:
     """Time training steps and tracking forward passes of a model on this machine (GPU if there is one).
 
     The model is built from its configuration with random weights (same cost as the trained one; no
@@ -1058,8 +1238,10 @@ def calibrate_model(source: str, method: str, *, data_dir: str, steps: int = 3, 
         if i:
             times.append(time.perf_counter() - t0)
     model.eval()
-    big = {k: torch.cat([v, v])[:tracking_batch_size].to(device) % (vocab if k == "input_ids" else 2 ** 62)
-           for k, v in batches[0].items()}
+    big = {
+        k: torch.cat([v, v])[:tracking_batch_size].to(device) % (vocab if k == "input_ids" else 2**62)
+        for k, v in batches[0].items()
+    }
     ftimes = []
     with torch.no_grad():
         for i in range(3):
@@ -1069,9 +1251,15 @@ def calibrate_model(source: str, method: str, *, data_dir: str, steps: int = 3, 
             sync()
             if i:
                 ftimes.append(time.perf_counter() - t0)
-    return {"train_step_s": sum(times) / len(times), "track_batch_s": sum(ftimes) / len(ftimes), "batches": kind,
-            "steps": steps, "batch_size": batch_size, "tracking_batch_size": tracking_batch_size,
-            "measured": _iso(time.time())}
+    return {
+        "train_step_s": sum(times) / len(times),
+        "track_batch_s": sum(ftimes) / len(ftimes),
+        "batches": kind,
+        "steps": steps,
+        "batch_size": batch_size,
+        "tracking_batch_size": tracking_batch_size,
+        "measured": _iso(time.time()),
+    }
 
 
 def default_calibration_file() -> str:
@@ -1105,11 +1293,15 @@ def calibrate(runs: Sequence[Run], *, data_dir: str, path: str, steps: int = 3, 
         try:
             m = calibrate_model(c.model.source, c.method, data_dir=data_dir, steps=steps, rank=c.rank or 8)
         except Exception as err:
-            raise RuntimeError(f"--calibrate: cannot time {c.model.name} ({c.method}) from {c.model.source}: "
-                               f"{type(err).__name__}: {err}") from err
+            raise RuntimeError(
+                f"--calibrate: cannot time {c.model.name} ({c.method}) from {c.model.source}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
         entry.setdefault(c.model.name, {})[c.method] = m
-        echo(f"  {m['train_step_s']:.3f} s / training step of {m['batch_size']}, {m['track_batch_s']:.3f} s / "
-             f"tracking batch of {m['tracking_batch_size']} ({m['batches']})")
+        echo(
+            f"  {m['train_step_s']:.3f} s / training step of {m['batch_size']}, {m['track_batch_s']:.3f} s / "
+            f"tracking batch of {m['tracking_batch_size']} ({m['batches']})"
+        )
         _write_json_atomic(os.path.abspath(path), cache)
     return cache
 
@@ -1126,14 +1318,18 @@ def _fmt_hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 360 else f"{seconds / 60:.1f} min"
 
 
-def estimate_lines(runs: Sequence[Run], matrices: Sequence[str], *, data_dir: str, calibration: Mapping[str, Any],
-                   device: str) -> List[str]:
+def estimate_lines(
+    runs: Sequence[Run], matrices: Sequence[str], *, data_dir: str, calibration: Mapping[str, Any], device: str
+) -> List[str]:
     """The dry run's compute estimate, one line per matrix and a total (or why there is none)."""
     sizes = {t: data_sizes(data_dir, t) for t in DATA_FILES}
     measured = calibration.get(device, {})
     lines = []
-    desc = ", ".join(f"{t.upper()} {s['tracked']} tracked + {min(20000, s['bulk_available'])} bulk "
-                     f"({'from --data' if s['source'] == 'files' else 'study sizes'})" for t, s in sizes.items())
+    desc = ", ".join(
+        f"{t.upper()} {s['tracked']} tracked + {min(20000, s['bulk_available'])} bulk "
+        f"({'from --data' if s['source'] == 'files' else 'study sizes'})"
+        for t, s in sizes.items()
+    )
     lines.append(f"estimated compute on {device} (one process per run, measured step times; {desc}):")
     missing_all = set()
     for mname in list(matrices) + ["all selected"]:
@@ -1147,25 +1343,37 @@ def estimate_lines(runs: Sequence[Run], matrices: Sequence[str], *, data_dir: st
             secs += estimate_run_seconds(r, m, sizes[r.condition.task])
         missing_all |= missing
         steps = sum(run_steps(r, sizes[r.condition.task])["steps"] for r in mruns)
-        text = (f"no estimate (not calibrated here: {', '.join(sorted(missing))})" if missing
-                else _fmt_hours(secs))
+        text = f"no estimate (not calibrated here: {', '.join(sorted(missing))})" if missing else _fmt_hours(secs)
         lines.append(f"  {mname:<14} {len(mruns):>4} runs  {steps:>9,} steps  {text}")
     if missing_all:
         others = [d for d in calibration if d != device]
-        lines.append("  run with --calibrate to measure the missing models on this machine"
-                     + (f" (calibrations exist for: {'; '.join(others)}; --calibration-device picks one)" if others else ""))
+        lines.append(
+            "  run with --calibrate to measure the missing models on this machine"
+            + (f" (calibrations exist for: {'; '.join(others)}; --calibration-device picks one)" if others else "")
+        )
     return lines
 
 
 # ---- Slurm --------------------------------------------------------------------------------------------
 
 
-def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_dir: str, job_name: str,
-                        throttle: Optional[int] = None, partition: Optional[str] = None,
-                        time_limit: Optional[str] = None, gpus: Optional[int] = None, cpus: Optional[int] = None,
-                        mem: Optional[str] = None, account: Optional[str] = None,
-                        setup: Sequence[str] = (), report_argv: Optional[Sequence[str]] = None,
-                        extra: Sequence[str] = ()) -> Dict[str, str]:
+def write_slurm_scripts(
+    runs: Sequence[Run],
+    task_argv: Sequence[str],
+    *,
+    out_dir: str,
+    job_name: str,
+    throttle: Optional[int] = None,
+    partition: Optional[str] = None,
+    time_limit: Optional[str] = None,
+    gpus: Optional[int] = None,
+    cpus: Optional[int] = None,
+    mem: Optional[str] = None,
+    account: Optional[str] = None,
+    setup: Sequence[str] = (),
+    report_argv: Optional[Sequence[str]] = None,
+    extra: Sequence[str] = (),
+) -> Dict[str, str]:
     """Write `<out>/slurm/<job>.sbatch` (an array job, one task per run) and `<job>-report.sbatch`.
 
     Task i runs `task_argv` followed by `--task-index i` and `extra` (`["--extra", ...]`): the same runner, which picks the i-th run of
@@ -1183,8 +1391,13 @@ def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_di
 
     def header(name, extra_lines):
         lines = ["#!/bin/bash", f"#SBATCH --job-name={name}"] + extra_lines
-        for flag, value in (("partition", partition), ("account", account), ("time", time_limit),
-                            ("cpus-per-task", cpus), ("mem", mem)):
+        for flag, value in (
+            ("partition", partition),
+            ("account", account),
+            ("time", time_limit),
+            ("cpus-per-task", cpus),
+            ("mem", mem),
+        ):
             if value:
                 lines.append(f"#SBATCH --{flag}={value}")
         return lines
@@ -1194,9 +1407,14 @@ def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_di
         lines.append(f"#SBATCH --gres=gpu:{gpus}")
     lines += [f"# Written by hf_entropy_callback.sweeps: {n} runs, task index -> run:"]
     lines += [f"#   {i} {r.name}" for i, r in enumerate(runs)]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", *setup,
-              ': "${SLURM_ARRAY_TASK_ID:?run this script with sbatch (or set SLURM_ARRAY_TASK_ID)}"',
-              f"exec {shlex.join(task_argv)} --task-index \"$SLURM_ARRAY_TASK_ID\" {shlex.join(extra)}".rstrip(), ""]
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        *setup,
+        ': "${SLURM_ARRAY_TASK_ID:?run this script with sbatch (or set SLURM_ARRAY_TASK_ID)}"',
+        f'exec {shlex.join(task_argv)} --task-index "$SLURM_ARRAY_TASK_ID" {shlex.join(extra)}'.rstrip(),
+        "",
+    ]
     array_path = os.path.join(folder, f"{job_name}.sbatch")
     with open(array_path, "w") as fh:
         fh.write("\n".join(lines))
@@ -1208,8 +1426,10 @@ def write_slurm_scripts(runs: Sequence[Run], task_argv: Sequence[str], *, out_di
         with open(report_path, "w") as fh:
             fh.write("\n".join(rlines))
         paths["report"] = report_path
-        paths["submit"] = (f"jid=$(sbatch --parsable {shlex.quote(array_path)}) && "
-                           f"sbatch --dependency=afterany:${{jid%%;*}} {shlex.quote(report_path)}")
+        paths["submit"] = (
+            f"jid=$(sbatch --parsable {shlex.quote(array_path)}) && "
+            f"sbatch --dependency=afterany:${{jid%%;*}} {shlex.quote(report_path)}"
+        )
     else:
         paths["submit"] = f"sbatch {shlex.quote(array_path)}"
     return paths
@@ -1227,49 +1447,83 @@ def _positive(name):
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {value}")
         return value
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The runner's argument parser (`--extra` and what follows it are split off before parsing)."""
     p = argparse.ArgumentParser(
-        prog="hf-entropy-sweep", description="Run the study's matrices (fault-tolerant, parallel, Slurm).",
+        prog="hf-entropy-sweep",
+        description="Run the study's matrices (fault-tolerant, parallel, Slurm).",
         epilog="Everything after --extra is passed, as given, to every run of run_glue_entropy.py "
-               "(e.g. --extra --bf16 true --cache_dir '/my models'). Matrices: "
-               + "; ".join(f"{m.name}: {m.description}" for m in MATRICES.values()),
+        "(e.g. --extra --bf16 true --cache_dir '/my models'). Matrices: "
+        + "; ".join(f"{m.name}: {m.description}" for m in MATRICES.values()),
     )
-    p.add_argument("--matrix", nargs="+", required=True, metavar="NAME",
-                   help=f"one or several of {', '.join(MATRICES)}, or all")
-    p.add_argument("--models", nargs="+", metavar="MODEL",
-                   help="local folders or hub ids (short name = basename); replace every matrix's models")
+    p.add_argument(
+        "--matrix", nargs="+", required=True, metavar="NAME", help=f"one or several of {', '.join(MATRICES)}, or all"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="local folders or hub ids (short name = basename); replace every matrix's models",
+    )
     p.add_argument("--models-dir", metavar="DIR", help="folder with one sub-folder per model, named by short name")
-    p.add_argument("--data", metavar="DIR", help="data folder (chaosnli/, snli/, mnli/); default "
-                   "$HF_ENTROPY_SHARED_DATA or ../shared/data beside the script")
-    p.add_argument("--out", default="runs", metavar="DIR", help="where run folders, logs and the report go (default runs)")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="data folder (chaosnli/, snli/, mnli/); default "
+        "$HF_ENTROPY_SHARED_DATA or ../shared/data beside the script",
+    )
+    p.add_argument(
+        "--out", default="runs", metavar="DIR", help="where run folders, logs and the report go (default runs)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="replace every matrix's seeds")
     p.add_argument("--only", nargs="+", default=[], metavar="PATTERN", help="keep runs whose name matches a glob")
     p.add_argument("--dry-run", action="store_true", help="print the commands, the counts and the estimate")
     p.add_argument("--script", default="run_glue_entropy.py", help="the training script (default %(default)s)")
-    p.add_argument("--launcher", default="python", help="python (default), 'accelerate launch ...' or "
-                   "'torchrun --nproc_per_node N --'")
+    p.add_argument(
+        "--launcher",
+        default="python",
+        help="python (default), 'accelerate launch ...' or 'torchrun --nproc_per_node N --'",
+    )
     p.add_argument("--jobs", type=_positive("--jobs"), default=None, help="runs at once on CPU (default 1)")
     p.add_argument("--gpus", metavar="IDS", help="comma-separated GPU ids: one job per GPU (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--jobs-per-gpu", type=_positive("--jobs-per-gpu"), default=1, help="jobs sharing one GPU")
-    p.add_argument("--gpus-per-job", type=_positive("--gpus-per-job"), default=1,
-                   help="GPUs per job (with a multi-process --launcher)")
+    p.add_argument(
+        "--gpus-per-job",
+        type=_positive("--gpus-per-job"),
+        default=1,
+        help="GPUs per job (with a multi-process --launcher)",
+    )
     p.add_argument("--retries", type=int, default=0, help="extra attempts of a failed run (default 0)")
     p.add_argument("--no-report", action="store_true", help="do not build <out>/report at the end")
     p.add_argument("--status-file", help="status JSON (default <out>/sweep_status.json)")
-    p.add_argument("--collect", action="store_true", help="run nothing: summarise the runs' records, write the "
-                   "status file and build the report (e.g. after a Slurm array)")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: summarise the runs' records, write the "
+        "status file and build the report (e.g. after a Slurm array)",
+    )
     p.add_argument("--task-index", type=int, help="run only the run at this index (a Slurm array task)")
     p.add_argument("--main-ranks", nargs=2, type=int, default=list(MAIN_RANKS), metavar=("LOW", "HIGH"))
     p.add_argument("--sweep-ranks", nargs="+", type=int, default=list(SWEEP_RANKS), metavar="R")
     p.add_argument("--ablation-rank", type=int, default=ABLATION_RANK)
-    p.add_argument("--learning-rates", nargs="+", type=float, default=list(MATCHED_LEARNING_RATES), metavar="LR",
-                   help="the matched-learning-rate grid's rates")
-    p.add_argument("--calibrate", action="store_true", help="time a few training steps of each model here, "
-                   "store them in the calibration file, then go on (with --dry-run: print the estimate)")
+    p.add_argument(
+        "--learning-rates",
+        nargs="+",
+        type=float,
+        default=list(MATCHED_LEARNING_RATES),
+        metavar="LR",
+        help="the matched-learning-rate grid's rates",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="time a few training steps of each model here, "
+        "store them in the calibration file, then go on (with --dry-run: print the estimate)",
+    )
     p.add_argument("--calibrate-steps", type=_positive("--calibrate-steps"), default=3)
     p.add_argument("--calibration-file", help="calibration cache (default $HF_ENTROPY_CACHE/sweep_calibration.json)")
     p.add_argument("--calibration-device", help="use another device's calibration for the estimate")
@@ -1283,8 +1537,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slurm-gpus", type=int, help="GPUs per task (--gres=gpu:N)")
     s.add_argument("--slurm-cpus", type=int, help="CPUs per task")
     s.add_argument("--slurm-mem", help="memory per task, e.g. 64G")
-    s.add_argument("--slurm-setup", action="append", default=[], metavar="CMD",
-                   help="a shell line run before the runner in each task (e.g. 'source venv/bin/activate')")
+    s.add_argument(
+        "--slurm-setup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="a shell line run before the runner in each task (e.g. 'source venv/bin/activate')",
+    )
     return p
 
 
@@ -1292,7 +1551,7 @@ def _split_extra(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     argv = list(argv)
     if "--extra" in argv:
         i = argv.index("--extra")
-        return argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1 :]
     return argv, []
 
 
@@ -1303,14 +1562,32 @@ def _task_argv(args, extra: Sequence[str]) -> Tuple[List[str], List[str]]:
         out += ["--models", *[os.path.abspath(m) if os.path.isdir(m) else m for m in args.models]]
     if args.models_dir:
         out += ["--models-dir", os.path.abspath(args.models_dir)]
-    out += ["--data", os.path.abspath(args.data), "--out", os.path.abspath(args.out),
-            "--script", os.path.abspath(args.script), "--launcher", args.launcher, "--retries", str(args.retries)]
+    out += [
+        "--data",
+        os.path.abspath(args.data),
+        "--out",
+        os.path.abspath(args.out),
+        "--script",
+        os.path.abspath(args.script),
+        "--launcher",
+        args.launcher,
+        "--retries",
+        str(args.retries),
+    ]
     if args.seeds:
         out += ["--seeds", *map(str, args.seeds)]
     if args.only:
         out += ["--only", *args.only]
-    out += ["--main-ranks", *map(str, args.main_ranks), "--sweep-ranks", *map(str, args.sweep_ranks),
-            "--ablation-rank", str(args.ablation_rank), "--learning-rates", *[f"{x:g}" for x in args.learning_rates]]
+    out += [
+        "--main-ranks",
+        *map(str, args.main_ranks),
+        "--sweep-ranks",
+        *map(str, args.sweep_ranks),
+        "--ablation-rank",
+        str(args.ablation_rank),
+        "--learning-rates",
+        *[f"{x:g}" for x in args.learning_rates],
+    ]
     return out, (["--extra", *extra] if extra else [])
 
 
@@ -1329,15 +1606,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--script {args.script}: no such file (run from the repository, or pass --script PATH)")
     if args.data is None:
         args.data = os.environ.get("HF_ENTROPY_SHARED_DATA") or os.path.join(
-            os.path.dirname(os.path.abspath(args.script)), "..", "shared", "data")
+            os.path.dirname(os.path.abspath(args.script)), "..", "shared", "data"
+        )
     args.data = os.path.normpath(os.path.abspath(args.data))
     try:
         launcher = parse_launcher(args.launcher)
         models = resolve_models(args.models, args.models_dir)
-        options = MatrixOptions(main_ranks=tuple(args.main_ranks), sweep_ranks=tuple(args.sweep_ranks),
-                                ablation_rank=args.ablation_rank, learning_rates=tuple(args.learning_rates))
-        runs = expand_runs(matrices, out_dir=args.out, data_dir=args.data, models=models, models_dir=args.models_dir,
-                           seeds=args.seeds, extra=extra, only=args.only, options=options)
+        options = MatrixOptions(
+            main_ranks=tuple(args.main_ranks),
+            sweep_ranks=tuple(args.sweep_ranks),
+            ablation_rank=args.ablation_rank,
+            learning_rates=tuple(args.learning_rates),
+        )
+        runs = expand_runs(
+            matrices,
+            out_dir=args.out,
+            data_dir=args.data,
+            models=models,
+            models_dir=args.models_dir,
+            seeds=args.seeds,
+            extra=extra,
+            only=args.only,
+            options=options,
+        )
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
         slots = make_slots(args.jobs or 1, gpus, args.jobs_per_gpu, args.gpus_per_job, launcher)
     except ValueError as err:
@@ -1347,7 +1638,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = os.path.abspath(args.out)
     if args.task_index is not None:
         if not 0 <= args.task_index < len(runs):
-            parser.error(f"--task-index {args.task_index} is out of range: the selection has {len(runs)} runs (0-{len(runs) - 1})")
+            parser.error(
+                f"--task-index {args.task_index} is out of range: the selection has {len(runs)} runs (0-{len(runs) - 1})"
+            )
         runs = [runs[args.task_index]]
         args.no_report = True
 
@@ -1365,8 +1658,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts = {m: sum(m in r.matrices for r in runs) for m in matrices}
         print(f"{len(runs)} runs (" + ", ".join(f"{m}: {n}" for m, n in counts.items()) + ")", file=sys.stderr)
         device = args.calibration_device or device_key()
-        for line in estimate_lines(runs, matrices, data_dir=args.data, calibration=load_calibration(cal_path),
-                                   device=device):
+        for line in estimate_lines(
+            runs, matrices, data_dir=args.data, calibration=load_calibration(cal_path), device=device
+        ):
             print(line, file=sys.stderr)
         return 0
 
@@ -1375,24 +1669,52 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         task, tail = _task_argv(args, extra)
         report_argv = None if args.no_report else task + ["--collect"] + tail
         paths = write_slurm_scripts(
-            runs, task, extra=tail, out_dir=out_dir, job_name=job, throttle=args.slurm_throttle,
-            partition=args.slurm_partition, time_limit=args.slurm_time, gpus=args.slurm_gpus, cpus=args.slurm_cpus,
-            mem=args.slurm_mem, account=args.slurm_account, setup=args.slurm_setup, report_argv=report_argv)
-        print(f"wrote {paths['array']} ({len(runs)} array tasks)" + (f" and {paths['report']}" if "report" in paths else ""))
+            runs,
+            task,
+            extra=tail,
+            out_dir=out_dir,
+            job_name=job,
+            throttle=args.slurm_throttle,
+            partition=args.slurm_partition,
+            time_limit=args.slurm_time,
+            gpus=args.slurm_gpus,
+            cpus=args.slurm_cpus,
+            mem=args.slurm_mem,
+            account=args.slurm_account,
+            setup=args.slurm_setup,
+            report_argv=report_argv,
+        )
+        print(
+            f"wrote {paths['array']} ({len(runs)} array tasks)"
+            + (f" and {paths['report']}" if "report" in paths else "")
+        )
         print(f"submit with:\n  {paths['submit']}")
         return 0
 
-    status_file = args.status_file or (os.path.join(out_dir, RECORDS_DIRNAME, f"task-{args.task_index}.json")
-                                       if args.task_index is not None else os.path.join(out_dir, STATUS_NAME))
+    status_file = args.status_file or (
+        os.path.join(out_dir, RECORDS_DIRNAME, f"task-{args.task_index}.json")
+        if args.task_index is not None
+        else os.path.join(out_dir, STATUS_NAME)
+    )
     if args.collect:
         results = collect_results(runs, out_dir, launcher, args.script)
         write_status(status_file, results, matrices=matrices, invocation=[sys.argv[0], *argv])
     else:
-        print(f"{len(runs)} runs ({', '.join(matrices)}), {len(slots)} at a time; logs in {os.path.join(out_dir, LOGS_DIRNAME)}")
+        print(
+            f"{len(runs)} runs ({', '.join(matrices)}), {len(slots)} at a time; logs in {os.path.join(out_dir, LOGS_DIRNAME)}"
+        )
         try:
-            results = run_sweep(runs, out_dir=out_dir, launcher=launcher, script=args.script, slots=slots,
-                                retries=args.retries, status_file=status_file, matrices=matrices,
-                                invocation=[sys.argv[0], *argv])
+            results = run_sweep(
+                runs,
+                out_dir=out_dir,
+                launcher=launcher,
+                script=args.script,
+                slots=slots,
+                retries=args.retries,
+                status_file=status_file,
+                matrices=matrices,
+                invocation=[sys.argv[0], *argv],
+            )
         except KeyboardInterrupt as stop:
             sig = stop.args[0] if stop.args else signal.SIGINT
             print(f"interrupted; status in {status_file}; run the same command again to resume", file=sys.stderr)

@@ -96,9 +96,11 @@ def tracking_points(
     (1658, 2.5008, 'epoch_end+final')
     """
     if min(num_train_examples, batch_size, track_every) < 1 or not num_epochs > 0:
-        raise ValueError("tracking_points: num_train_examples, batch_size and track_every must be positive "
-                         f"integers and num_epochs a positive number, got {num_train_examples}, {batch_size}, "
-                         f"{track_every} and {num_epochs}")
+        raise ValueError(
+            "tracking_points: num_train_examples, batch_size and track_every must be positive "
+            f"integers and num_epochs a positive number, got {num_train_examples}, {batch_size}, "
+            f"{track_every} and {num_epochs}"
+        )
     # The schedule is the callback's own, so synthetic runs have the points a real run records.
     schedule = tracking_schedule(num_train_examples, batch_size, num_epochs, track_every=track_every)
     per_epoch = math.ceil(num_train_examples / batch_size)
@@ -240,8 +242,14 @@ def make_examples(
     )
 
 
-def apply_variant(examples: pd.DataFrame, *, composition: str = "all", label_noise: float = 0.0, seed: int = 42,
-                  exclude_original: bool = False):
+def apply_variant(
+    examples: pd.DataFrame,
+    *,
+    composition: str = "all",
+    label_noise: float = 0.0,
+    seed: int = 42,
+    exclude_original: bool = False,
+):
     """Restrict the train examples to a composition and inject label noise, with the library's own data code.
 
     Uses `hf_entropy_callback.data.select_composition` and `inject_label_noise` (with
@@ -393,11 +401,20 @@ def write_synthetic_run(
                 "reason": ["step0" if s == 0 else "interval" for s in steps[:-1]] + ["final"],
             }
         )
-    examples = make_examples(str(cfg.get("dataset") or "snli"), n_train=n_train, n_val=n_val, num_classes=num_classes,
-                             example_seed=example_seed)
-    examples = apply_variant(examples, composition=cfg.get("composition") or "all",
-                             label_noise=float(cfg.get("label_noise") or 0.0), seed=seed,
-                             exclude_original=bool(cfg.get("label_noise_exclude_original", False)))
+    examples = make_examples(
+        str(cfg.get("dataset") or "snli"),
+        n_train=n_train,
+        n_val=n_val,
+        num_classes=num_classes,
+        example_seed=example_seed,
+    )
+    examples = apply_variant(
+        examples,
+        composition=cfg.get("composition") or "all",
+        label_noise=float(cfg.get("label_noise") or 0.0),
+        seed=seed,
+        exclude_original=bool(cfg.get("label_noise_exclude_original", False)),
+    )
     dyn = dynamics or dynamics_for(cfg)
     progress = points["step"].to_numpy(np.float64) / points["step"].iloc[-1]
     # Trajectories differ by model, method and rank but not by variant: a noisy run and its
@@ -449,7 +466,9 @@ def study_configs() -> List[Dict[str, Any]]:
         }
         variant = "-".join(f"{k}{v}" for k, v in extra.items())
         rank_part = f"r{rank}" if method == "lora" else method
-        c["run_name"] = "_".join(p for p in (model.split("/")[-1], dataset, method, rank_part, variant, f"s{seed}") if p)
+        c["run_name"] = "_".join(
+            p for p in (model.split("/")[-1], dataset, method, rank_part, variant, f"s{seed}") if p
+        )
         return c
 
     out = []

@@ -61,8 +61,12 @@ def tiny_config(arch: str, vocab_size: int, num_labels: int = 3, pad_token_id: i
 
     common = dict(num_labels=num_labels, pad_token_id=pad_token_id, vocab_size=vocab_size)
     if arch == "distilbert":
-        return AutoConfig.for_model(arch, dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64, **common)
-    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64)
+        return AutoConfig.for_model(
+            arch, dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=64, **common
+        )
+    dims = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64
+    )
     if arch in DECODER_ARCHS:
         dims.update(num_key_value_heads=2, tie_word_embeddings=False)
     else:

@@ -267,7 +267,11 @@ class EntropyTracker:
         if found is not None:
             return found
         nli = sorted(NLI_LABELS)
-        if num_labels == len(NLI_LABELS) and model_names and sorted(normalize_label_name(n) for n in model_names) == nli:
+        if (
+            num_labels == len(NLI_LABELS)
+            and model_names
+            and sorted(normalize_label_name(n) for n in model_names) == nli
+        ):
             return NLI_LABELS  # ChaosNLI / GLUE-MNLI order, the default of `load_chaosnli`
         return None
 
@@ -495,7 +499,8 @@ class EntropyTracker:
             original = labels.copy()
         features = self._inputs(name, ds)
         token_length = np.asarray(
-            [sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"]) for f in features], dtype=np.int64
+            [sum(f["attention_mask"]) if "attention_mask" in f else len(f["input_ids"]) for f in features],
+            dtype=np.int64,
         )
         order = np.argsort(-token_length, kind="stable")
         return TrackedSet(name, ids, labels, entropy, cats, counts, noised, original, features, token_length, order)
@@ -721,7 +726,9 @@ class EntropyTracker:
             "config": dict(self.config),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], *, up_to_step: Optional[int] = None, where: str = "state") -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], *, up_to_step: Optional[int] = None, where: str = "state"
+    ) -> None:
         """Continue from a `state_dict()` (or a saved run); points after `up_to_step` are dropped.
 
         The tracked sets must hold the same examples as when the state was saved.
@@ -734,7 +741,9 @@ class EntropyTracker:
             if name not in state["example_ids"]:
                 raise RunFormatError(f"{where}: the saved trajectory has no tracked set {name!r}")
             if list(state["example_ids"][name]) != tset.example_ids:
-                raise RunFormatError(f"{where}: the saved trajectory's set {name!r} holds other examples than this run's")
+                raise RunFormatError(
+                    f"{where}: the saved trajectory's set {name!r} holds other examples than this run's"
+                )
         self.reset()
         self.steps = steps[keep].astype(int).tolist()
         self.epochs = np.asarray(state["epochs"], dtype=np.float64)[keep].tolist()

@@ -18,7 +18,9 @@ class FirstGrads(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.done and state.is_world_process_zero:
-            torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, self.path)
+            torch.save(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, self.path
+            )
         self.done = True
 
 

@@ -40,25 +40,47 @@ RUNS = [
     # seed 3 missing on purpose
     *[(f"rob_full_s{s}", {"method": "full", "rank": None, "seed": s}, FLAT) for s in (1, 2)],
     ("rob_lora32_s1", {"method": "lora", "rank": 32, "seed": 1}, UNLEARN),  # a single-run condition
-    ("rob_lora4_s1", {"method": "lora", "rank": 4, "seed": 1}, Dynamics(final_loss=0.1, entropy_slope=0.6,
-                                                                          noise_sd=0.3)),
-    ("bert_lora8_s1", {"model_name_or_path": "bert-base-uncased", "model_type": "bert", "method": "lora", "rank": 8,
-                       "seed": 1}, DIVERGED),
-    ("bert_lora8_s2", {"model_name_or_path": "bert-base-uncased", "model_type": "bert", "method": "lora", "rank": 8,
-                       "seed": 2}, UNLEARN),
-    *[(f"rob_lora8_noise03_s{s}", {"method": "lora", "rank": 8, "seed": s, "label_noise": 0.3}, UNLEARN)
-      for s in (1, 2)],
+    (
+        "rob_lora4_s1",
+        {"method": "lora", "rank": 4, "seed": 1},
+        Dynamics(final_loss=0.1, entropy_slope=0.6, noise_sd=0.3),
+    ),
+    (
+        "bert_lora8_s1",
+        {"model_name_or_path": "bert-base-uncased", "model_type": "bert", "method": "lora", "rank": 8, "seed": 1},
+        DIVERGED,
+    ),
+    (
+        "bert_lora8_s2",
+        {"model_name_or_path": "bert-base-uncased", "model_type": "bert", "method": "lora", "rank": 8, "seed": 2},
+        UNLEARN,
+    ),
+    *[
+        (f"rob_lora8_noise03_s{s}", {"method": "lora", "rank": 8, "seed": s, "label_noise": 0.3}, UNLEARN)
+        for s in (1, 2)
+    ],
     ("rob_lora8_soft_s1", {"method": "lora", "rank": 8, "seed": 1, "loss": "soft_kl"}, FLAT),
     ("rob_lora8_low_s1", {"method": "lora", "rank": 8, "seed": 1, "composition": "low"}, UNLEARN),
-    ("qwen_lora8_s1", {"model_name_or_path": "Qwen/Qwen2.5-1.5B", "model_type": "qwen2", "architecture": "decoder",
-                       "method": "lora", "rank": 8, "seed": 1}, UNLEARN),
+    (
+        "qwen_lora8_s1",
+        {
+            "model_name_or_path": "Qwen/Qwen2.5-1.5B",
+            "model_type": "qwen2",
+            "architecture": "decoder",
+            "method": "lora",
+            "rank": 8,
+            "seed": 1,
+        },
+        UNLEARN,
+    ),
     ("rob_lora8_mnli_s1", {"method": "lora", "rank": 8, "seed": 1, "dataset": "mnli"}, UNLEARN),
 ]
 
 
 def _write(root, name, config, dyn, **kw):
-    return write_synthetic_run(os.path.join(root, name), config, n_train=N_TRAIN, n_val=N_VAL, steps=STEPS,
-                               dynamics=dyn, **kw)
+    return write_synthetic_run(
+        os.path.join(root, name), config, n_train=N_TRAIN, n_val=N_VAL, steps=STEPS, dynamics=dyn, **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +200,13 @@ def test_study_configs_has_54_runs_with_unique_names():
 def test_describe_run_defaults_for_missing_keys():
     d = describe_run({})
     assert (d["model"], d["method"], d["dataset"], d["variant"], d["composition"], d["loss"]) == (
-        "unknown", "unknown", "unknown", "base", "all", "ce")
+        "unknown",
+        "unknown",
+        "unknown",
+        "base",
+        "all",
+        "ce",
+    )
     assert np.isnan(d["rank"]) and np.isnan(d["seed"]) and d["label_noise"] == 0.0
     assert d["architecture"] == "encoder"
     d = describe_run({"model_type": "qwen2", "rank": 16})
@@ -216,8 +244,9 @@ def test_conditions_group_seeds_as_replicates(study):
 
 
 def test_assign_conditions_splits_by_setting_and_marks_duplicates():
-    runs = pd.DataFrame({"run_id": ["a", "b", "c"], "condition": "X", "seed": [1.0, 1.0, 2.0],
-                         "learning_rate": [1e-4, 1e-4, 2e-4]})
+    runs = pd.DataFrame(
+        {"run_id": ["a", "b", "c"], "condition": "X", "seed": [1.0, 1.0, 2.0], "learning_rate": [1e-4, 1e-4, 2e-4]}
+    )
     out, notes = conditions.assign_conditions(runs)
     # c has another learning rate: its own condition, and a and b (same lr and seed) are duplicates.
     assert out["condition"].tolist() == ["X · lr=0.0001", "X · lr=0.0001", "X · lr=0.0002"]
@@ -252,14 +281,16 @@ def test_per_run_rho_tau_and_accuracy_match_scipy(study, study_root):
 
 
 def test_rho_by_condition_hand_worked():
-    runs = pd.DataFrame({
-        "condition": ["A", "A", "A", "A", "B", "C"],
-        "seed": [1, 2, 3, 4, 1, 1],
-        "rho": [0.1, 0.2, 0.3, np.nan, 0.25, 0.05],
-        "p_val": [0.001, 0.01, 0.002, np.nan, 0.04, 0.03],
-        "n": 100,
-        "diverged": [False, False, False, True, False, False],
-    })
+    runs = pd.DataFrame(
+        {
+            "condition": ["A", "A", "A", "A", "B", "C"],
+            "seed": [1, 2, 3, 4, 1, 1],
+            "rho": [0.1, 0.2, 0.3, np.nan, 0.25, 0.05],
+            "p_val": [0.001, 0.01, 0.002, np.nan, 0.04, 0.03],
+            "n": 100,
+            "diverged": [False, False, False, True, False, False],
+        }
+    )
     t = tables.rho_by_condition(runs).set_index("condition")
     # mean of 0.1, 0.2, 0.3 is 0.2; sample sd sqrt(((-0.1)^2 + 0 + 0.1^2) / 2) = 0.1.
     assert t.loc["A", "rho_mean"] == pytest.approx(0.2) and t.loc["A", "rho_sd"] == pytest.approx(0.1)
@@ -330,18 +361,22 @@ def test_rank_sweep_and_trend_match_scipy(study):
     rob = sweep[(sweep["model"] == "roberta-base") & (sweep["dataset"] == "snli")]
     lora = rob[rob["method"] == "lora"]
     assert lora["rank"].tolist() == [4, 8, 32]
-    runs = study.runs[(study.runs["variant"] == "base") & (study.runs["model"] == "roberta-base")
-                      & (study.runs["dataset"] == "snli")]
+    runs = study.runs[
+        (study.runs["variant"] == "base") & (study.runs["model"] == "roberta-base") & (study.runs["dataset"] == "snli")
+    ]
     for r in lora.itertuples():
         assert r.rho_mean == pytest.approx(runs.loc[runs["rank"] == r.rank, "rho"].mean())
     assert rob.loc[rob["method"] == "full", "rho_mean"].item() == pytest.approx(
-        runs.loc[runs["method"] == "full", "rho"].mean())
+        runs.loc[runs["method"] == "full", "rho"].mean()
+    )
     trend = tables.rank_trend(sweep).set_index("model").loc["roberta-base"]
     expected = stats.spearmanr(lora["rank"], lora["rho_mean"])
     assert trend["spearman_r"] == pytest.approx(expected.statistic)
     # One-sided exact permutation p, by hand: the share of the 3! orderings with rho >= the observed one.
-    sims = [stats.spearmanr(lora["rank"], lora["rho_mean"].to_numpy()[list(p)]).statistic
-            for p in itertools.permutations(range(3))]
+    sims = [
+        stats.spearmanr(lora["rank"], lora["rho_mean"].to_numpy()[list(p)]).statistic
+        for p in itertools.permutations(range(3))
+    ]
     assert trend["p_val"] == pytest.approx(np.mean(np.array(sims) >= expected.statistic - 1e-12))
     assert trend["p_method"] == "exact"
     assert trend["n_ranks"] == 3 and trend["monotonic"] == bool(np.all(np.diff(lora["rho_mean"]) > 0))
@@ -445,8 +480,14 @@ def test_noise_levels_rho_per_level(study):
     allc = t[t["category"] == "all"].set_index("label_noise")
     u = study.usable
     for level in (0.0, 0.3):
-        sel = u[(u["label_noise"] == level) & (u["model"] == "roberta-base") & (u["rank"] == 8)
-                & (u["dataset"] == "snli") & (u["composition"] == "all") & (u["loss"] == "ce")]
+        sel = u[
+            (u["label_noise"] == level)
+            & (u["model"] == "roberta-base")
+            & (u["rank"] == 8)
+            & (u["dataset"] == "snli")
+            & (u["composition"] == "all")
+            & (u["loss"] == "ce")
+        ]
         assert allc.loc[level, "rho_mean"] == pytest.approx(sel["rho"].mean())
         assert allc.loc[level, "n_runs"] == len(sel)
     assert allc.loc[0.0, "is_baseline"] and not allc.loc[0.3, "is_baseline"]
@@ -458,10 +499,12 @@ def test_soft_label_comparison(study, study_root):
     hard = [by_hand(run_dir(study_root, f"rob_lora8_s{s}"))[0] for s in (1, 2, 3)]
     for cat in ("clean", "contested"):
         row = t[(t["category"] == cat)].set_index("loss")
-        assert row.loc["soft_kl", "delta_loss_mean"] == pytest.approx(soft.loc[soft["category"] == cat,
-                                                                                "delta_loss"].mean())
-        assert row.loc["ce", "delta_loss_mean"] == pytest.approx(np.mean(
-            [h.loc[h["category"] == cat, "delta_loss"].mean() for h in hard]))
+        assert row.loc["soft_kl", "delta_loss_mean"] == pytest.approx(
+            soft.loc[soft["category"] == cat, "delta_loss"].mean()
+        )
+        assert row.loc["ce", "delta_loss_mean"] == pytest.approx(
+            np.mean([h.loc[h["category"] == cat, "delta_loss"].mean() for h in hard])
+        )
         assert row.loc["ce", "n_runs"] == 3 and np.isnan(row.loc["soft_kl", "delta_loss_sd"])
 
 
@@ -562,8 +605,16 @@ def test_entropy_distribution_counts(study, study_root):
 # The report folder
 # ------------------------------------------------------------------------------------------------
 
-FIGURES = ("trajectories", "trajectories_variants", "entropy_histogram", "aulc_bins", "rho_vs_rank", "noise",
-           "cartography", "calibration")
+FIGURES = (
+    "trajectories",
+    "trajectories_variants",
+    "entropy_histogram",
+    "aulc_bins",
+    "rho_vs_rank",
+    "noise",
+    "cartography",
+    "calibration",
+)
 
 
 def test_report_writes_every_figure(built):
@@ -602,9 +653,17 @@ def test_report_shows_single_runs_and_flags_divergence(built):
 
 
 def test_format_table_hand_case():
-    df = pd.DataFrame({"condition": ["A", "B"], "model": ["m", "m"], "rho_mean": [0.2, 0.25],
-                       "rho_sd": [0.1, np.nan], "p_max": [0.0123456, 1e-40], "share": [0.25, np.nan],
-                       "sig_bonf": [True, False]})
+    df = pd.DataFrame(
+        {
+            "condition": ["A", "B"],
+            "model": ["m", "m"],
+            "rho_mean": [0.2, 0.25],
+            "rho_sd": [0.1, np.nan],
+            "p_max": [0.0123456, 1e-40],
+            "share": [0.25, np.nan],
+            "sig_bonf": [True, False],
+        }
+    )
     out = format_table(df)
     assert list(out.columns) == ["condition", "rho (mean ± sd)", "p_max", "share", "sig_bonf"]
     assert out["rho (mean ± sd)"].tolist() == ["0.200 ± 0.100", "0.250 ± —"]
@@ -630,8 +689,12 @@ def test_cli_skips_missing_analyses_with_a_note(tmp_path, capsys):
     assert cli_main([str(tmp_path / "runs"), "--out", str(out), "--quiet", "--no-html"]) == 0
     assert "wrote" in capsys.readouterr().out
     index = (out / "index.md").read_text()
-    for phrase in ("no runs with label_noise > 0", "no runs with a composition other than 'all'",
-                   "no runs with a loss other than 'ce'", "rank sweep skipped"):
+    for phrase in (
+        "no runs with label_noise > 0",
+        "no runs with a composition other than 'all'",
+        "no runs with a loss other than 'ce'",
+        "rank sweep skipped",
+    ):
         assert phrase in index, phrase
     assert not (out / "index.html").exists()
     assert (out / "figures" / "trajectories.png").stat().st_size > 0
@@ -691,8 +754,9 @@ def test_refuses_to_replace_a_folder_that_is_not_a_report(tmp_path):
 def test_regression_leaves_out_a_collinear_term():
     rng = np.random.default_rng(0)
     label = np.arange(60) % 3
-    ex = pd.DataFrame({"run_id": "r", "entropy": rng.uniform(0, 1, 60), "label": label,
-                       "token_length": np.where(label == 0, 13, 16)})  # length fixed by "label is not 0"
+    ex = pd.DataFrame(
+        {"run_id": "r", "entropy": rng.uniform(0, 1, 60), "label": label, "token_length": np.where(label == 0, 13, 16)}
+    )  # length fixed by "label is not 0"
     ex["aulc"] = ex["entropy"] + 0.2 * (ex["label"] == 2) + rng.normal(0, 0.01, 60)
     runs = pd.DataFrame({"run_id": ["r"], "condition": ["A"], "diverged": [False]})
     import warnings

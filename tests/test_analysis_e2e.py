@@ -22,12 +22,27 @@ def test_report_from_two_trained_runs(tmp_path):
     model = save_tiny_model(str(tmp_path / "bert"), "bert")
     runs = tmp_path / "runs"
     for seed in (1, 2):
-        run_glue_entropy.main(run_glue_entropy._as_argv(dict(
-            model_name_or_path=model, chaosnli_file=chaos, train_file=bulk, bulk_size=40, seed=seed,
-            output_dir=str(runs / f"tiny-lora-s{seed}"), num_train_epochs=2, per_device_train_batch_size=16,
-            learning_rate=5e-3, track_every=2, max_seq_length=32, r=4, save_strategy="no", use_cpu=True,
-            disable_tqdm=True,
-        )))
+        run_glue_entropy.main(
+            run_glue_entropy._as_argv(
+                dict(
+                    model_name_or_path=model,
+                    chaosnli_file=chaos,
+                    train_file=bulk,
+                    bulk_size=40,
+                    seed=seed,
+                    output_dir=str(runs / f"tiny-lora-s{seed}"),
+                    num_train_epochs=2,
+                    per_device_train_batch_size=16,
+                    learning_rate=5e-3,
+                    track_every=2,
+                    max_seq_length=32,
+                    r=4,
+                    save_strategy="no",
+                    use_cpu=True,
+                    disable_tqdm=True,
+                )
+            )
+        )
     report = tmp_path / "report"
     assert analysis_main([str(runs), "--out", str(report), "--quiet"]) == 0
     assert (report / "index.md").stat().st_size > 0 and (report / "index.html").stat().st_size > 0

@@ -29,8 +29,15 @@ HAND_SCHEDULE = [
 def test_schedule_function_matches_hand_list():
     assert tracking_schedule(50, 8, 3, track_every=4) == HAND_SCHEDULE
     # same step as interval and epoch end is recorded once
-    assert tracking_schedule(16, 8, 2, track_every=2) == [(0, "step0"), (2, "interval+epoch_end"), (4, "interval+epoch_end+final")]
-    assert tracking_schedule(100, 8, 1, track_every=0, gradient_accumulation_steps=2, world_size=2)[-1] == (4, "epoch_end+final")
+    assert tracking_schedule(16, 8, 2, track_every=2) == [
+        (0, "step0"),
+        (2, "interval+epoch_end"),
+        (4, "interval+epoch_end+final"),
+    ]
+    assert tracking_schedule(100, 8, 1, track_every=0, gradient_accumulation_steps=2, world_size=2)[-1] == (
+        4,
+        "epoch_end+final",
+    )
 
 
 def _train(tmp_path, arch="bert", trainer_cls=ClassWeightedTrainer, extra_callbacks=(), n=50, **kw):
@@ -135,7 +142,13 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path):
     tok, model, raw, train = setup("bert", n=50)
     val = validation_copy(raw)
     cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=4, batch_size=16)
-    trainer = ClassWeightedTrainer(model=no_dropout(model), args=args(tmp_path / "cut", **kw), train_dataset=train, processing_class=tok, callbacks=[cb])
+    trainer = ClassWeightedTrainer(
+        model=no_dropout(model),
+        args=args(tmp_path / "cut", **kw),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[cb],
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-10"))
     full, resumed = load_run(str(tmp_path / "full")), load_run(str(tmp_path / "cut"))
     assert resumed.points[["step", "reason"]].equals(full.points[["step", "reason"]])
@@ -145,10 +158,17 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path):
 
 def test_resume_without_saved_trajectory_warns(tmp_path):
     tok, model, raw, train = setup("bert", n=50)
-    plain = Trainer(model=model, args=args(tmp_path, save_strategy="steps", save_steps=7, max_steps=7), train_dataset=train, processing_class=tok)
+    plain = Trainer(
+        model=model,
+        args=args(tmp_path, save_strategy="steps", save_steps=7, max_steps=7),
+        train_dataset=train,
+        processing_class=tok,
+    )
     plain.train()
     cb = AnnotationEntropyCallback(raw, track_every=4)
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=10), train_dataset=train, processing_class=tok, callbacks=[cb])
+    trainer = Trainer(
+        model=model, args=args(tmp_path, max_steps=10), train_dataset=train, processing_class=tok, callbacks=[cb]
+    )
     with pytest.warns(RuntimeWarning, match="no saved trajectory"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-7"))
     run = load_run(str(tmp_path))
@@ -158,9 +178,13 @@ def test_resume_without_saved_trajectory_warns(tmp_path):
 
 def test_tokenized_tracked_set_and_user_trainer(tmp_path):
     tok, model, raw, train = setup("distilbert", n=24)
-    tokenized = raw.map(lambda b: tok(b["premise"], b["hypothesis"]), batched=True).remove_columns(["premise", "hypothesis"])
+    tokenized = raw.map(lambda b: tok(b["premise"], b["hypothesis"]), batched=True).remove_columns(
+        ["premise", "hypothesis"]
+    )
     cb = AnnotationEntropyCallback(tokenized, track_every=0)
-    Trainer(model=model, args=args(tmp_path, num_train_epochs=1), train_dataset=train, processing_class=tok, callbacks=[cb]).train()
+    Trainer(
+        model=model, args=args(tmp_path, num_train_epochs=1), train_dataset=train, processing_class=tok, callbacks=[cb]
+    ).train()
     run = load_run(str(tmp_path))
     assert run.points["reason"].tolist() == ["step0", "epoch_end+final"]
     assert (run.examples["token_length"] > 3).all()
@@ -188,7 +212,9 @@ def test_label_outside_model_range(tmp_path):
     tok, model, raw, train = setup("bert", n=10)
     bad = raw.map(lambda r, i: {"label": 3 if i == 4 else r["label"]}, with_indices=True)
     cb = AnnotationEntropyCallback(bad)
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=train, processing_class=tok, callbacks=[cb])
+    trainer = Trainer(
+        model=model, args=args(tmp_path, max_steps=1), train_dataset=train, processing_class=tok, callbacks=[cb]
+    )
     with pytest.raises(ValueError, match=r"example 'syn0-4' has label 3, outside the model's 0..2"):
         trainer.train()
 
@@ -211,7 +237,13 @@ def test_nan_loss_is_recorded_and_reported(tmp_path):
 def test_nan_policy_raise(tmp_path):
     tok, model, raw, train = setup("bert", n=10)
     cb = AnnotationEntropyCallback(raw, track_every=4, nan_policy="raise")
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=8), train_dataset=train, processing_class=tok, callbacks=[Poison(), cb])
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=8),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[Poison(), cb],
+    )
     with pytest.raises(FloatingPointError, match="step 4"):
         trainer.train()
     assert not os.path.exists(tmp_path / "entropy_tracking")

@@ -12,7 +12,16 @@ from hf_entropy_callback import ChaosNLIFormatError, category_table, load_chaosn
 
 def test_columns_and_values(chaosnli_file):
     ds = load_chaosnli(chaosnli_file)
-    assert set(ds.column_names) >= {"uid", "premise", "hypothesis", "label", "label_counts", "entropy", "category", "subset"}
+    assert set(ds.column_names) >= {
+        "uid",
+        "premise",
+        "hypothesis",
+        "label",
+        "label_counts",
+        "entropy",
+        "category",
+        "subset",
+    }
     assert len(ds) == 60
     counts = np.asarray(ds["label_counts"])
     np.testing.assert_allclose(ds["entropy"], scipy_entropy(counts, axis=1))

@@ -87,10 +87,18 @@ def test_model_with_other_label_names_is_refused(tmp_path):
     tok, model, raw, train = setup("bert", n=10)
     raw = raw.cast_column("label", datasets.ClassLabel(names=["entailment", "neutral", "contradiction"]))
     _with_names(model, ["negative", "neutral", "positive"])
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=1), train_dataset=train, processing_class=tok,
-                      callbacks=[AnnotationEntropyCallback(raw)])
-    with pytest.raises(LabelSpaceError, match=r"\['entailment', 'neutral', 'contradiction'\] are not the model's "
-                                              r"labels \['negative', 'neutral', 'positive'\]"):
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=1),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[AnnotationEntropyCallback(raw)],
+    )
+    with pytest.raises(
+        LabelSpaceError,
+        match=r"\['entailment', 'neutral', 'contradiction'\] are not the model's "
+        r"labels \['negative', 'neutral', 'positive'\]",
+    ):
         trainer.train()
     assert not os.path.exists(tmp_path / "entropy_tracking")
 
@@ -99,14 +107,20 @@ def test_label_names_any_case_and_generic_models(caplog):
     tok, model, raw, _ = setup("bert", n=10)
     _with_names(model, ["ENTAILMENT", "Neutral", "contradiction"])
     tracker = EntropyTracker(raw, tok, label_names=["entailment", "neutral", "Contradiction"]).prepare(model)
-    assert tracker.label_space.permutation is None and tracker.config["label_names"] == ["ENTAILMENT", "Neutral", "contradiction"]
+    assert tracker.label_space.permutation is None and tracker.config["label_names"] == [
+        "ENTAILMENT",
+        "Neutral",
+        "contradiction",
+    ]
     # generic LABEL_k names: the tracked order is used, with a warning that says so
     caplog.set_level(logging.WARNING, logger="hf_entropy_callback.tracker")
     _, generic, raw, _ = setup("bert", n=10)
     EntropyTracker(raw, tok, label_names=["a", "b", "c"]).prepare(generic)
     assert any("generic" in r.getMessage() for r in caplog.records)
     # labels given as names are mapped through the label names
-    named = raw.map(lambda r: {"label": ["entailment", "neutral", "contradiction"][r["label"]].upper()}, remove_columns=["label"])
+    named = raw.map(
+        lambda r: {"label": ["entailment", "neutral", "contradiction"][r["label"]].upper()}, remove_columns=["label"]
+    )
     t = EntropyTracker(named, tok, label_names=["entailment", "neutral", "contradiction"]).prepare(model)
     np.testing.assert_array_equal(t.sets["train"].labels, raw["label"])
     with pytest.raises(LabelSpaceError, match="2 classes"):
@@ -131,11 +145,16 @@ def test_trainer_log_entries_are_untouched(tmp_path):
     plain.train()
     tok, model, raw, train = setup("bert", n=50)
     cb = AnnotationEntropyCallback(raw, track_every=2)
-    tracked = Trainer(model=model, args=args(tmp_path / "tracked", **kw), train_dataset=train, processing_class=tok,
-                      callbacks=[cb])
+    tracked = Trainer(
+        model=model, args=args(tmp_path / "tracked", **kw), train_dataset=train, processing_class=tok, callbacks=[cb]
+    )
     tracked.train()
     for key in ("loss", "grad_norm", "learning_rate"):
-        assert _log_steps(tracked.state.log_history, key) == _log_steps(plain.state.log_history, key) == list(range(2, 13, 2))
+        assert (
+            _log_steps(tracked.state.log_history, key)
+            == _log_steps(plain.state.log_history, key)
+            == list(range(2, 13, 2))
+        )
     points = [0, 2, 4, 6, 7, 8, 10, 12]  # every 2 steps, and the epoch end at step 7
     assert _log_steps(tracked.state.log_history, "entropy/spearman_rho") == points
     events = glob.glob(str(tmp_path / "tracked" / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
@@ -151,8 +170,13 @@ def test_trainer_log_entries_are_untouched(tmp_path):
 def test_explicit_trainer_argument(tmp_path):
     tok, model, raw, train = setup("bert", n=20)
     cb = AnnotationEntropyCallback(raw, track_every=2)
-    trainer = Trainer(model=model, args=args(tmp_path, max_steps=4, logging_strategy="steps", logging_steps=2), train_dataset=train,
-                      processing_class=tok, callbacks=[cb])
+    trainer = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=4, logging_strategy="steps", logging_steps=2),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[cb],
+    )
     cb.set_trainer(trainer)
     trainer.train()
     assert _log_steps(trainer.state.log_history, "loss") == [2, 4]
@@ -230,7 +254,11 @@ def test_model_without_config_and_wrapped_models():
             self.inner = inner
 
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-            return {"logits": self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits}
+            return {
+                "logits": self.inner(
+                    input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+                ).logits
+            }
 
     ref = EntropyTracker(raw, tok).prepare(model)
     ref.track(model, 0)
@@ -261,7 +289,9 @@ def test_max_length_and_preprocess_follow_training():
     expected = [tok(prompt(ex), truncation=True)["input_ids"] for ex in raw]
     assert [f["input_ids"] for f in templ.sets["train"].features] == expected
     # or the user's own tokenization, returned as model inputs
-    own = EntropyTracker(raw, tok, preprocess=lambda ex: tok(ex["premise"], truncation=True, max_length=4)).prepare(model)
+    own = EntropyTracker(raw, tok, preprocess=lambda ex: tok(ex["premise"], truncation=True, max_length=4)).prepare(
+        model
+    )
     assert own.sets["train"].token_length.max() == 4
     # the left padding of decoders is kept: the batched pass equals one example at a time
     own.track(model.eval(), 0)
@@ -279,18 +309,32 @@ def test_max_length_and_preprocess_follow_training():
 def test_plain_pytorch_loop_matches_the_callback(tmp_path):
     """Full-batch SGD, same initial weights: a hand-written loop with the tracker and a Trainer with the
     callback record the same trajectory."""
-    kw = dict(optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-              per_device_train_batch_size=40, num_train_epochs=6)
+    kw = dict(
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        per_device_train_batch_size=40,
+        num_train_epochs=6,
+    )
     tok, model, raw, train = setup("bert", n=40)
     cb = AnnotationEntropyCallback(raw, track_every=2)
-    Trainer(model=no_dropout(model), args=args(tmp_path / "trainer", **kw), train_dataset=train, processing_class=tok,
-            callbacks=[cb]).train()
+    Trainer(
+        model=no_dropout(model),
+        args=args(tmp_path / "trainer", **kw),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[cb],
+    ).train()
 
     tok, model, raw, train = setup("bert", n=40)
     model = no_dropout(model)
     tracker = EntropyTracker(raw, tok, track_every=2)
-    batch = tok.pad([{k: train[i][k] for k in ("input_ids", "token_type_ids", "attention_mask")} for i in range(40)],
-                    return_tensors="pt")
+    batch = tok.pad(
+        [{k: train[i][k] for k in ("input_ids", "token_type_ids", "attention_mask")} for i in range(40)],
+        return_tensors="pt",
+    )
     labels = torch.tensor(train["label"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     tracker.maybe_track(model, 0, 0.0)
@@ -319,8 +363,16 @@ def test_plain_pytorch_loop_matches_the_callback(tmp_path):
 def _run_example(script, out, *extra, nproc=1, port=29641):
     cmd = [sys.executable, os.path.join(ROOT, "examples", script), "--output_dir", str(out), *extra]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-               *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(port),
+            *cmd[1:],
+        ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -378,9 +430,19 @@ def test_early_stopping_with_best_model_reload_records_the_trained_model(tmp_pat
     capture = LastTrainedModel(tok, raw)
     trainer = Trainer(
         model=no_dropout(model),
-        args=args(tmp_path, num_train_epochs=10, eval_strategy="epoch", save_strategy="epoch", learning_rate=5e-3,
-                  load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True),
-        train_dataset=train, eval_dataset=train, processing_class=tok,
+        args=args(
+            tmp_path,
+            num_train_epochs=10,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            learning_rate=5e-3,
+            load_best_model_at_end=True,
+            metric_for_best_model="score",
+            greater_is_better=True,
+        ),
+        train_dataset=train,
+        eval_dataset=train,
+        processing_class=tok,
         # a score that only gets worse: the first evaluation is the best, training stops after 2 more
         compute_metrics=lambda p: {"score": -float(next(steps))},
         callbacks=[capture, EarlyStoppingCallback(early_stopping_patience=2), cb],
@@ -400,8 +462,13 @@ def test_run_config_read_from_the_model_without_run_config(tmp_path):
 
     tok, model, raw, train = setup("bert", n=20)
     model = apply_peft(model, "lora", r=4)
-    Trainer(model=model, args=args(tmp_path, max_steps=2), train_dataset=train, processing_class=tok,
-            callbacks=[AnnotationEntropyCallback(raw)]).train()
+    Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=2),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[AnnotationEntropyCallback(raw)],
+    ).train()
     config = load_run(str(tmp_path)).config
     assert (config["method"], config["rank"], config["lora_alpha"]) == ("lora", 4, 8.0)
     assert config["target_modules"] == ["query", "value"] and config["architecture"] == "encoder"
@@ -421,13 +488,21 @@ def test_multi_annotator_dataset_with_k_classes(tmp_path, k):
     counts = np.stack([rng.multinomial(20, rng.dirichlet(np.full(k, 0.3))) for _ in range(n)])
     labels = counts.argmax(1)
     text = [" ".join(rng.choice(words, 4)) + " " + words[y % len(words)] for y in labels]
-    raw = datasets.Dataset.from_dict({"id": [f"r{i}" for i in range(n)], "text": text, "label": labels.tolist(),
-                                      "label_counts": counts.tolist()})
-    train = raw.map(lambda b: tok(b["text"], truncation=True), batched=True, remove_columns=["id", "text", "label_counts"])
+    raw = datasets.Dataset.from_dict(
+        {"id": [f"r{i}" for i in range(n)], "text": text, "label": labels.tolist(), "label_counts": counts.tolist()}
+    )
+    train = raw.map(
+        lambda b: tok(b["text"], truncation=True), batched=True, remove_columns=["id", "text", "label_counts"]
+    )
     model = tiny_model("bert", tok, num_labels=k)
     cb = AnnotationEntropyCallback(raw, text_columns=["text"], track_every=2)
-    Trainer(model=model, args=args(tmp_path, max_steps=6, learning_rate=5e-3), train_dataset=train,
-            processing_class=tok, callbacks=[cb]).train()
+    Trainer(
+        model=model,
+        args=args(tmp_path, max_steps=6, learning_rate=5e-3),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[cb],
+    ).train()
     run = load_run(str(tmp_path))
     assert run.logprobs["train"].shape == (4, n, k)
     ex = run.set_examples("train")

@@ -79,7 +79,8 @@ def _synthetic_run(tmp_path, n=40, seed=0):
             "set": ["train"] * n + ["validation"] * 2,
             "index": list(range(n)) + [0, 1],
             "entropy": list(ent) + [0.1, 0.9],
-            "category": ["clean" if h < 0.4 else "ambiguous" if h <= 0.7 else "contested" for h in ent] + ["clean", "contested"],
+            "category": ["clean" if h < 0.4 else "ambiguous" if h <= 0.7 else "contested" for h in ent]
+            + ["clean", "contested"],
             "label": list(labels) + [0, 1],
             "label_counts": [[100, 0, 0]] * (n + 2),
             "token_length": rng.integers(5, 20, n + 2),
@@ -87,7 +88,14 @@ def _synthetic_run(tmp_path, n=40, seed=0):
         }
     )
     vlp = np.log(np.tile([[[0.8, 0.1, 0.1], [0.7, 0.2, 0.1]]], (len(steps), 1, 1)))
-    pts = pd.DataFrame({"point": range(4), "step": steps, "epoch": [0, 0.4, 0.8, 1.0], "reason": ["step0", "interval", "interval", "epoch_end+final"]})
+    pts = pd.DataFrame(
+        {
+            "point": range(4),
+            "step": steps,
+            "epoch": [0, 0.4, 0.8, 1.0],
+            "reason": ["step0", "interval", "interval", "epoch_end+final"],
+        }
+    )
     write_run(str(tmp_path / "entropy_tracking"), {"method": "lora"}, ex, pts, {"train": lp, "validation": vlp})
     return load_run(str(tmp_path)), lp, labels, ent, steps
 
@@ -145,5 +153,7 @@ def test_nan_rows_are_not_read_as_predictions():
     assert np.isnan(accuracy(bad, [0, 1, 0]))  # argmax would call the NaN row "class 0", i.e. right
     cal = calibration(bad, [0, 1, 0], ["clean", "clean", "contested"]).set_index("category")
     assert cal.loc["clean", "n"] == 2 and cal.loc["clean", "accuracy"] == 1.0 and cal.loc["clean", "n_nan"] == 0
-    assert cal.loc["contested", "n"] == 0 and cal.loc["contested", "n_nan"] == 1 and np.isnan(cal.loc["contested", "ece"])
+    assert (
+        cal.loc["contested", "n"] == 0 and cal.loc["contested", "n_nan"] == 1 and np.isnan(cal.loc["contested", "ece"])
+    )
     assert cal.loc["all", "n_nan"] == 1

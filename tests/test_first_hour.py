@@ -30,11 +30,27 @@ import run_glue_entropy  # noqa: E402
 SCRIPT = os.path.join(ROOT, "run_glue_entropy.py")
 SHARED = os.environ.get("HF_ENTROPY_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
 HAS_SNLI = os.path.isfile(os.path.join(SHARED, "chaosnli", "chaosNLI_snli.jsonl")) and os.path.isfile(
-    os.path.join(SHARED, "snli", "snli_train_subset.jsonl"))
+    os.path.join(SHARED, "snli", "snli_train_subset.jsonl")
+)
 requires_shared_snli = pytest.mark.skipif(
-    not HAS_SNLI, reason=f"ChaosNLI-SNLI and the SNLI training subset not found in {SHARED} (../shared/data absent)")
-QUICK = ["--max_steps", "2", "--max_tracked_samples", "30", "--bulk_size", "50", "--track_every", "1",
-         "--per_device_train_batch_size", "16", "--max_seq_length", "32", "--use_cpu", "true"]
+    not HAS_SNLI, reason=f"ChaosNLI-SNLI and the SNLI training subset not found in {SHARED} (../shared/data absent)"
+)
+QUICK = [
+    "--max_steps",
+    "2",
+    "--max_tracked_samples",
+    "30",
+    "--bulk_size",
+    "50",
+    "--track_every",
+    "1",
+    "--per_device_train_batch_size",
+    "16",
+    "--max_seq_length",
+    "32",
+    "--use_cpu",
+    "true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +62,12 @@ def tiny_cache(tmp_path_factory):
 
 
 def _env(cache, **extra):
-    env = dict(os.environ, HF_ENTROPY_CACHE=cache, OMP_NUM_THREADS="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        HF_ENTROPY_CACHE=cache,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 
@@ -57,8 +77,14 @@ def _env(cache, **extra):
 
 @requires_shared_snli
 def test_bare_headline_command_trains_with_the_printed_choices(tiny_cache, tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, *QUICK], cwd=tmp_path, env=_env(tiny_cache),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *QUICK],
+        cwd=tmp_path,
+        env=_env(tiny_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out, err = proc.stdout, proc.stderr
     model_dir = os.path.join(tiny_cache, "models", DEFAULT_MODEL)
@@ -69,7 +95,7 @@ def test_bare_headline_command_trains_with_the_printed_choices(tiny_cache, tmp_p
     assert "chaosNLI_snli.jsonl" in first[1] and "snli_train_subset.jsonl" in first[1]
     assert first[2] == "output: runs/all-MiniLM-L6-v2-snli-lora-r8-s42 (choose with --output_dir DIR)"
     # the start-up block, before the first training step
-    block = out[out.index("data:      training"):]
+    block = out[out.index("data:      training") :]
     assert "training 79 examples (29 tracked ChaosNLI + 50 bulk); validation 30 ChaosNLI examples" in block
     assert "steps:     2 optimizer steps (--max_steps; 5 make an epoch)" in block
     assert "tracking:  3 points (every 1 steps, each epoch end, the last step) at steps 0, 1, 2" in block
@@ -92,8 +118,13 @@ def test_bare_headline_command_trains_with_the_printed_choices(tiny_cache, tmp_p
 
 def test_no_local_data_and_offline_is_a_usage_error(tiny_cache, tmp_path):
     env = _env(tiny_cache, HF_ENTROPY_SHARED_DATA=str(tmp_path / "nowhere"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(tmp_path / "run")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--output_dir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "no local data" in proc.stderr and "official sources cannot be reached" in proc.stderr
     assert not os.path.exists(tmp_path / "run")
@@ -103,27 +134,57 @@ def test_no_local_data_and_offline_is_a_usage_error(tiny_cache, tmp_path):
 
 
 def test_usage_errors_are_all_reported_at_once(tmp_path):
-    argv = ["--task", "rte", "--peft", "qlora", "--loss", "mse", "--composition", "medium", "--label_noise", "2",
-            "--chaosnli_file", str(tmp_path / "none.jsonl"), "--train_file", str(tmp_path / "none.csv"),
-            "--learning_rate", "-1", "--per_device_train_batch_size", "0", "--resume_from_checkpoint",
-            str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--task",
+        "rte",
+        "--peft",
+        "qlora",
+        "--loss",
+        "mse",
+        "--composition",
+        "medium",
+        "--label_noise",
+        "2",
+        "--chaosnli_file",
+        str(tmp_path / "none.jsonl"),
+        "--train_file",
+        str(tmp_path / "none.csv"),
+        "--learning_rate",
+        "-1",
+        "--per_device_train_batch_size",
+        "0",
+        "--resume_from_checkpoint",
+        str(tmp_path / "ckpt"),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "usage: run_glue_entropy.py [--model_name_or_path M]" in proc.stderr
     assert "error: 10 problems with the arguments:" in proc.stderr
-    for expected in ("--task must be snli or mnli, got 'rte'", "--peft must be one of none, lora, ia3, got 'qlora'",
-                     "--loss must be ce or soft_kl, got 'mse'", "--composition must be one of all, low, high, balanced",
-                     "--label_noise must be in [0, 1], got 2.0", "--chaosnli_file: ChaosNLI file not found",
-                     "--train_file: Bulk training file not found", "--learning_rate must be a finite number > 0",
-                     "--per_device_train_batch_size must be >= 1, got 0",
-                     "--resume_from_checkpoint: no such checkpoint folder"):
+    for expected in (
+        "--task must be snli or mnli, got 'rte'",
+        "--peft must be one of none, lora, ia3, got 'qlora'",
+        "--loss must be ce or soft_kl, got 'mse'",
+        "--composition must be one of all, low, high, balanced",
+        "--label_noise must be in [0, 1], got 2.0",
+        "--chaosnli_file: ChaosNLI file not found",
+        "--train_file: Bulk training file not found",
+        "--learning_rate must be a finite number > 0",
+        "--per_device_train_batch_size must be >= 1, got 0",
+        "--resume_from_checkpoint: no such checkpoint folder",
+    ):
         assert expected in proc.stderr, expected
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_unknown_preset_is_a_usage_error(tmp_path):
-    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "tiny", "--output_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--preset", "tiny", "--output_dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--preset must be one of smoke, demo, got 'tiny'" in proc.stderr
 
@@ -135,13 +196,22 @@ def test_help_opens_with_a_description_examples_and_the_study_flags():
     head = text.splitlines()[:20]
     assert head[0].startswith("usage: run_glue_entropy.py")
     assert head[2].startswith("Fine-tune a sequence classifier on NLI")
-    assert "examples:" in head and any(line.strip().startswith("accelerate launch run_glue_entropy.py") for line in head)
-    order = [text.index(title) for title in ("The study's data:", "The study's method, loss and tracking:",
-                                             "The model:", "Training (transformers TrainingArguments")]
+    assert "examples:" in head and any(
+        line.strip().startswith("accelerate launch run_glue_entropy.py") for line in head
+    )
+    order = [
+        text.index(title)
+        for title in (
+            "The study's data:",
+            "The study's method, loss and tracking:",
+            "The model:",
+            "Training (transformers TrainingArguments",
+        )
+    ]
     assert order == sorted(order)
-    flag = text[text.index("--num_train_epochs NUM_TRAIN_EPOCHS"):]
+    flag = text[text.index("--num_train_epochs NUM_TRAIN_EPOCHS") :]
     assert "[study] (default: 5.0)" in " ".join(flag[:300].split())
-    flag = text[text.index("--learning_rate LEARNING_RATE"):]
+    flag = text[text.index("--learning_rate LEARNING_RATE") :]
     assert "[our choice] (default: 0.0001)" in " ".join(flag[:400].split())
 
 
@@ -191,15 +261,35 @@ def test_default_model_fetch_failure_says_what_to_do(tmp_path, monkeypatch):
 
 
 def _summary(accuracy, ci=True):
-    rows = [{"x": "entropy", "y": y, "method": m, "n": 600, "r": 0.2, "p_val": 1e-6}
-            for y in ("aulc", "delta_loss") for m in ("spearman", "kendall")]
+    rows = [
+        {"x": "entropy", "y": y, "method": m, "n": 600, "r": 0.2, "p_val": 1e-6}
+        for y in ("aulc", "delta_loss")
+        for m in ("spearman", "kendall")
+    ]
     if ci:
         for row in rows[::2]:
             row.update(ci_low=0.12, ci_high=0.28, ci_level=0.95)
-    cats = [{"category": c, "n": 200, "mean_delta_loss": d, "mean_aulc": 0.9, "mean_loss_first": 1.1,
-             "mean_loss_last": 1.1 + d} for c, d in (("clean", -0.3), ("ambiguous", -0.1), ("contested", 0.05))]
-    return {"set": "train", "n_examples": 600, "n_nan": 0, "final_step": 164, "validation_accuracy": accuracy,
-            "history_complete": True, "correlations": rows, "categories": cats}
+    cats = [
+        {
+            "category": c,
+            "n": 200,
+            "mean_delta_loss": d,
+            "mean_aulc": 0.9,
+            "mean_loss_first": 1.1,
+            "mean_loss_last": 1.1 + d,
+        }
+        for c, d in (("clean", -0.3), ("ambiguous", -0.1), ("contested", 0.05))
+    ]
+    return {
+        "set": "train",
+        "n_examples": 600,
+        "n_nan": 0,
+        "final_step": 164,
+        "validation_accuracy": accuracy,
+        "history_complete": True,
+        "correlations": rows,
+        "categories": cats,
+    }
 
 
 def test_near_chance_rule():
@@ -255,12 +345,34 @@ def test_trainer_example_on_chaosnli_and_bulk(tmp_path):
     model = save_tiny_model(str(tmp_path / "tiny"), "bert")
     out = tmp_path / "run"
     summary = _load_example("trainer_chaosnli_bulk").main(
-        ["--chaosnli_file", chaos, "--train_file", bulk, "--model_name_or_path", model, "--output_dir", str(out),
-         "--bulk_size", "40", "--max_steps", "3", "--track_every", "1", "--max_length", "32"])
+        [
+            "--chaosnli_file",
+            chaos,
+            "--train_file",
+            bulk,
+            "--model_name_or_path",
+            model,
+            "--output_dir",
+            str(out),
+            "--bulk_size",
+            "40",
+            "--max_steps",
+            "3",
+            "--track_every",
+            "1",
+            "--max_length",
+            "32",
+        ]
+    )
     run = load_run(str(out))
     assert list(run.steps) == [0, 1, 2, 3] and summary["n_examples"] == 48
     described = describe_run(run.config)
-    assert (described["model"], described["method"], described["rank"], described["dataset"]) == ("tiny", "lora", 8, "snli")
+    assert (described["model"], described["method"], described["rank"], described["dataset"]) == (
+        "tiny",
+        "lora",
+        8,
+        "snli",
+    )
     with open(out / "entropy_tracking" / "run_config.json") as fh:
         assert json.load(fh)["config"]["bulk_size"] == 40
 
@@ -268,8 +380,9 @@ def test_trainer_example_on_chaosnli_and_bulk(tmp_path):
 @requires_shared_snli
 def test_demo_builds_the_report_and_says_where(tiny_cache, tmp_path):
     env = _env(tiny_cache, OUT=str(tmp_path / "demo"), REPORT=str(tmp_path / "report"))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "sweeps", "demo.sh"), *QUICK], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "sweeps", "demo.sh"), *QUICK], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Report: open {tmp_path / 'report'}/index.html" in proc.stdout
     assert os.path.isfile(tmp_path / "report" / "index.html")

@@ -19,8 +19,10 @@ NAMES = ("entailment", "neutral", "contradiction")
 
 
 def _bulk_records(n=6):
-    return [{"id": f"b{i}", "premise": f"premise {i}", "hypothesis": f"hypothesis {i}", "label": NAMES[i % 3]}
-            for i in range(n)]
+    return [
+        {"id": f"b{i}", "premise": f"premise {i}", "hypothesis": f"hypothesis {i}", "label": NAMES[i % 3]}
+        for i in range(n)
+    ]
 
 
 def _gzip(src, dst):
@@ -102,12 +104,18 @@ def test_latin1_bulk_names_file_line_and_encoding(tmp_path, name):
     if name.endswith(".csv"):
         text = "premise,hypothesis,label\na,b,0\ncaf\u00e9,d,1\n"
     else:
-        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in
-                         [{"premise": "a", "hypothesis": "b", "label": 0}, {"premise": "caf\u00e9", "hypothesis": "d",
-                                                                           "label": 1}])
+        text = "\n".join(
+            json.dumps(r, ensure_ascii=False)
+            for r in [
+                {"premise": "a", "hypothesis": "b", "label": 0},
+                {"premise": "caf\u00e9", "hypothesis": "d", "label": 1},
+            ]
+        )
     path.write_bytes(text.encode("latin-1"))
-    with pytest.raises(DataFormatError, match=rf"{name}, line 3: .*not UTF-8" if name.endswith(".csv")
-                       else rf"{name}, line 2: .*not UTF-8"):
+    with pytest.raises(
+        DataFormatError,
+        match=rf"{name}, line 3: .*not UTF-8" if name.endswith(".csv") else rf"{name}, line 2: .*not UTF-8",
+    ):
         load_bulk(str(path))
 
 
@@ -129,8 +137,10 @@ def test_utf8_bom_is_accepted(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sep,name,looks", [(";", "semi.csv", "';'-separated"), ("\t", "tabs.csv", "tab-separated"),
-                                            (",", "commas.tsv", "','-separated")])
+@pytest.mark.parametrize(
+    "sep,name,looks",
+    [(";", "semi.csv", "';'-separated"), ("\t", "tabs.csv", "tab-separated"), (",", "commas.tsv", "','-separated")],
+)
 def test_other_delimiter_is_an_error_naming_the_header(tmp_path, sep, name, looks):
     path = tmp_path / name
     path.write_text(sep.join(["premise", "hypothesis", "label"]) + "\n" + sep.join(["a", "b", "0"]) + "\n")
@@ -159,8 +169,14 @@ def test_null_or_empty_chaosnli_text(tmp_path, field, value, word):
 @pytest.mark.parametrize("value,word", [(None, "null"), ("", "empty")])
 @pytest.mark.parametrize("field", ["premise", "sentence2"])
 def test_null_or_empty_bulk_text(tmp_path, field, value, word):
-    recs = [{"sentence1" if field == "sentence2" else "premise": f"p{i}",
-             "sentence2" if field == "sentence2" else "hypothesis": f"h{i}", "label": i % 3} for i in range(4)]
+    recs = [
+        {
+            "sentence1" if field == "sentence2" else "premise": f"p{i}",
+            "sentence2" if field == "sentence2" else "hypothesis": f"h{i}",
+            "label": i % 3,
+        }
+        for i in range(4)
+    ]
     recs[2][field] = value
     path = write_jsonl(tmp_path / "bulk.jsonl", recs)
     with pytest.raises(DataFormatError, match=rf"bulk\.jsonl, line 3: field '{field}'.* is {word}"):
@@ -202,13 +218,27 @@ def test_sample_bulk_and_split_parameters(tmp_path):
 
 def _write_tiny_run(path, config=None, loss_scale=1.0):
     n_points, n = 3, 4
-    examples = pd.DataFrame({
-        "example_id": [f"chaosnli:u{i}" for i in range(n)], "set": "train", "index": range(n),
-        "entropy": np.linspace(0.1, 1.0, n), "category": ["clean", "ambiguous", "contested", "contested"],
-        "label": [0, 1, 2, 0], "label_counts": [[90, 5, 5]] * n, "token_length": 10, "noised": False,
-    })
-    points = pd.DataFrame({"point": range(n_points), "step": [0, 5, 10], "epoch": [0.0, 0.5, 1.0],
-                           "reason": ["step0", "interval", "final"]})
+    examples = pd.DataFrame(
+        {
+            "example_id": [f"chaosnli:u{i}" for i in range(n)],
+            "set": "train",
+            "index": range(n),
+            "entropy": np.linspace(0.1, 1.0, n),
+            "category": ["clean", "ambiguous", "contested", "contested"],
+            "label": [0, 1, 2, 0],
+            "label_counts": [[90, 5, 5]] * n,
+            "token_length": 10,
+            "noised": False,
+        }
+    )
+    points = pd.DataFrame(
+        {
+            "point": range(n_points),
+            "step": [0, 5, 10],
+            "epoch": [0.0, 0.5, 1.0],
+            "reason": ["step0", "interval", "final"],
+        }
+    )
     logits = np.random.default_rng(0).normal(size=(n_points, n, 3)) * loss_scale
     logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
     return write_run(str(path), config or {"seed": 1}, examples, points, {"train": logp})
@@ -236,7 +266,7 @@ def _corrupt(path: str, kind: str) -> None:
         data = data[: len(data) // 2]
     elif kind == "bit_flip":
         i = _flip_position(path, data)
-        data = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:]
+        data = data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1 :]
     else:
         data = np.random.default_rng(7).integers(0, 256, size=len(data), dtype=np.uint8).tobytes()
     with open(path, "wb") as fh:
@@ -277,12 +307,20 @@ def test_run_files_follow_the_umask(tmp_path):
 def test_leftovers_of_a_killed_write_are_cleaned_up(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    left = [out / ".entropy_tracking.tmp-xyz", out / ".entropy_tracking.old-abc12_q", out / ".entropy_tracking.tmp-4242-k9"]
+    left = [
+        out / ".entropy_tracking.tmp-xyz",
+        out / ".entropy_tracking.old-abc12_q",
+        out / ".entropy_tracking.tmp-4242-k9",
+    ]
     for d in left:
         d.mkdir()
         (d / "run_config.json").write_text("{}")
-    keep = [out / ".other.tmp-xyz", out / "entropy_tracking.tmp-xyz", out / ".entropy_tracking.tmp-x.y",
-            out / "notes.txt"]
+    keep = [
+        out / ".other.tmp-xyz",
+        out / "entropy_tracking.tmp-xyz",
+        out / ".entropy_tracking.tmp-x.y",
+        out / "notes.txt",
+    ]
     keep[0].mkdir()
     keep[1].mkdir()
     keep[2].mkdir()
@@ -292,8 +330,9 @@ def test_leftovers_of_a_killed_write_are_cleaned_up(tmp_path):
         assert not d.exists(), d
     for d in keep:
         assert d.exists(), d
-    assert sorted(os.listdir(out)) == sorted([".entropy_tracking.tmp-x.y", ".other.tmp-xyz", "entropy_tracking",
-                                              "entropy_tracking.tmp-xyz", "notes.txt"])
+    assert sorted(os.listdir(out)) == sorted(
+        [".entropy_tracking.tmp-x.y", ".other.tmp-xyz", "entropy_tracking", "entropy_tracking.tmp-xyz", "notes.txt"]
+    )
     assert load_run(str(out))
 
 

@@ -76,7 +76,11 @@ def test_schedule_matches_a_real_trainer_run(tmp_path, n, batch, accum, kw):
     )
     trainer.train()
     expected = tracking_schedule(
-        n, batch, kw.get("num_train_epochs", 3), track_every=4, gradient_accumulation_steps=accum,
+        n,
+        batch,
+        kw.get("num_train_epochs", 3),
+        track_every=4,
+        gradient_accumulation_steps=accum,
         max_steps=kw.get("max_steps"),
     )
     assert rec.schedule() == expected
@@ -88,8 +92,12 @@ def test_schedule_matches_a_real_trainer_run(tmp_path, n, batch, accum, kw):
 
 def test_fractional_epochs_by_hand():
     # 50 examples, batch 8: 7 steps per epoch; 2.5 epochs -> ceil(17.5) = 18 steps, the last epoch partial.
-    assert tracking_schedule(50, 8, 2.5, track_every=0) == [(0, "step0"), (7, "epoch_end"), (14, "epoch_end"),
-                                                             (18, "epoch_end+final")]
+    assert tracking_schedule(50, 8, 2.5, track_every=0) == [
+        (0, "step0"),
+        (7, "epoch_end"),
+        (14, "epoch_end"),
+        (18, "epoch_end+final"),
+    ]
     # The Trainer's own float arithmetic: 2.2 * 25 = 55.00000000000001, so ceil gives 56 steps.
     assert tracking_schedule(25, 1, 2.2, track_every=0)[-1] == (56, "epoch_end+final")
     # max_steps overrides the epochs, as in the Trainer.
@@ -142,17 +150,27 @@ def _stats(cwd, *argv, env=None):
     full_env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     full_env.pop("HF_ENTROPY_SHARED_DATA", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "analysis.chaosnli_stats", *argv], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.chaosnli_stats", *argv],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_chaosnli_stats_finds_the_shared_data_from_any_folder(tmp_path):
-    folder = os.path.join(os.environ.get("HF_ENTROPY_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")),
-                          "chaosnli")
+    folder = os.path.join(
+        os.environ.get("HF_ENTROPY_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data")), "chaosnli"
+    )
     if not os.path.isfile(os.path.join(folder, "chaosNLI_snli.jsonl")):
         pytest.skip(f"real ChaosNLI data not found at {folder} (../shared/data absent)")
-    env = {"HF_ENTROPY_SHARED_DATA": os.environ["HF_ENTROPY_SHARED_DATA"]} if "HF_ENTROPY_SHARED_DATA" in os.environ \
+    env = (
+        {"HF_ENTROPY_SHARED_DATA": os.environ["HF_ENTROPY_SHARED_DATA"]}
+        if "HF_ENTROPY_SHARED_DATA" in os.environ
         else None
+    )
     out = _stats(str(tmp_path), env=env)
     assert out.returncode == 0, out.stderr
     assert "chaosNLI_snli.jsonl: 1514 examples" in out.stdout and "chaosNLI_mnli_m.jsonl" in out.stdout
@@ -191,8 +209,14 @@ def test_divergence_note_names_an_integer_step(tmp_path):
     steps = [0, 40, 80, 120, 160, 200]
     ok = Dynamics(final_loss=0.1, entropy_slope=2.0, noise_sd=0.3)
     write_synthetic_run(str(tmp_path / "ok_s1"), {"seed": 1}, n_train=40, n_val=10, steps=steps, dynamics=ok)
-    write_synthetic_run(str(tmp_path / "bad_s2"), {"seed": 2}, n_train=40, n_val=10, steps=steps,
-                        dynamics=Dynamics(final_loss=0.1, entropy_slope=2.0, noise_sd=0.3, diverge_at=0.6))
+    write_synthetic_run(
+        str(tmp_path / "bad_s2"),
+        {"seed": 2},
+        n_train=40,
+        n_val=10,
+        steps=steps,
+        dynamics=Dynamics(final_loss=0.1, entropy_slope=2.0, noise_sd=0.3, diverge_at=0.6),
+    )
     study = load_study([str(tmp_path)], progress=False)
     notes = [n for n in study.notes if "diverged" in n]
     assert len(notes) == 1 and "bad_s2" in notes[0]
@@ -211,8 +235,13 @@ def small_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("fig_runs")
     for method, rank in (("lora", 8), ("full", None)):
         for seed in (1, 2):
-            write_synthetic_run(str(root / f"{method}_s{seed}"), {"method": method, "rank": rank, "seed": seed},
-                                n_train=60, n_val=20, steps=[0, 10, 20, 30])
+            write_synthetic_run(
+                str(root / f"{method}_s{seed}"),
+                {"method": method, "rank": rank, "seed": seed},
+                n_train=60,
+                n_val=20,
+                steps=[0, 10, 20, 30],
+            )
     study = load_study([str(root)], progress=False)
     return study, compute_tables(study, 0.05)
 

@@ -27,13 +27,29 @@ def _env():
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_two_processes_match_one(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", "29517", os.path.join(HERE, "mp_worker.py"), str(two), "8", "11"]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        os.path.join(HERE, "mp_worker.py"),
+        str(two),
+        "8",
+        "11",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(two / "world.json") as fh:
         assert json.load(fh)["world_size"] == 2  # really two processes, not the one-process launcher
     # the reference: one process with the same global batch (2 x 8)
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "mp_worker.py"), str(one), "16", "11"], env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "mp_worker.py"), str(one), "16", "11"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     a, b = load_run(str(two)), load_run(str(one))

@@ -10,8 +10,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_wheel_installs_no_top_level_analysis_and_has_the_report_command(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), ROOT],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            ROOT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
@@ -25,7 +38,10 @@ def test_wheel_installs_no_top_level_analysis_and_has_the_report_command(tmp_pat
 
 
 def test_report_command_and_repository_entry_point_agree(tmp_path):
-    for cmd in ([sys.executable, "-m", "hf_entropy_callback.study.cli", "--help"], [sys.executable, "-m", "analysis", "--help"]):
+    for cmd in (
+        [sys.executable, "-m", "hf_entropy_callback.study.cli", "--help"],
+        [sys.executable, "-m", "analysis", "--help"],
+    ):
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "--bootstrap" in proc.stdout and "RUNS_DIR" in proc.stdout

@@ -171,7 +171,9 @@ def test_version_1_runs_are_read_and_flagged(tmp_path):
     study = load_study([str(tmp_path)], progress=False, options=Options(n_boot=0))
     assert any("noisy" in n and "format version 1" in n for n in study.notes)
     t = tables.noise_tests(study.runs, study.examples).set_index(["target", "subset"])
-    assert np.isnan(t.loc[("original", "noised"), "mean_diff"]) and np.isnan(t.loc[("training", "all"), "share_changed"])
+    assert np.isnan(t.loc[("original", "noised"), "mean_diff"]) and np.isnan(
+        t.loc[("training", "all"), "share_changed"]
+    )
     assert np.isfinite(t.loc[("training", "noised"), "p_val"])
 
 
@@ -188,8 +190,17 @@ def test_mixed_signs_are_not_significant():
     p_two = 2 * stats.t.sf(np.abs(t_stat), n - 2)
     p_greater = stats.t.sf(t_stat, n - 2)
     assert (p_two < 1e-11).all() and p_greater[1] > 1 - 1e-11
-    runs = pd.DataFrame({"run_id": list("abc"), "condition": "A", "seed": [1, 2, 3], "rho": r, "n": n,
-                         "p_val": p_two, "p_greater": p_greater})
+    runs = pd.DataFrame(
+        {
+            "run_id": list("abc"),
+            "condition": "A",
+            "seed": [1, 2, 3],
+            "rho": r,
+            "n": n,
+            "p_val": p_two,
+            "p_greater": p_greater,
+        }
+    )
     t = tables.rho_by_condition(runs, family="all")
     assert t["rho_mean"].item() == pytest.approx(0.2 / 3)
     assert not t["sig_bonf"].item() and not t["sig_bh"].item() and t["p_max"].item() > 0.99
@@ -201,10 +212,19 @@ def test_mixed_signs_are_not_significant():
 
 
 def test_correction_family_main_vs_all():
-    runs = pd.DataFrame({
-        "run_id": list("abcd"), "condition": ["r8", "r16", "full", "r8 noise"], "seed": 1, "n": 100,
-        "rho": 0.3, "p_greater": [0.01, 0.01, 0.01, 0.01], "method": ["lora", "lora", "full", "lora"],
-        "rank": [8, 16, np.nan, 8], "variant": ["base", "base", "base", "noise=0.3"]})
+    runs = pd.DataFrame(
+        {
+            "run_id": list("abcd"),
+            "condition": ["r8", "r16", "full", "r8 noise"],
+            "seed": 1,
+            "n": 100,
+            "rho": 0.3,
+            "p_greater": [0.01, 0.01, 0.01, 0.01],
+            "method": ["lora", "lora", "full", "lora"],
+            "rank": [8, 16, np.nan, 8],
+            "variant": ["base", "base", "base", "noise=0.3"],
+        }
+    )
     main = tables.rho_by_condition(runs).set_index("condition")
     assert main["in_family"].to_dict() == {"r8": True, "r16": False, "full": True, "r8 noise": False}
     assert main.loc["r8", "p_bonf"] == pytest.approx(0.02) and np.isnan(main.loc["r16", "p_bonf"])
@@ -227,8 +247,11 @@ def test_exact_permutation_p_by_hand_enumeration():
     x7, y7 = rng.integers(0, 4, 7).astype(float), rng.normal(size=7)
     obs = stats.spearmanr(x7, y7).statistic
     sims = np.array([stats.spearmanr(x7, y7[list(p)]).statistic for p in itertools.permutations(range(7))])
-    for alt, hits in (("greater", sims >= obs - 1e-12), ("less", sims <= obs + 1e-12),
-                      ("two-sided", np.abs(sims) >= abs(obs) - 1e-12)):
+    for alt, hits in (
+        ("greater", sims >= obs - 1e-12),
+        ("less", sims <= obs + 1e-12),
+        ("two-sided", np.abs(sims) >= abs(obs) - 1e-12),
+    ):
         assert spearman_permutation_test(x7, y7, alternative=alt)["p_val"].item() == pytest.approx(hits.mean())
     # scipy's t approximation is not exact: on the monotone case it says 0.
     assert stats.spearmanr(x, y).pvalue < 1e-6
@@ -238,8 +261,15 @@ def test_monte_carlo_permutation_p_close_to_scipy():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=12), rng.normal(size=12)
     ours = spearman_permutation_test(x, y, alternative="two-sided", n_resamples=20000, seed=1)
-    ref = stats.permutation_test((y,), lambda v: stats.spearmanr(x, v).statistic, permutation_type="pairings",
-                                 n_resamples=20000, alternative="two-sided", random_state=2, vectorized=False)
+    ref = stats.permutation_test(
+        (y,),
+        lambda v: stats.spearmanr(x, v).statistic,
+        permutation_type="pairings",
+        n_resamples=20000,
+        alternative="two-sided",
+        random_state=2,
+        vectorized=False,
+    )
     assert ours["method"].item() == "monte carlo"
     assert ours["p_val"].item() == pytest.approx(ref.pvalue, abs=0.02)
 
@@ -418,5 +448,6 @@ def test_report_from_a_mixed_folder(tmp_path):
     # Small tables are shown inline; CSVs hold unrounded numbers.
     assert "| condition |" in index.split("Conditions and their defining settings")[1][:3000]
     csv = pd.read_csv(os.path.join(report.folder, "tables", "per_seed.csv"))
-    assert np.allclose(csv.set_index("run_id")["rho"], report.tables["per_seed"].set_index("run_id")["rho"],
-                       rtol=0, atol=1e-15)
+    assert np.allclose(
+        csv.set_index("run_id")["rho"], report.tables["per_seed"].set_index("run_id")["rho"], rtol=0, atol=1e-15
+    )

@@ -19,8 +19,9 @@ STEPS = [0, 50, 100]
 
 
 def _run(root, name, config=None):
-    return write_synthetic_run(str(root / name), {"seed": 1, **(config or {})}, n_train=30, n_val=9, steps=STEPS,
-                               dynamics=FLAT)
+    return write_synthetic_run(
+        str(root / name), {"seed": 1, **(config or {})}, n_train=30, n_val=9, steps=STEPS, dynamics=FLAT
+    )
 
 
 def _tree(folder):

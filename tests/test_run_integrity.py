@@ -121,8 +121,12 @@ def test_other_configuration_on_finished_run_is_refused(inputs, finished, tmp_pa
     with pytest.raises(RuntimeError) as err:
         run_glue_entropy.main(_argv(inputs, out, peft="ia3", seed=7, learning_rate=5e-2))
     message = str(err.value)
-    for line in ("method: 'lora' (in the folder) -> 'ia3' (now)", "seed: 42 (in the folder) -> 7 (now)",
-                 "learning_rate: 0.005 (in the folder) -> 0.05 (now)", "--overwrite_output_dir"):
+    for line in (
+        "method: 'lora' (in the folder) -> 'ia3' (now)",
+        "seed: 42 (in the folder) -> 7 (now)",
+        "learning_rate: 0.005 (in the folder) -> 0.05 (now)",
+        "--overwrite_output_dir",
+    ):
         assert line in message
     assert _snapshot(out) == before  # the old run, its adapter and its labels are untouched
     assert not os.path.exists(out / ".lock")  # released although main raised
@@ -142,7 +146,9 @@ def test_overwrite_output_dir_moves_the_old_run_aside(inputs, finished, tmp_path
     aside = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
     assert len(aside) == 1
     moved = tmp_path / aside[0]
-    assert load_run(str(moved)).config["seed"] == 42 and (moved / "adapter_model.safetensors").read_bytes() == old_adapter
+    assert (
+        load_run(str(moved)).config["seed"] == 42 and (moved / "adapter_model.safetensors").read_bytes() == old_adapter
+    )
     _assert_same_trajectory(finished, moved)
 
 
@@ -173,8 +179,17 @@ def test_resume_with_other_configuration_is_refused(inputs, finished, tmp_path):
         run_glue_entropy.main(_argv(inputs, out, learning_rate=1e-3, seed=7))
     assert not os.path.exists(out / "entropy_tracking") and not os.path.exists(out / "checkpoint-12")
     # settings that do not change the numbers do not block the resume
-    run_glue_entropy.main(_argv(inputs, out, logging_steps=1, run_name="renamed", tracking_batch_size=8,
-                                dataloader_num_workers=0, save_total_limit=3))
+    run_glue_entropy.main(
+        _argv(
+            inputs,
+            out,
+            logging_steps=1,
+            run_name="renamed",
+            tracking_batch_size=8,
+            dataloader_num_workers=0,
+            save_total_limit=3,
+        )
+    )
     _assert_same_trajectory(finished, out, atol=1e-5)
 
 
@@ -312,7 +327,9 @@ def test_unusable_output_dir_fails_before_training(inputs, tmp_path, kind):
         out = parent / "run"
     proc = _run_cli(_argv(inputs, out), timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "--output_dir" in proc.stderr and "is not a writable folder" in proc.stderr
+    assert (
+        "Traceback" not in proc.stderr and "--output_dir" in proc.stderr and "is not a writable folder" in proc.stderr
+    )
     # the smoke preset, which writes its inputs into the output folder while parsing, says the same
     proc = _run_cli(["--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true"], timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--output_dir" in proc.stderr
@@ -359,10 +376,18 @@ def test_interrupted_smoke_input_write_is_not_trusted(tmp_path, monkeypatch):
 
 def test_concurrent_smoke_input_writers(tmp_path):
     out = str(tmp_path / "run")
-    code = ("import sys, run_glue_entropy as r, json; "
-            "print(json.dumps(r.preset_values('smoke', sys.argv[1])))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=ENV, cwd=ROOT) for _ in range(3)]
+    code = "import sys, run_glue_entropy as r, json; print(json.dumps(r.preset_values('smoke', sys.argv[1])))"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, out],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )
+        for _ in range(3)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [r[1][-1500:] for r in results]
     values = [json.loads(r[0].strip().splitlines()[-1]) for r in results]
@@ -380,8 +405,23 @@ def test_concurrent_smoke_input_writers(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_process_smoke_preset_and_rerun(tmp_path):
     out = tmp_path / "two"
-    cmd = [shutil.which("torchrun"), "--nproc_per_node", "2", "--master_port", "29537", "--", SCRIPT,
-           "--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true", "--disable_tqdm", "true"]
+    cmd = [
+        shutil.which("torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29537",
+        "--",
+        SCRIPT,
+        "--preset",
+        "smoke",
+        "--output_dir",
+        str(out),
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_run(str(out)).config["world_size"] == 2

@@ -58,11 +58,20 @@ def _argv(inputs, out, model="bert", **extra):
 
 
 # ChaosNLI 60 -> 48 train / 12 validation; + 40 bulk = 88 examples; batch 16 -> 6 steps per epoch.
-HAND_SCHEDULE = [(0, "step0"), (2, "interval"), (4, "interval"), (6, "interval+epoch_end"), (8, "interval"),
-                 (10, "interval"), (12, "interval+epoch_end+final")]
+HAND_SCHEDULE = [
+    (0, "step0"),
+    (2, "interval"),
+    (4, "interval"),
+    (6, "interval+epoch_end"),
+    (8, "interval"),
+    (10, "interval"),
+    (12, "interval+epoch_end+final"),
+]
 
 
-@pytest.mark.parametrize("model,peft", [("bert", "none"), ("bert", "lora"), ("bert", "ia3"), ("qwen2", "lora"), ("qwen2", "ia3")])
+@pytest.mark.parametrize(
+    "model,peft", [("bert", "none"), ("bert", "lora"), ("bert", "ia3"), ("qwen2", "lora"), ("qwen2", "ia3")]
+)
 def test_methods_end_to_end(inputs, tmp_path, model, peft):
     summary = run_glue_entropy.main(_argv(inputs, tmp_path, model, peft=peft))
     run = load_run(str(tmp_path))
@@ -110,8 +119,14 @@ def _check_reload(out, base, peft, run):
 
 
 def test_json_config_file(inputs, tmp_path):
-    cfg = _values(inputs, tmp_path / "out", composition="balanced", label_noise=0.5, loss="soft_kl",
-                  label_noise_exclude_original=True)
+    cfg = _values(
+        inputs,
+        tmp_path / "out",
+        composition="balanced",
+        label_noise=0.5,
+        loss="soft_kl",
+        label_noise_exclude_original=True,
+    )
     path = tmp_path / "args.json"
     path.write_text(json.dumps(cfg))
     run_glue_entropy.main([str(path)])
@@ -146,8 +161,12 @@ def test_resume_from_last_checkpoint(inputs, tmp_path):
 
 def test_smoke_preset_cli(tmp_path):
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--preset", "smoke", "--output_dir", str(out), "--use_cpu", "true"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "spearman entropy vs aulc" in proc.stdout and "contested" in proc.stdout
     assert load_run(str(out)).config["preset"] == "smoke"
@@ -156,9 +175,24 @@ def test_smoke_preset_cli(tmp_path):
 def test_help_lists_study_flags():
     proc = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0
-    for flag in ("--task", "--chaosnli_file", "--train_file", "--bulk_size", "--chaosnli_val_fraction", "--composition",
-                 "--label_noise", "--loss", "--track_every", "--peft", "--r", "--lora_alpha", "--lora_dropout",
-                 "--target_modules", "--learning_rate", "--resume_from_checkpoint"):
+    for flag in (
+        "--task",
+        "--chaosnli_file",
+        "--train_file",
+        "--bulk_size",
+        "--chaosnli_val_fraction",
+        "--composition",
+        "--label_noise",
+        "--loss",
+        "--track_every",
+        "--peft",
+        "--r",
+        "--lora_alpha",
+        "--lora_dropout",
+        "--target_modules",
+        "--learning_rate",
+        "--resume_from_checkpoint",
+    ):
         assert flag in proc.stdout
 
 
@@ -203,7 +237,9 @@ def test_unknown_flag_is_rejected(inputs, tmp_path):
 @pytest.mark.parametrize("script,count", [("main_matrix.sh", 78), ("rank_sweep.sh", 14), ("ablations.sh", 18)])
 def test_sweeps_dry_run_parse(tmp_path, script, count):
     env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), MODELS="/models")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "sweeps", script)], capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "sweeps", script)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     commands = proc.stdout.strip().splitlines()
     assert len(commands) == count and len(set(commands)) == count
@@ -216,18 +252,22 @@ def test_sweeps_dry_run_parse(tmp_path, script, count):
         assert training_args.num_train_epochs == 5 and training_args.per_device_train_batch_size == 32
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "snli")), reason="../shared/data absent")
+@pytest.mark.skipif(
+    not os.path.isdir(os.path.join(ROOT, "..", "shared", "data", "snli")), reason="../shared/data absent"
+)
 def test_real_data_pipeline():
     data = os.path.join(ROOT, "..", "shared", "data")
     args = run_glue_entropy.DataArguments(
-        task="snli", chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_snli.jsonl"),
+        task="snli",
+        chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_snli.jsonl"),
         train_file=os.path.join(data, "snli", "snli_train_subset.jsonl"),
     )
     train, tracked, val = run_glue_entropy.build_datasets(args)
     assert len(tracked) == 1211 and len(val) == 303 and len(train) == 1211 + 20000  # the study's 21,211
     assert set(tracked["example_id"]).isdisjoint(val["example_id"])
     args = run_glue_entropy.DataArguments(
-        task="mnli", chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_mnli_m.jsonl"),
+        task="mnli",
+        chaosnli_file=os.path.join(data, "chaosnli", "chaosNLI_mnli_m.jsonl"),
         train_file=os.path.join(data, "mnli", "mnli_train_subset.jsonl"),
     )
     with pytest.warns(UserWarning, match="only 9999 exist"):
@@ -246,7 +286,9 @@ def test_two_process_script_run(inputs, tmp_path):
     run = load_run(str(tmp_path / "two"))
     assert run.config["world_size"] == 2
     # 88 examples / (2 x 16) -> 3 steps per epoch
-    assert list(zip(run.points["step"], run.points["reason"])) == tracking_schedule(88, 16, 2, track_every=2, world_size=2)
+    assert list(zip(run.points["step"], run.points["reason"])) == tracking_schedule(
+        88, 16, 2, track_every=2, world_size=2
+    )
     for name, n in (("train", 48), ("validation", 12)):
         ex = run.set_examples(name)
         assert len(ex) == n and ex["example_id"].is_unique and np.isfinite(run.logprobs[name]).all()

@@ -24,8 +24,18 @@ def _runner(*args, timeout=600, **kwargs):
 # ---- dry runs: counts, flags, names -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("matrix,count", [("main", 78), ("rank_sweep", 14), ("ablations", 18), ("composition", 12),
-                                          ("noise", 9), ("soft_label", 6), ("matched_lr", 80)])
+@pytest.mark.parametrize(
+    "matrix,count",
+    [
+        ("main", 78),
+        ("rank_sweep", 14),
+        ("ablations", 18),
+        ("composition", 12),
+        ("noise", 9),
+        ("soft_label", 6),
+        ("matched_lr", 80),
+    ],
+)
 def test_matrix_counts(matrix, count, tmp_path):
     runs = sweeps.expand_runs([matrix], out_dir=str(tmp_path), data_dir="/data")
     assert len(runs) == count and len({r.output_dir for r in runs}) == count
@@ -40,7 +50,9 @@ def test_matched_lr_is_80_per_model(tmp_path):
     models = sweeps.resolve_models(["/m/roberta-base", "/m/bert-base-uncased"])
     runs = sweeps.expand_runs(["matched_lr"], out_dir=str(tmp_path), data_dir="/d", models=models)
     assert len(runs) == 160
-    grid = {(r.condition.model.name, r.condition.method, r.condition.learning_rate, r.condition.task, r.seed) for r in runs}
+    grid = {
+        (r.condition.model.name, r.condition.method, r.condition.learning_rate, r.condition.task, r.seed) for r in runs
+    }
     assert len(grid) == 160
     assert {g[2] for g in grid} == {1e-6, 5e-6, 1e-5, 5e-5} and {g[4] for g in grid} == {42, 123, 456, 789, 2024}
     assert {r.condition.rank for r in runs if r.condition.method == "lora"} == {8}
@@ -70,8 +82,20 @@ def test_no_duplicate_folders_across_matrices(tmp_path):
 
 def test_every_command_parses(tmp_path):
     out = tmp_path / "o u t"
-    proc = _runner("--matrix", "all", "--dry-run", "--models-dir", "/models", "--out", str(out), "--data", "/d a/ta",
-                   "--extra", "--cache_dir", "/a dir/with spaces")
+    proc = _runner(
+        "--matrix",
+        "all",
+        "--dry-run",
+        "--models-dir",
+        "/models",
+        "--out",
+        str(out),
+        "--data",
+        "/d a/ta",
+        "--extra",
+        "--cache_dir",
+        "/a dir/with spaces",
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 184 and "184 runs" in proc.stderr
@@ -102,18 +126,29 @@ def test_every_command_parses(tmp_path):
 
 
 def test_usage_errors_name_the_flag(tmp_path):
-    for args, flag in ((["--matrix", "nope"], "--matrix"), (["--matrix", "main", "--jobs", "0"], "--jobs"),
-                       (["--matrix", "main", "--jobs", "2", "--gpus", "0,1"], "--gpus"),
-                       (["--matrix", "noise", "--task-index", "9"], "--task-index"),
-                       (["--matrix", "noise", "--only", "zzz*"], "--only"),
-                       (["--matrix", "main", "--models", "/a/x", "/b/x"], "--models")):
+    for args, flag in (
+        (["--matrix", "nope"], "--matrix"),
+        (["--matrix", "main", "--jobs", "0"], "--jobs"),
+        (["--matrix", "main", "--jobs", "2", "--gpus", "0,1"], "--gpus"),
+        (["--matrix", "noise", "--task-index", "9"], "--task-index"),
+        (["--matrix", "noise", "--only", "zzz*"], "--only"),
+        (["--matrix", "main", "--models", "/a/x", "/b/x"], "--models"),
+    ):
         proc = _runner(*args, "--out", str(tmp_path), "--dry-run")
         assert proc.returncode == 2 and flag in proc.stderr, (args, proc.stderr)
 
 
 def test_slots():
-    assert [s[1]["CUDA_VISIBLE_DEVICES"] for s in sweeps.make_slots(gpus=["0", "1"], jobs_per_gpu=2)] == ["0", "1", "0", "1"]
-    assert [s[1]["CUDA_VISIBLE_DEVICES"] for s in sweeps.make_slots(gpus=list("0123"), gpus_per_job=2)] == ["0,1", "2,3"]
+    assert [s[1]["CUDA_VISIBLE_DEVICES"] for s in sweeps.make_slots(gpus=["0", "1"], jobs_per_gpu=2)] == [
+        "0",
+        "1",
+        "0",
+        "1",
+    ]
+    assert [s[1]["CUDA_VISIBLE_DEVICES"] for s in sweeps.make_slots(gpus=list("0123"), gpus_per_job=2)] == [
+        "0,1",
+        "2,3",
+    ]
     torch_slots = sweeps.make_slots(jobs=2, launcher=["torchrun", "--nproc_per_node", "2", "--"])
     assert len({s[1]["PET_MASTER_PORT"] for s in torch_slots}) == 2
     with pytest.raises(ValueError, match="--gpus-per-job"):
@@ -122,16 +157,25 @@ def test_slots():
 
 def test_estimate_from_calibration(tmp_path):
     runs = sweeps.expand_runs(["rank_sweep"], out_dir=str(tmp_path), data_dir="/nowhere")
-    cal = {"dev": {m: {meth: {"train_step_s": 1.0, "track_batch_s": 0.5, "tracking_batch_size": 64}
-                       for meth in ("lora", "full")} for m in ("roberta-base", "bert-base-uncased")}}
+    cal = {
+        "dev": {
+            m: {
+                meth: {"train_step_s": 1.0, "track_batch_s": 0.5, "tracking_batch_size": 64}
+                for meth in ("lora", "full")
+            }
+            for m in ("roberta-base", "bert-base-uncased")
+        }
+    }
     lines = sweeps.estimate_lines(runs, ["rank_sweep"], data_dir="/nowhere", calibration=cal, device="dev")
     # study sizes: 1,211 tracked + 20,000 bulk, batch 32, 5 epochs -> 663 x 5 steps per run
     steps = sweeps.run_steps(runs[0], sweeps.data_sizes("/nowhere", "snli"))
     assert steps["steps"] == 663 * 5 and steps["n_tracked_total"] == 1211 + 303
     per_run = 3315 * 1.0 + steps["points"] * 24 * 0.5
     assert f"{14 * per_run / 3600:.1f} h" in lines[1]
-    assert "no estimate" in sweeps.estimate_lines(runs, ["rank_sweep"], data_dir="/nowhere", calibration=cal,
-                                                  device="other")[1]
+    assert (
+        "no estimate"
+        in sweeps.estimate_lines(runs, ["rank_sweep"], data_dir="/nowhere", calibration=cal, device="other")[1]
+    )
 
 
 # ---- real tiny sweeps ---------------------------------------------------------------------------------
@@ -149,8 +193,19 @@ def tiny(tmp_path_factory):
 
 
 def _args(tiny, out, *more, seeds=("1", "2")):
-    return ["--matrix", "soft_label", "--models", str(tiny / "models" / "tiny-bert"), "--data", str(tiny / "data"),
-            "--out", str(out), "--seeds", *seeds, *more]
+    return [
+        "--matrix",
+        "soft_label",
+        "--models",
+        str(tiny / "models" / "tiny-bert"),
+        "--data",
+        str(tiny / "data"),
+        "--out",
+        str(out),
+        "--seeds",
+        *seeds,
+        *more,
+    ]
 
 
 def _status(out):
@@ -202,13 +257,19 @@ def test_second_invocation_skips_all(swept, tiny):
 
 
 def test_failed_runs_are_reported_and_others_finish(tiny, tmp_path):
-    runs = sweeps.expand_runs(["soft_label"], out_dir=str(tmp_path), data_dir=str(tiny / "data"), seeds=[1],
-                              models=sweeps.resolve_models([str(tiny / "models" / "tiny-bert")]),
-                              extra=["--preset", "smoke"])
+    runs = sweeps.expand_runs(
+        ["soft_label"],
+        out_dir=str(tmp_path),
+        data_dir=str(tiny / "data"),
+        seeds=[1],
+        models=sweeps.resolve_models([str(tiny / "models" / "tiny-bert")]),
+        extra=["--preset", "smoke"],
+    )
     runs[0].flags.append("--no_such_flag")
     lines = []
-    results = sweeps.run_sweep(runs, out_dir=str(tmp_path), slots=sweeps.make_slots(jobs=2), retries=2,
-                               echo=lines.append)
+    results = sweeps.run_sweep(
+        runs, out_dir=str(tmp_path), slots=sweeps.make_slots(jobs=2), retries=2, echo=lines.append
+    )
     bad, good = results
     assert bad.status == "failed" and bad.exit_code != 0 and bad.attempts == 1  # a usage error is not retried
     assert "not retried" in bad.note
@@ -256,16 +317,43 @@ def test_killed_run_resumes(tiny, tmp_path):
 
 def test_slurm_script_runs_a_task_by_index(swept, tiny):
     out, _ = swept
-    proc = _runner(*_args(tiny, out, "--slurm", "--slurm-throttle", "2", "--slurm-partition", "gpu",
-                          "--slurm-time", "02:00:00", "--slurm-gpus", "1", "--slurm-cpus", "4", "--slurm-mem", "16G",
-                          seeds=("1", "2", "3")), "--extra", "--preset", "smoke")
+    proc = _runner(
+        *_args(
+            tiny,
+            out,
+            "--slurm",
+            "--slurm-throttle",
+            "2",
+            "--slurm-partition",
+            "gpu",
+            "--slurm-time",
+            "02:00:00",
+            "--slurm-gpus",
+            "1",
+            "--slurm-cpus",
+            "4",
+            "--slurm-mem",
+            "16G",
+            seeds=("1", "2", "3"),
+        ),
+        "--extra",
+        "--preset",
+        "smoke",
+    )
     assert proc.returncode == 0, proc.stderr
     script = out / "slurm" / "hf-entropy-soft_label.sbatch"
     assert f"sbatch --parsable {shlex.quote(str(script))}" in proc.stdout
     text = script.read_text()
-    for line in ("#SBATCH --array=0-5%2", "#SBATCH --partition=gpu", "#SBATCH --time=02:00:00", "#SBATCH --gres=gpu:1",
-                 "#SBATCH --cpus-per-task=4", "#SBATCH --mem=16G", f"#SBATCH --output={out}/slurm/logs/%A_%a.out",
-                 "#   4 tiny-bert-snli-lora-r8-s3"):
+    for line in (
+        "#SBATCH --array=0-5%2",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=02:00:00",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --mem=16G",
+        f"#SBATCH --output={out}/slurm/logs/%A_%a.out",
+        "#   4 tiny-bert-snli-lora-r8-s3",
+    ):
         assert line in text.splitlines(), line
     assert text.rstrip().endswith('--task-index "$SLURM_ARRAY_TASK_ID" --extra --preset smoke')
     report_script = (out / "slurm" / "hf-entropy-soft_label-report.sbatch").read_text()
@@ -281,8 +369,18 @@ def test_slurm_script_runs_a_task_by_index(swept, tiny):
     task = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert task.returncode == 0 and "[skipped] tiny-bert-snli-lora-r8-s1" in task.stdout
     # the report job: collects the records, writes the status file
-    rep = subprocess.run(["bash", "-c", report_script.replace("exec ", "").replace("set -euo pipefail", "")
-                          .replace("--collect", "--collect --no-report")], capture_output=True, text=True, timeout=300)
+    rep = subprocess.run(
+        [
+            "bash",
+            "-c",
+            report_script.replace("exec ", "")
+            .replace("set -euo pipefail", "")
+            .replace("--collect", "--collect --no-report"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rep.returncode == 1  # seed 3's softkl run never ran
     counts = _status(out)["counts"]
     assert counts["not started"] == 1 and counts.get("done", 0) + counts.get("skipped", 0) == 5
@@ -299,9 +397,12 @@ def test_report_compares_methods_at_matched_learning_rates(tmp_path):
     for method, rank in (("full", None), ("lora", 8)):
         for lr in (1e-5, 5e-5):
             for seed in (1, 2):
-                write_synthetic_run(str(tmp_path / "runs" / f"{method}-{lr:g}-s{seed}"),
-                                    {"method": method, "rank": rank, "learning_rate": lr, "seed": seed},
-                                    n_train=60, n_val=20)
+                write_synthetic_run(
+                    str(tmp_path / "runs" / f"{method}-{lr:g}-s{seed}"),
+                    {"method": method, "rank": rank, "learning_rate": lr, "seed": seed},
+                    n_train=60,
+                    n_val=20,
+                )
     build_report([str(tmp_path / "runs")], str(tmp_path / "report"), progress=False)
     table = pd.read_csv(tmp_path / "report" / "tables" / "matched_lr.csv")
     assert len(table) == 4 and set(table["learning_rate"]) == {1e-5, 5e-5}

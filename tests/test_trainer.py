@@ -56,14 +56,23 @@ class GradCapture(TrainerCallback):
 def _first_step_grads(tmp_path, arch, batch, accum, loss_type="ce"):
     tok, model, raw, train = setup(arch, n=64)
     # one padded length for every batch, so 32 vs 16 + 16 differ only in how the loss is summed
-    train = train.map(lambda r: tok.pad({k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids")},
-                                        padding="max_length", max_length=32))
+    train = train.map(
+        lambda r: tok.pad(
+            {k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, padding="max_length", max_length=32
+        )
+    )
     if loss_type == "soft_kl":
         train = train.add_column("label_counts", [list(c) for c in raw["label_counts"]])
     cap = GradCapture()
     trainer = ClassWeightedTrainer(
         model=no_dropout(model),
-        args=args(tmp_path / f"{arch}{batch}x{accum}", per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1, max_grad_norm=0.0),
+        args=args(
+            tmp_path / f"{arch}{batch}x{accum}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accum,
+            max_steps=1,
+            max_grad_norm=0.0,
+        ),
         train_dataset=train,
         processing_class=tok,
         callbacks=[cap],
@@ -87,10 +96,15 @@ def test_gradient_accumulation_is_exact(tmp_path, arch, loss_type):
 
 def test_loss_matches_manual_weighted_ce(tmp_path):
     tok, model, raw, train = setup("bert", n=40)
-    trainer = ClassWeightedTrainer(model=no_dropout(model), args=args(tmp_path), train_dataset=train, processing_class=tok)
+    trainer = ClassWeightedTrainer(
+        model=no_dropout(model), args=args(tmp_path), train_dataset=train, processing_class=tok
+    )
     counts = np.bincount(np.asarray(train["label"]), minlength=3)
     np.testing.assert_allclose(trainer.class_weights.numpy(), 40 / (3 * counts), rtol=1e-6)
-    batch = tok.pad([{k: train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(8)], return_tensors="pt")
+    batch = tok.pad(
+        [{k: train[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(8)],
+        return_tensors="pt",
+    )
     labels = torch.tensor(train["label"][:8])
     loss = trainer.compute_loss(model, {**batch, "labels": labels})
     logits = model(**batch).logits
@@ -102,8 +116,12 @@ def test_peft_wrapped_model_trains(tmp_path):
     from peft import LoraConfig, TaskType, get_peft_model
 
     tok, model, raw, train = setup("roberta", n=32)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"]))
-    trainer = ClassWeightedTrainer(model=peft_model, args=args(tmp_path, max_steps=3), train_dataset=train, processing_class=tok)
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    )
+    trainer = ClassWeightedTrainer(
+        model=peft_model, args=args(tmp_path, max_steps=3), train_dataset=train, processing_class=tok
+    )
     out = trainer.train()
     assert np.isfinite(out.training_loss)
 

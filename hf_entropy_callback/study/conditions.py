@@ -84,7 +84,11 @@ def _noise_rule(config):
 #: The settings that define a condition besides model, method, rank, dataset, composition, label
 #: noise and loss (which `describe_run` normalises): (column, short name in labels, reader of the config).
 SETTINGS = (
-    ("model_name_or_path", "model path", lambda c: None if not c.get("model_name_or_path") else str(c["model_name_or_path"])),
+    (
+        "model_name_or_path",
+        "model path",
+        lambda c: None if not c.get("model_name_or_path") else str(c["model_name_or_path"]),
+    ),
     ("lora_alpha", "alpha", lambda c: _num(c.get("lora_alpha"))),
     ("lora_dropout", "dropout", lambda c: _num(c.get("lora_dropout"))),
     ("target_modules", "targets", lambda c: _listish(c.get("target_modules"))),
@@ -104,19 +108,45 @@ SETTINGS = (
     ("train_file", "train file", lambda c: _basename(c.get("train_file"))),
     ("split_seed", "split seed", lambda c: _num(c.get("split_seed"))),
     ("noise_rule", "noise labels from", _noise_rule),
-    ("use_class_weights", "class weights", lambda c: None if c.get("use_class_weights") is None
-     else bool(c.get("use_class_weights"))),
+    (
+        "use_class_weights",
+        "class weights",
+        lambda c: None if c.get("use_class_weights") is None else bool(c.get("use_class_weights")),
+    ),
     ("label_names", "labels", lambda c: _listish(c.get("label_names"))),
 )
 #: Every column of the condition key, in order (``tracked_set`` is added by `hf_entropy_callback.study.loading`).
-KEY_COLUMNS = ("model", "architecture", "method", "rank", "dataset", "composition", "label_noise", "loss",
-               *(name for name, _, _ in SETTINGS), "tracked_set")
+KEY_COLUMNS = (
+    "model",
+    "architecture",
+    "method",
+    "rank",
+    "dataset",
+    "composition",
+    "label_noise",
+    "loss",
+    *(name for name, _, _ in SETTINGS),
+    "tracked_set",
+)
 #: Short names of the key columns in condition labels and notes.
 SHORT_NAMES = {name: short for name, short, _ in SETTINGS}
 SHORT_NAMES.update(tracked_set="tracked set", label_noise="noise", composition="composition", loss="loss")
 #: Settings shown in the conditions table whether or not they vary.
-MAIN_SETTINGS = ("model", "method", "rank", "lora_alpha", "learning_rate", "num_train_epochs", "batch", "dataset",
-                 "composition", "label_noise", "noise_rule", "loss", "tracked_set")
+MAIN_SETTINGS = (
+    "model",
+    "method",
+    "rank",
+    "lora_alpha",
+    "learning_rate",
+    "num_train_epochs",
+    "batch",
+    "dataset",
+    "composition",
+    "label_noise",
+    "noise_rule",
+    "loss",
+    "tracked_set",
+)
 #: LoRA ranks of the study's main matrix (sweeps/main_matrix.sh LOW_RANK, HIGH_RANK).
 MAIN_RANKS = (8, 64)
 
@@ -214,7 +244,7 @@ def _float(value, default=math.nan) -> float:
 
 
 def method_label(method: str, rank: float) -> str:
-    """"LoRA r=8", "IA3", "full FT" (or the method name as given)."""
+    """ "LoRA r=8", "IA3", "full FT" (or the method name as given)."""
     if method == "lora":
         return "LoRA" if math.isnan(rank) else f"LoRA r={int(rank)}"
     return {"ia3": "IA3", "full": "full FT"}.get(method, method)
@@ -368,13 +398,18 @@ def assign_conditions(runs: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
             extra = ", ".join(f"{SHORT_NAMES.get(c, c)}={_fmt_setting(out.at[idx, c])}" for c in differ)
             labels.at[idx] = f"{base} · {extra}"
             distinct.at[idx] = ", ".join(differ)
-        detail = "; ".join(f"{SHORT_NAMES.get(c, c)}: " + ", ".join(sorted({_fmt_setting(v) for v in keys[c]}))
-                           for c in differ)
+        detail = "; ".join(
+            f"{SHORT_NAMES.get(c, c)}: " + ", ".join(sorted({_fmt_setting(v) for v in keys[c]})) for c in differ
+        )
         notes.append(f"{base}: {len(keys)} conditions that differ in {detail}; their runs are not pooled")
     out["condition"] = labels
     out["distinct_by"] = distinct
     out["duplicate_of"] = None
-    seed_key = out["seed"].map(lambda v: None if pd.isna(v) else float(v)) if "seed" in out else pd.Series(None, index=out.index)
+    seed_key = (
+        out["seed"].map(lambda v: None if pd.isna(v) else float(v))
+        if "seed" in out
+        else pd.Series(None, index=out.index)
+    )
     order = out.assign(_s=seed_key.astype(str)).sort_values(["condition_key", "_s", "run_id"], kind="stable")
     first: Dict[Tuple[str, str], str] = {}
     for idx, r in order.iterrows():
@@ -383,8 +418,10 @@ def assign_conditions(runs: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
         k = (r["condition_key"], r["_s"])
         if k in first:
             out.at[idx, "duplicate_of"] = first[k]
-            notes.append(f"{r['run_id']}: duplicate of {first[k]} (same condition {out.at[idx, 'condition']} and seed "
-                         f"{seed_key.at[idx]:g}); counted once, {r['run_id']} left out of every aggregate")
+            notes.append(
+                f"{r['run_id']}: duplicate of {first[k]} (same condition {out.at[idx, 'condition']} and seed "
+                f"{seed_key.at[idx]:g}); counted once, {r['run_id']} left out of every aggregate"
+            )
         else:
             first[k] = r["run_id"]
     return out, notes
@@ -424,8 +461,12 @@ def condition_table(runs: pd.DataFrame) -> pd.DataFrame:
     for cond, grp in runs.groupby("condition", sort=False):
         ok = grp[~excluded.loc[grp.index]]
         seeds = sorted(int(v) for v in ok["seed"].dropna()) if "seed" in ok else []
-        row = {"condition": cond, "n_runs": len(ok), "n_excluded": int(excluded.loc[grp.index].sum()),
-               "seeds": ", ".join(map(str, seeds)) or "—"}
+        row = {
+            "condition": cond,
+            "n_runs": len(ok),
+            "n_excluded": int(excluded.loc[grp.index].sum()),
+            "seeds": ", ".join(map(str, seeds)) or "—",
+        }
         if "in_main_family" in grp:
             row["in_main_family"] = bool(grp["in_main_family"].iloc[0])
         for c in shown:

@@ -45,11 +45,27 @@ from hf_entropy_callback.entropy import CATEGORIES, DEFAULT_THRESHOLDS
 from .conditions import method_label, order_conditions
 
 __all__ = [
-    "save_figure", "all_figures", "condition_curves",
-    "trajectory_panel", "trajectory_plot", "entropy_histogram_panel", "entropy_histogram",
-    "aulc_bins_panel", "aulc_bins_plot", "rank_panel", "rank_plot", "cartography_panel", "cartography_plot",
-    "calibration_panel", "calibration_plot", "noise_rho_panel", "noise_delta_panel", "noise_plot",
-    "entropy_aulc_panel", "entropy_aulc_plot", "agreement_curves",
+    "save_figure",
+    "all_figures",
+    "condition_curves",
+    "trajectory_panel",
+    "trajectory_plot",
+    "entropy_histogram_panel",
+    "entropy_histogram",
+    "aulc_bins_panel",
+    "aulc_bins_plot",
+    "rank_panel",
+    "rank_plot",
+    "cartography_panel",
+    "cartography_plot",
+    "calibration_panel",
+    "calibration_plot",
+    "noise_rho_panel",
+    "noise_delta_panel",
+    "noise_plot",
+    "entropy_aulc_panel",
+    "entropy_aulc_plot",
+    "agreement_curves",
 ]
 
 CATEGORY_COLORS = {"clean": "#1b9e77", "ambiguous": "#7570b3", "contested": "#d95f02", "all": "#555555"}
@@ -97,8 +113,10 @@ def _grid_into(axes, n_rows: int, n_cols: int, what: str, **grid_kw):
         return axes, axes.subplots(n_rows, n_cols, squeeze=False, sharey=grid_kw.get("sharey", True)), False
     flat = np.asarray(axes, dtype=object).ravel()
     if flat.size != n_rows * n_cols or not all(isinstance(a, Axes) for a in flat):
-        raise ValueError(f"{what}: needs {n_rows} x {n_cols} = {n_rows * n_cols} panels, got {flat.size} "
-                         f"(pass a Figure, or that many axes)")
+        raise ValueError(
+            f"{what}: needs {n_rows} x {n_cols} = {n_rows * n_cols} panels, got {flat.size} "
+            f"(pass a Figure, or that many axes)"
+        )
     return flat[0].figure, flat.reshape(n_rows, n_cols), False
 
 
@@ -136,8 +154,11 @@ def condition_curves(curves: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFra
     sub = curves[curves["run_id"].isin(run_ids)]
     if sub.empty:
         return pd.DataFrame(columns=["category", "x", "mean", "half_width"])
-    first = sub[sub["run_id"] == run_ids[0]] if (sub["run_id"] == run_ids[0]).any() else sub[
-        sub["run_id"] == sub["run_id"].iloc[0]]
+    first = (
+        sub[sub["run_id"] == run_ids[0]]
+        if (sub["run_id"] == run_ids[0]).any()
+        else sub[sub["run_id"] == sub["run_id"].iloc[0]]
+    )
     grid = first[first["category"] == first["category"].iloc[0]].sort_values("point")
     prog, xs = grid["progress"].to_numpy(float), grid[xcol].to_numpy(float)
     rows = []
@@ -149,14 +170,29 @@ def condition_curves(curves: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFra
             means.append(np.interp(prog, p, r["mean"].to_numpy(float)))
             half = 1.96 * r["sd"].to_numpy(float) / np.sqrt(np.maximum(r["n"].to_numpy(float), 1))
             halves.append(np.interp(prog, p, np.nan_to_num(half)))
-        rows.append(pd.DataFrame({"category": cat, "x": xs, "mean": np.mean(means, axis=0),
-                                  "half_width": np.mean(halves, axis=0)}))
+        rows.append(
+            pd.DataFrame(
+                {"category": cat, "x": xs, "mean": np.mean(means, axis=0), "half_width": np.mean(halves, axis=0)}
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
-def _grid(n_rows: int, n_cols: int, panel_w: float = 3.0, panel_h: float = 2.2, *, sharey=True, left: float = 0.75,
-          right: float = 0.2, top: float = 0.95, bottom: float = 0.55, wspace: float = 0.45, hspace: float = 0.85,
-          legend_right: float = 0.0):
+def _grid(
+    n_rows: int,
+    n_cols: int,
+    panel_w: float = 3.0,
+    panel_h: float = 2.2,
+    *,
+    sharey=True,
+    left: float = 0.75,
+    right: float = 0.2,
+    top: float = 0.95,
+    bottom: float = 0.55,
+    wspace: float = 0.45,
+    hspace: float = 0.85,
+    legend_right: float = 0.0,
+):
     """A figure with a grid of panels and fixed margins in inches.
 
     Fixed margins instead of matplotlib's constrained layout: the layout solver costs seconds on
@@ -165,15 +201,29 @@ def _grid(n_rows: int, n_cols: int, panel_w: float = 3.0, panel_h: float = 2.2, 
     width = left + right + legend_right + n_cols * panel_w + (n_cols - 1) * wspace
     height = top + bottom + n_rows * panel_h + (n_rows - 1) * hspace
     fig = _new_figure(width, height)
-    fig.subplots_adjust(left=left / width, right=1 - (right + legend_right) / width, bottom=bottom / height,
-                        top=1 - top / height, wspace=wspace / panel_w, hspace=hspace / panel_h)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - (right + legend_right) / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wspace / panel_w,
+        hspace=hspace / panel_h,
+    )
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey=sharey)
     return fig, axes
 
 
 def _top_legend(fig: Figure, handles, title: str, ncols: int = 3) -> None:
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 1.0), ncols=ncols, fontsize=8.5,
-               title=title, title_fontsize=8.5, frameon=False)
+    fig.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncols=ncols,
+        fontsize=8.5,
+        title=title,
+        title_fontsize=8.5,
+        frameon=False,
+    )
 
 
 def _few_ticks(ax, x: int = 5, y: int = 5, x_integer: bool = False) -> None:
@@ -185,7 +235,6 @@ def _few_ticks(ax, x: int = 5, y: int = 5, x_integer: bool = False) -> None:
 
 def _method_column(row) -> str:
     return method_label(row["method"], float(row["rank"]) if pd.notna(row["rank"]) else math.nan)
-
 
 
 def _line(color, label, ls="-", marker=None):
@@ -209,8 +258,14 @@ def _one(frame: pd.DataFrame, column: str, value, what: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Optional[Axes] = None,
-                     title: Optional[str] = None, ylabel: str = "loss −log p(gold) (nats)") -> Axes:
+def trajectory_panel(
+    curves: pd.DataFrame,
+    run_ids: Sequence[str],
+    *,
+    ax: Optional[Axes] = None,
+    title: Optional[str] = None,
+    ylabel: str = "loss −log p(gold) (nats)",
+) -> Axes:
     """Mean tracked loss by entropy category over training for one condition (its runs `run_ids`).
 
     Lines: mean over examples, averaged over the runs; bands: 95% CI of the mean over examples,
@@ -222,8 +277,14 @@ def trajectory_panel(curves: pd.DataFrame, run_ids: Sequence[str], *, ax: Option
     for cat in [c for c in CATEGORIES if (cc["category"] == c).any()]:
         d = cc[cc["category"] == cat]
         ax.plot(d["x"], d["mean"], color=CATEGORY_COLORS[cat], lw=1.6, label=cat)
-        ax.fill_between(d["x"], d["mean"] - d["half_width"], d["mean"] + d["half_width"],
-                        color=CATEGORY_COLORS[cat], alpha=0.25, lw=0)
+        ax.fill_between(
+            d["x"],
+            d["mean"] - d["half_width"],
+            d["mean"] + d["half_width"],
+            color=CATEGORY_COLORS[cat],
+            alpha=0.25,
+            lw=0,
+        )
     if title is not None:
         ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
@@ -254,16 +315,27 @@ def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool)
         # Columns by method then rank: LoRA ranks ascending, IA3, full FT.
         order = {"lora": 0, "ia3": 1, "full": 2}
         col_rows = keep.drop_duplicates("_col")
-        cols = [c for _, _, c in sorted(zip(col_rows["method"].map(order).fillna(3),
-                                            col_rows["rank"].fillna(math.inf), col_rows["_col"]))]
+        cols = [
+            c
+            for _, _, c in sorted(
+                zip(col_rows["method"].map(order).fillna(3), col_rows["rank"].fillna(math.inf), col_rows["_col"])
+            )
+        ]
     rows = list(dict.fromkeys(keep["_row"]))
     panels = {key: grp for key, grp in keep.groupby(["_row", col_key], sort=False)}
     return rows, cols, panels
 
 
-def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool = False, page: int = 0,
-                    max_rows: Optional[int] = MAX_ROWS, axes=None,
-                    ylabel: str = "loss −log p(gold) (nats)") -> Optional[Figure]:
+def trajectory_plot(
+    curves: pd.DataFrame,
+    runs: pd.DataFrame,
+    *,
+    variants: bool = False,
+    page: int = 0,
+    max_rows: Optional[int] = MAX_ROWS,
+    axes=None,
+    ylabel: str = "loss −log p(gold) (nats)",
+) -> Optional[Figure]:
     """Mean tracked loss by entropy category over training, one `trajectory_panel` per condition.
 
     Main setting (``variants=False``): one row per model x dataset, one column per method
@@ -287,11 +359,12 @@ def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool 
         return None
     rows, cols, panels = layout
     if max_rows:
-        rows = rows[page * max_rows:(page + 1) * max_rows]
+        rows = rows[page * max_rows : (page + 1) * max_rows]
     if not rows:
         return None
-    fig, grid, own = _grid_into(axes, len(rows), len(cols), "trajectory_plot", top=0.95,
-                                panel_w=max(3.0, 4.2 / len(cols)))
+    fig, grid, own = _grid_into(
+        axes, len(rows), len(cols), "trajectory_plot", top=0.95, panel_w=max(3.0, 4.2 / len(cols))
+    )
     for i, rkey in enumerate(rows):
         for j, ckey in enumerate(cols):
             ax = grid[i, j]
@@ -303,8 +376,13 @@ def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool 
             title = f"{first['model']} · {first['dataset']}\n{_method_column(first)}"
             if variants:
                 title += f" · {ckey}"
-            trajectory_panel(curves, list(sel["run_id"]), ax=ax, ylabel=ylabel,
-                             title=f"{title} ({len(sel)} seed{'s' if len(sel) != 1 else ''})")
+            trajectory_panel(
+                curves,
+                list(sel["run_id"]),
+                ax=ax,
+                ylabel=ylabel,
+                title=f"{title} ({len(sel)} seed{'s' if len(sel) != 1 else ''})",
+            )
             if j > 0:
                 ax.set_ylabel("")
     # A short legend title (the caption explains line and band), so it fits above a one-column grid too.
@@ -317,9 +395,15 @@ def trajectory_plot(curves: pd.DataFrame, runs: pd.DataFrame, *, variants: bool 
 # ------------------------------------------------------------------------------------------------
 
 
-def entropy_histogram_panel(entropy: pd.DataFrame, distribution: Optional[pd.DataFrame] = None, *,
-                            dataset: Optional[str] = None, thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS,
-                            bins=30, ax: Optional[Axes] = None) -> Axes:
+def entropy_histogram_panel(
+    entropy: pd.DataFrame,
+    distribution: Optional[pd.DataFrame] = None,
+    *,
+    dataset: Optional[str] = None,
+    thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS,
+    bins=30,
+    ax: Optional[Axes] = None,
+) -> Axes:
     """Histogram of one dataset's annotation entropy, stacked by category, thresholds dashed.
 
     `distribution` (the ``entropy_distribution`` table) gives the shares in the legend; without it
@@ -338,8 +422,15 @@ def entropy_histogram_panel(entropy: pd.DataFrame, distribution: Optional[pd.Dat
     else:
         shares = {c: ((d["category"] == c).mean(), int((d["category"] == c).sum())) for c in cats}
     labels = [f"{c}: {shares[c][0]:.1%} (n={shares[c][1]})" for c in cats]
-    ax.hist([d.loc[d["category"] == c, "entropy"] for c in cats], bins=bins, stacked=True,
-            color=[CATEGORY_COLORS[c] for c in cats], label=labels, edgecolor="white", linewidth=0.4)
+    ax.hist(
+        [d.loc[d["category"] == c, "entropy"] for c in cats],
+        bins=bins,
+        stacked=True,
+        color=[CATEGORY_COLORS[c] for c in cats],
+        label=labels,
+        edgecolor="white",
+        linewidth=0.4,
+    )
     for t in thresholds:
         ax.axvline(t, color="black", ls="--", lw=1)
         ax.text(t, ax.get_ylim()[1] * 0.5, f"H = {t:g} ", fontsize=7.5, rotation=90, ha="right", va="center")
@@ -352,15 +443,21 @@ def entropy_histogram_panel(entropy: pd.DataFrame, distribution: Optional[pd.Dat
     return ax
 
 
-def entropy_histogram(entropy: pd.DataFrame, distribution: Optional[pd.DataFrame] = None, *,
-                      thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS, axes=None) -> Optional[Figure]:
+def entropy_histogram(
+    entropy: pd.DataFrame,
+    distribution: Optional[pd.DataFrame] = None,
+    *,
+    thresholds: Tuple[float, float] = DEFAULT_THRESHOLDS,
+    axes=None,
+) -> Optional[Figure]:
     """One `entropy_histogram_panel` per dataset, on common bins; returns the figure (None without data)."""
     if entropy.empty:
         return None
     data = entropy.drop_duplicates(["dataset", "example_id"])
     datasets = sorted(data["dataset"].unique())
-    fig, grid, _ = _grid_into(axes, 1, len(datasets), "entropy_histogram", panel_w=4.6, panel_h=3.2, sharey=False,
-                              top=0.45, wspace=0.7)
+    fig, grid, _ = _grid_into(
+        axes, 1, len(datasets), "entropy_histogram", panel_w=4.6, panel_h=3.2, sharey=False, top=0.45, wspace=0.7
+    )
     hmax = max(math.log(3), float(data["entropy"].max()))
     bins = np.linspace(0, hmax * 1.0001, 31)
     for ax, ds in zip(grid[0], datasets):
@@ -387,8 +484,14 @@ def _main_binning(binning: pd.DataFrame) -> pd.DataFrame:
     return binning if b.empty else b
 
 
-def aulc_bins_panel(binning: pd.DataFrame, *, scheme: str = "fixed", dataset: Optional[str] = None,
-                    colors: Optional[Mapping[str, tuple]] = None, ax: Optional[Axes] = None) -> Axes:
+def aulc_bins_panel(
+    binning: pd.DataFrame,
+    *,
+    scheme: str = "fixed",
+    dataset: Optional[str] = None,
+    colors: Optional[Mapping[str, tuple]] = None,
+    ax: Optional[Axes] = None,
+) -> Axes:
     """Mean AULC per entropy bin of one binning `scheme` ("fixed", "quartile", "tercile"), one line per
     main-setting condition.
 
@@ -406,8 +509,18 @@ def aulc_bins_panel(binning: pd.DataFrame, *, scheme: str = "fixed", dataset: Op
     method_of = dict(zip(b["condition"], b["method"])) if "method" in b else {}
     for cond, g in d[d["scheme"] == scheme].groupby("condition", sort=False):
         g = g.sort_values("bin_order")
-        ax.errorbar(g["bin"], g["aulc_mean"], yerr=g["aulc_sd"].fillna(0), color=colors[cond],
-                    ls=METHOD_STYLES.get(method_of.get(cond), ":"), marker="o", ms=3, lw=1.2, capsize=2, label=cond)
+        ax.errorbar(
+            g["bin"],
+            g["aulc_mean"],
+            yerr=g["aulc_sd"].fillna(0),
+            color=colors[cond],
+            ls=METHOD_STYLES.get(method_of.get(cond), ":"),
+            marker="o",
+            ms=3,
+            lw=1.2,
+            capsize=2,
+            label=cond,
+        )
     ax.set_title(f"{ds} · {AULC_SCHEMES[scheme]}" if ds else AULC_SCHEMES[scheme], fontsize=9)
     ax.set_xlabel("entropy bin (low → high)", fontsize=8)
     ax.set_ylabel("mean AULC (nats)", fontsize=8)
@@ -440,8 +553,14 @@ def aulc_bins_plot(binning: pd.DataFrame, *, axes=None) -> Optional[Figure]:
             aulc_bins_panel(b, scheme=scheme, dataset=ds, colors=colors, ax=grid[i, j])
     handles = [_line(colors[c], c, METHOD_STYLES.get(method_of.get(c), ":")) for c in conds]
     if own:
-        fig.legend(handles=handles, loc="outside right center", fontsize=7,
-                   title="condition (error bars: sd over seeds)", title_fontsize=7.5, frameon=False)
+        fig.legend(
+            handles=handles,
+            loc="outside right center",
+            fontsize=7,
+            title="condition (error bars: sd over seeds)",
+            title_fontsize=7.5,
+            frameon=False,
+        )
     else:
         _grid_legend(fig, grid, own, handles, "condition (error bars: sd over seeds)")
     return fig
@@ -469,8 +588,9 @@ def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optiona
     ax = ax if ax is not None else _new_axes(4.6, 3.4)
     u, lora = _rank_runs(runs)
     ds = _one(lora, "dataset", dataset, "rank_panel")
-    stats_ = mean_sd(u[u["method"].isin(["lora", "full"])], ["dataset", "architecture", "model", "method", "rank"],
-                     ["rho"])
+    stats_ = mean_sd(
+        u[u["method"].isin(["lora", "full"])], ["dataset", "architecture", "model", "method", "rank"], ["rho"]
+    )
     # Ranks over every dataset, so side-by-side panels share their x axis.
     ranks = sorted(lora["rank"].unique())
     full_x = ranks[-1] * 2.0 if ranks else 2.0
@@ -486,12 +606,22 @@ def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optiona
         gl = g[g["method"] == "lora"].sort_values("rank")
         if gl.empty:
             continue
-        ax.errorbar(gl["rank"], gl["rho_mean"], yerr=gl["rho_sd"].fillna(0), color=color, ls=ls, marker="o",
-                    capsize=3, lw=1.5, label=f"{model} ({arch})")
+        ax.errorbar(
+            gl["rank"],
+            gl["rho_mean"],
+            yerr=gl["rho_sd"].fillna(0),
+            color=color,
+            ls=ls,
+            marker="o",
+            capsize=3,
+            lw=1.5,
+            label=f"{model} ({arch})",
+        )
         gf = g[g["method"] == "full"]
         if len(gf):
-            ax.errorbar([full_x], gf["rho_mean"], yerr=gf["rho_sd"].fillna(0), color=color, marker="s",
-                        capsize=3, ls="none")
+            ax.errorbar(
+                [full_x], gf["rho_mean"], yerr=gf["rho_sd"].fillna(0), color=color, marker="s", capsize=3, ls="none"
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(ranks) + [full_x], [str(int(r)) for r in ranks] + ["full"])
     ax.minorticks_off()
@@ -512,8 +642,9 @@ def rank_plot(runs: pd.DataFrame, *, axes=None) -> Optional[Figure]:
     if lora.empty:
         return None
     datasets = sorted(lora["dataset"].unique())
-    fig, grid, _ = _grid_into(axes, 1, len(datasets), "rank_plot", panel_w=4.6, panel_h=3.4, sharey=True, top=0.45,
-                              wspace=0.9)
+    fig, grid, _ = _grid_into(
+        axes, 1, len(datasets), "rank_plot", panel_w=4.6, panel_h=3.4, sharey=True, top=0.45, wspace=0.9
+    )
     for ax, ds in zip(grid[0], datasets):
         rank_panel(runs, dataset=ds, ax=ax)
     return fig
@@ -524,8 +655,9 @@ def rank_plot(runs: pd.DataFrame, *, axes=None) -> Optional[Figure]:
 # ------------------------------------------------------------------------------------------------
 
 
-def cartography_panel(examples: pd.DataFrame, *, run_id: Optional[str] = None, title: Optional[str] = None,
-                      ax: Optional[Axes] = None) -> Axes:
+def cartography_panel(
+    examples: pd.DataFrame, *, run_id: Optional[str] = None, title: Optional[str] = None, ax: Optional[Axes] = None
+) -> Axes:
     """Dataset-Cartography map of one run (variability x, confidence y) coloured by entropy category.
 
     `run_id` may be left out when `examples` hold one run. Returns the axes drawn into.
@@ -554,8 +686,15 @@ def _cartography_runs(examples: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFram
     return order_conditions(u.sort_values("seed", kind="stable").drop_duplicates("condition"))
 
 
-def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int = 4, page: int = 0,
-                     max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+def cartography_plot(
+    examples: pd.DataFrame,
+    runs: pd.DataFrame,
+    *,
+    ncols: int = 4,
+    page: int = 0,
+    max_rows: Optional[int] = MAX_ROWS,
+    axes=None,
+) -> Optional[Figure]:
     """One `cartography_panel` per main-setting condition, from its lowest-seed usable run.
 
     Panels fill `ncols` columns, `max_rows` rows a page (None: all); `page` picks one. Returns the
@@ -563,18 +702,20 @@ def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int =
     """
     first = _cartography_runs(examples, runs)
     if max_rows:
-        first = first.iloc[page * max_rows * ncols:(page + 1) * max_rows * ncols]
+        first = first.iloc[page * max_rows * ncols : (page + 1) * max_rows * ncols]
     if first.empty:
         return None
     nrows = math.ceil(len(first) / ncols)
-    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=4.2, panel_h=3.8,
-                                sharey=True, top=0.8)
+    fig, grid, own = _grid_into(
+        axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=4.2, panel_h=3.8, sharey=True, top=0.8
+    )
     flat = grid.ravel()
     for ax, r in zip(flat, first.itertuples(index=False)):
         seed = "" if pd.isna(r.seed) else f", seed {int(r.seed)}"
-        cartography_panel(examples, run_id=r.run_id, ax=ax,
-                          title=f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}")
-    for ax in flat[len(first):]:
+        cartography_panel(
+            examples, run_id=r.run_id, ax=ax, title=f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}"
+        )
+    for ax in flat[len(first) :]:
         ax.set_axis_off()
     handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]
     for h in handles:
@@ -591,8 +732,14 @@ def cartography_plot(examples: pd.DataFrame, runs: pd.DataFrame, *, ncols: int =
 HEXBIN_MIN = 2000
 
 
-def entropy_aulc_panel(examples: pd.DataFrame, run_ids: Sequence[str], *, rho: Optional[Mapping] = None,
-                       title: Optional[str] = None, ax: Optional[Axes] = None) -> Axes:
+def entropy_aulc_panel(
+    examples: pd.DataFrame,
+    run_ids: Sequence[str],
+    *,
+    rho: Optional[Mapping] = None,
+    title: Optional[str] = None,
+    ax: Optional[Axes] = None,
+) -> Axes:
     """Annotation entropy against AULC for one condition (its runs `run_ids`), coloured by category.
 
     Each point is one tracked example, its AULC averaged over the runs (seeds; they track the same
@@ -603,8 +750,9 @@ def entropy_aulc_panel(examples: pd.DataFrame, run_ids: Sequence[str], *, rho: O
     ax = ax if ax is not None else _new_axes(3.6, 3.2)
     ex = examples[examples["run_id"].isin(list(run_ids))]
     ex = ex[np.isfinite(ex["aulc"].to_numpy(float))]
-    per = ex.groupby("example_id", sort=False).agg(entropy=("entropy", "first"), aulc=("aulc", "mean"),
-                                                   category=("category", "first"))
+    per = ex.groupby("example_id", sort=False).agg(
+        entropy=("entropy", "first"), aulc=("aulc", "mean"), category=("category", "first")
+    )
     if len(per) > HEXBIN_MIN:
         hb = ax.hexbin(per["entropy"], per["aulc"], gridsize=35, mincnt=1, cmap="viridis", bins="log", lw=0.1)
         ax.figure.colorbar(hb, ax=ax, label="examples (log)", pad=0.01)
@@ -616,9 +764,15 @@ def entropy_aulc_panel(examples: pd.DataFrame, run_ids: Sequence[str], *, rho: O
         lo, hi = rho.get("rho_ci_low", math.nan), rho.get("rho_ci_high", math.nan)
         ci = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
         n_runs = int(rho.get("n_runs", len(run_ids)))
-        ax.text(0.02, 0.97, f"rho = {rho['rho_mean']:.3f}{ci}\n{n_runs} seed{'s' if n_runs != 1 else ''}, "
-                            f"n = {len(per)}", transform=ax.transAxes, fontsize=7, va="top",
-                bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1.5})
+        ax.text(
+            0.02,
+            0.97,
+            f"rho = {rho['rho_mean']:.3f}{ci}\n{n_runs} seed{'s' if n_runs != 1 else ''}, n = {len(per)}",
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+            bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1.5},
+        )
     if title is not None:
         ax.set_title(title, fontsize=8)
     ax.set_xlabel("annotation entropy H (nats)", fontsize=7.5)
@@ -635,20 +789,38 @@ def _scatter_conditions(runs: pd.DataFrame, rho_table: pd.DataFrame) -> pd.DataF
     return keep.reset_index(drop=True)
 
 
-def entropy_aulc_plot(examples: pd.DataFrame, runs: pd.DataFrame, rho_table: pd.DataFrame, *, ncols: int = 4,
-                      page: int = 0, max_rows: Optional[int] = MAX_ROWS, axes=None) -> Optional[Figure]:
+def entropy_aulc_plot(
+    examples: pd.DataFrame,
+    runs: pd.DataFrame,
+    rho_table: pd.DataFrame,
+    *,
+    ncols: int = 4,
+    page: int = 0,
+    max_rows: Optional[int] = MAX_ROWS,
+    axes=None,
+) -> Optional[Figure]:
     """One `entropy_aulc_panel` per condition of `rho_table` (its order), with its mean rho and bootstrap CI.
 
     Returns the figure (None without data or past the last page).
     """
     conds = _scatter_conditions(runs, rho_table)
     if max_rows:
-        conds = conds.iloc[page * max_rows * ncols:(page + 1) * max_rows * ncols]
+        conds = conds.iloc[page * max_rows * ncols : (page + 1) * max_rows * ncols]
     if conds.empty or examples.empty:
         return None
     nrows = math.ceil(len(conds) / ncols)
-    fig, grid, own = _grid_into(axes, nrows, min(ncols, len(conds)), "entropy_aulc_plot", panel_w=3.4, panel_h=3.0,
-                                sharey=False, top=0.8, wspace=0.75, hspace=1.0)
+    fig, grid, own = _grid_into(
+        axes,
+        nrows,
+        min(ncols, len(conds)),
+        "entropy_aulc_plot",
+        panel_w=3.4,
+        panel_h=3.0,
+        sharey=False,
+        top=0.8,
+        wspace=0.75,
+        hspace=1.0,
+    )
     flat = grid.ravel()
     u = runs[~_excluded(runs)]
     for ax, r in zip(flat, conds.to_dict("records")):
@@ -657,7 +829,7 @@ def entropy_aulc_plot(examples: pd.DataFrame, runs: pd.DataFrame, rho_table: pd.
 
         title = "\n".join(textwrap.wrap(r["condition"], 44)[:3])  # the full label, on up to three lines
         entropy_aulc_panel(examples, ids, rho=r, title=title, ax=ax)
-    for ax in flat[len(conds):]:
+    for ax in flat[len(conds) :]:
         ax.set_axis_off()
     handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]
     _grid_legend(fig, grid, own, handles, "entropy category (scatter panels)")
@@ -668,17 +840,27 @@ def entropy_aulc_plot(examples: pd.DataFrame, runs: pd.DataFrame, rho_table: pd.
 # Calibration
 # ------------------------------------------------------------------------------------------------
 
-CALIBRATION_MEASURES = {"pred_entropy": "prediction entropy (nats)", "max_confidence": "mean max confidence",
-                        "ece": "ECE (equal-width bins)"}
+CALIBRATION_MEASURES = {
+    "pred_entropy": "prediction entropy (nats)",
+    "max_confidence": "mean max confidence",
+    "ece": "ECE (equal-width bins)",
+}
 
 
 def _calibration_sets(c: pd.DataFrame) -> List[str]:
     return [s for s in ("validation", "train") if (c["set"] == s).any()] + sorted(
-        set(c["set"]) - {"validation", "train"})
+        set(c["set"]) - {"validation", "train"}
+    )
 
 
-def calibration_panel(cal: pd.DataFrame, *, measure: str = "ece", tracked_set: Optional[str] = None,
-                      labels: bool = True, ax: Optional[Axes] = None) -> Axes:
+def calibration_panel(
+    cal: pd.DataFrame,
+    *,
+    measure: str = "ece",
+    tracked_set: Optional[str] = None,
+    labels: bool = True,
+    ax: Optional[Axes] = None,
+) -> Axes:
     """One calibration `measure` ("pred_entropy", "max_confidence", "ece") per condition and category at the
     final point, as horizontal bars (error bars: sd across seeds).
 
@@ -686,8 +868,9 @@ def calibration_panel(cal: pd.DataFrame, *, measure: str = "ece", tracked_set: O
     names off the y axis (for panels to the right of one that has them). Returns the axes drawn into.
     """
     if measure not in CALIBRATION_MEASURES:
-        raise ValueError(f"calibration_panel: measure must be one of {', '.join(CALIBRATION_MEASURES)}, "
-                         f"got {measure!r}")
+        raise ValueError(
+            f"calibration_panel: measure must be one of {', '.join(CALIBRATION_MEASURES)}, got {measure!r}"
+        )
     c = cal[cal["category"] != "all"]
     conds = list(dict.fromkeys(c["condition"]))
     ax = ax if ax is not None else _new_axes(2.6 + 0.058 * max(map(len, conds), default=0), 0.6 + 0.3 * len(conds))
@@ -697,8 +880,15 @@ def calibration_panel(cal: pd.DataFrame, *, measure: str = "ece", tracked_set: O
     w = 0.27
     for k, cat in enumerate(CATEGORIES):
         dc = d[d["category"] == cat].set_index("condition").reindex(conds)
-        ax.barh(y + (k - 1) * w, dc[f"{measure}_mean"], height=w, xerr=dc[f"{measure}_sd"].fillna(0),
-                color=CATEGORY_COLORS[cat], error_kw={"lw": 0.6, "capsize": 1.2}, label=cat)
+        ax.barh(
+            y + (k - 1) * w,
+            dc[f"{measure}_mean"],
+            height=w,
+            xerr=dc[f"{measure}_sd"].fillna(0),
+            color=CATEGORY_COLORS[cat],
+            error_kw={"lw": 0.6, "capsize": 1.2},
+            label=cat,
+        )
     ax.set_yticks(y, conds if labels else [""] * len(conds), fontsize=7)
     ax.set_ylim(len(conds) - 0.5, -0.5)
     ax.set_xlabel(CALIBRATION_MEASURES[measure], fontsize=8)
@@ -720,14 +910,29 @@ def calibration_plot(cal: pd.DataFrame, *, axes=None) -> Optional[Figure]:
     sets = _calibration_sets(c)
     conds = list(dict.fromkeys(c["condition"]))
     longest = max(len(x) for x in conds)
-    fig, grid, own = _grid_into(axes, len(sets), 3, "calibration_plot", panel_w=2.6,
-                                panel_h=max(1.5, 0.3 * len(conds)), sharey=False, top=0.8, hspace=0.8,
-                                left=0.3 + 0.058 * longest, wspace=0.3)
+    fig, grid, own = _grid_into(
+        axes,
+        len(sets),
+        3,
+        "calibration_plot",
+        panel_w=2.6,
+        panel_h=max(1.5, 0.3 * len(conds)),
+        sharey=False,
+        top=0.8,
+        hspace=0.8,
+        left=0.3 + 0.058 * longest,
+        wspace=0.3,
+    )
     for i, s in enumerate(sets):
         for j, m in enumerate(CALIBRATION_MEASURES):
             calibration_panel(c, measure=m, tracked_set=s, labels=j == 0, ax=grid[i, j])
-    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[k], k) for k in CATEGORIES],
-                 "entropy category (error bars: sd over seeds)")
+    _grid_legend(
+        fig,
+        grid,
+        own,
+        [_line(CATEGORY_COLORS[k], k) for k in CATEGORIES],
+        "entropy category (error bars: sd over seeds)",
+    )
     return fig
 
 
@@ -743,8 +948,14 @@ def noise_rho_panel(levels: pd.DataFrame, *, title: Optional[str] = None, ax: Op
     (error bars: sd over seeds). Returns the axes drawn into."""
     ax = ax if ax is not None else _new_axes(3.6, 2.6)
     allc = levels[levels["category"] == "all"].sort_values("label_noise")
-    ax.errorbar(allc["label_noise"] * 100, allc["rho_mean"], yerr=allc["rho_sd"].fillna(0), marker="o",
-                capsize=3, color="#333333")
+    ax.errorbar(
+        allc["label_noise"] * 100,
+        allc["rho_mean"],
+        yerr=allc["rho_sd"].fillna(0),
+        marker="o",
+        capsize=3,
+        color="#333333",
+    )
     ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
     ax.set_ylabel("Spearman rho(entropy, AULC)", fontsize=8)
     if title is not None:
@@ -761,8 +972,15 @@ def noise_delta_panel(levels: pd.DataFrame, *, ax: Optional[Axes] = None) -> Axe
     for cat in CATEGORIES:
         d = levels[levels["category"] == cat].sort_values("label_noise")
         if len(d):
-            ax.errorbar(d["label_noise"] * 100, d["delta_loss_mean"], yerr=d["delta_loss_sd"].fillna(0),
-                        marker="o", capsize=3, color=CATEGORY_COLORS[cat], label=cat)
+            ax.errorbar(
+                d["label_noise"] * 100,
+                d["delta_loss_mean"],
+                yerr=d["delta_loss_sd"].fillna(0),
+                marker="o",
+                capsize=3,
+                color=CATEGORY_COLORS[cat],
+                label=cat,
+            )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("label noise on clean examples (%)", fontsize=8)
     ax.set_ylabel("mean ΔL (nats; > 0: un-learning)", fontsize=8)
@@ -780,12 +998,15 @@ def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
         return None
     keys = [k for k in _NOISE_KEYS if k in levels]
     groups = list(levels.groupby(keys, dropna=False, sort=False))
-    fig, grid, _ = _grid_into(axes, len(groups), 2, "noise_plot", panel_w=3.6, panel_h=2.6, sharey=False, top=0.5,
-                              wspace=0.8)
+    fig, grid, _ = _grid_into(
+        axes, len(groups), 2, "noise_plot", panel_w=3.6, panel_h=2.6, sharey=False, top=0.5, wspace=0.8
+    )
     for i, (key, g) in enumerate(groups):
         meta = dict(zip(keys, key))
-        title = (f"{meta.get('model')} · {method_label(meta.get('method'), meta.get('rank', math.nan))} · "
-                 f"{meta.get('dataset')}")
+        title = (
+            f"{meta.get('model')} · {method_label(meta.get('method'), meta.get('rank', math.nan))} · "
+            f"{meta.get('dataset')}"
+        )
         noise_rho_panel(g, title=title, ax=grid[i, 0])
         noise_delta_panel(g, ax=grid[i, 1])
     return fig
@@ -796,15 +1017,27 @@ def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
 # ------------------------------------------------------------------------------------------------
 
 
-def agreement_curves(agreement: pd.DataFrame, tracked_set: str = "validation",
-                     metric: str = "js_distance") -> pd.DataFrame:
+def agreement_curves(
+    agreement: pd.DataFrame, tracked_set: str = "validation", metric: str = "js_distance"
+) -> pd.DataFrame:
     """The ``agreement`` table of one tracked set in the layout of ``curves`` (``mean`` = the metric),
     for `trajectory_plot`; ``sd`` and ``n`` are NaN and 0, so no band is drawn."""
     a = agreement[agreement["set"] == tracked_set]
     if a.empty:
         return pd.DataFrame()
-    return pd.DataFrame({"run_id": a["run_id"], "point": a["point"], "step": a["step"], "progress": a["progress"],
-                         "epoch": a["epoch"], "category": a["category"], "mean": a[metric], "sd": np.nan, "n": 0})
+    return pd.DataFrame(
+        {
+            "run_id": a["run_id"],
+            "point": a["point"],
+            "step": a["step"],
+            "progress": a["progress"],
+            "epoch": a["epoch"],
+            "category": a["category"],
+            "mean": a[metric],
+            "sd": np.nan,
+            "n": 0,
+        }
+    )
 
 
 def _pages(draw, n_items: int, per_page: int, path: str) -> List[str]:
@@ -835,24 +1068,48 @@ def all_figures(study, tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str
     if ag_curves.empty and not agreement.empty:
         ag_curves = agreement_curves(agreement, str(agreement["set"].iloc[0]))
     return {
-        "entropy_aulc": _pages(lambda p: entropy_aulc_plot(study.examples, study.runs, tables["rho_by_condition"],
-                                                           page=p), n_scatter, 4 * MAX_ROWS,
-                               j(folder, "entropy_aulc.png")) if not study.examples.empty else [],
-        "agreement": _pages(lambda p: trajectory_plot(ag_curves, study.runs, page=p,
-                                                      ylabel="JS distance to human dist."),
-                            n_rows(False, ag_curves), MAX_ROWS, j(folder, "agreement.png")) if not ag_curves.empty else [],
-        "trajectories": _pages(lambda p: trajectory_plot(study.curves, study.runs, page=p), n_rows(False), MAX_ROWS,
-                               j(folder, "trajectories.png")),
-        "trajectories_variants": _pages(lambda p: trajectory_plot(study.curves, study.runs, variants=True, page=p),
-                                        n_rows(True), MAX_ROWS, j(folder, "trajectories_variants.png")),
-        "entropy_histogram": _single(entropy_histogram(study.entropy, tables["entropy_distribution"]),
-                                     j(folder, "entropy_histogram.png")),
+        "entropy_aulc": _pages(
+            lambda p: entropy_aulc_plot(study.examples, study.runs, tables["rho_by_condition"], page=p),
+            n_scatter,
+            4 * MAX_ROWS,
+            j(folder, "entropy_aulc.png"),
+        )
+        if not study.examples.empty
+        else [],
+        "agreement": _pages(
+            lambda p: trajectory_plot(ag_curves, study.runs, page=p, ylabel="JS distance to human dist."),
+            n_rows(False, ag_curves),
+            MAX_ROWS,
+            j(folder, "agreement.png"),
+        )
+        if not ag_curves.empty
+        else [],
+        "trajectories": _pages(
+            lambda p: trajectory_plot(study.curves, study.runs, page=p),
+            n_rows(False),
+            MAX_ROWS,
+            j(folder, "trajectories.png"),
+        ),
+        "trajectories_variants": _pages(
+            lambda p: trajectory_plot(study.curves, study.runs, variants=True, page=p),
+            n_rows(True),
+            MAX_ROWS,
+            j(folder, "trajectories_variants.png"),
+        ),
+        "entropy_histogram": _single(
+            entropy_histogram(study.entropy, tables["entropy_distribution"]), j(folder, "entropy_histogram.png")
+        ),
         "aulc_bins": _single(aulc_bins_plot(tables["binning"]), j(folder, "aulc_bins.png")),
         # Only with a rank sweep (the section says so when there is none).
-        "rho_vs_rank": [] if tables["rank_sweep"].empty else _single(rank_plot(study.runs), j(folder, "rho_vs_rank.png")),
+        "rho_vs_rank": []
+        if tables["rank_sweep"].empty
+        else _single(rank_plot(study.runs), j(folder, "rho_vs_rank.png")),
         "noise": _single(noise_plot(tables["noise_levels"]), j(folder, "noise.png")),
-        "cartography": _pages(lambda p: cartography_plot(study.examples, study.runs, ncols=4, page=p),
-                              len(_cartography_runs(study.examples, study.runs)), 4 * MAX_ROWS,
-                              j(folder, "cartography.png")),
+        "cartography": _pages(
+            lambda p: cartography_plot(study.examples, study.runs, ncols=4, page=p),
+            len(_cartography_runs(study.examples, study.runs)),
+            4 * MAX_ROWS,
+            j(folder, "cartography.png"),
+        ),
         "calibration": _single(calibration_plot(tables["calibration"]), j(folder, "calibration.png")),
     }

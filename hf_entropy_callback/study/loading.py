@@ -80,6 +80,7 @@ def tracked_set_hash(example_ids) -> str:
     h = hashlib.sha256("\n".join(sorted(map(str, example_ids))).encode("utf-8"))
     return h.hexdigest()[:12]
 
+
 #: A run whose mean tracked loss exceeds LOSS_BOUND_FACTOR * ln K at a point counts as diverged.
 LOSS_BOUND_FACTOR = 10.0
 
@@ -121,8 +122,17 @@ def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarr
             mean, sd = np.nanmean(sub, axis=1), np.nanstd(sub, axis=1, ddof=1)
         frames.append(
             pd.DataFrame(
-                {"run_id": run_id, "point": np.arange(len(steps)), "step": steps, "progress": progress,
-                 "epoch": epochs, "category": cat, "mean": mean, "sd": sd, "n": n}
+                {
+                    "run_id": run_id,
+                    "point": np.arange(len(steps)),
+                    "step": steps,
+                    "progress": progress,
+                    "epoch": epochs,
+                    "category": cat,
+                    "mean": mean,
+                    "sd": sd,
+                    "n": n,
+                }
             )
         )
     return pd.concat(frames, ignore_index=True)
@@ -136,8 +146,13 @@ def _agreement(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
         if name not in run.logprobs:
             continue
         ex = run.set_examples(name)
-        t = agreement_table(run.logprobs[name], np.array(ex["label_counts"].tolist(), dtype=np.float64),
-                            ex["category"].to_numpy(), majority=ex["original_label"].to_numpy(), steps=run.steps)
+        t = agreement_table(
+            run.logprobs[name],
+            np.array(ex["label_counts"].tolist(), dtype=np.float64),
+            ex["category"].to_numpy(),
+            majority=ex["original_label"].to_numpy(),
+            steps=run.steps,
+        )
         t["progress"] = t["step"] / steps[-1]
         t["epoch"] = run.points["epoch"].to_numpy(np.float64)[t["point"].to_numpy()]
         frames.append(t.assign(run_id=run_id, set=name))
@@ -154,14 +169,20 @@ def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Option
             continue  # a diverged run has no meaningful final distribution
         ex = run.set_examples(name)
         o = options or Options()
-        cal = calibration(final, ex["label"].to_numpy(), ex["category"].to_numpy(), o.ece_bins, n_boot=o.n_boot,
-                          seed=o.boot_seed)
+        cal = calibration(
+            final, ex["label"].to_numpy(), ex["category"].to_numpy(), o.ece_bins, n_boot=o.n_boot, seed=o.boot_seed
+        )
         frames.append(cal.assign(run_id=run_id, set=name))
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Optional[str] = "validation",
-                  options: Optional[Options] = None):
+def summarize_run(
+    run,
+    run_id: str,
+    train_set: str = "train",
+    validation_set: Optional[str] = "validation",
+    options: Optional[Options] = None,
+):
     """Derive one run's row and tables (see the module docstring) from a loaded `Run`.
 
     Besides the two-sided Spearman p (``p_val``) the row has the one-sided ``p_greater``
@@ -192,11 +213,15 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
         from scipy import stats
 
         ok = np.isfinite(dyn["entropy"].to_numpy(float)) & np.isfinite(dyn["aulc"].to_numpy(float))
-        p_greater = (float(stats.spearmanr(dyn["entropy"][ok], dyn["aulc"][ok], alternative="greater").pvalue)
-                     if ok.sum() >= 3 else math.nan)
+        p_greater = (
+            float(stats.spearmanr(dyn["entropy"][ok], dyn["aulc"][ok], alternative="greater").pvalue)
+            if ok.sum() >= 3
+            else math.nan
+        )
     by_id = dyn.sort_values("example_id", kind="stable")
-    boot = spearman_bootstrap(by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float),
-                              n_boot=options.n_boot, seed=options.boot_seed)
+    boot = spearman_bootstrap(
+        by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float), n_boot=options.n_boot, seed=options.boot_seed
+    )
     rho_lo, rho_hi = percentile_interval(boot)
     bound = loss_bound(run.logprobs[train_set].shape[2])
     with warnings.catch_warnings():
@@ -209,8 +234,10 @@ def summarize_run(run, run_id: str, train_set: str = "train", validation_set: Op
         n_bad = int((~finite.all(axis=0)).sum())
         reasons.append(f"non-finite losses from step {int(steps[bad_points[0]])} on ({n_bad} of {len(ex)} examples)")
     if len(above):
-        reasons.append(f"mean tracked loss {mean_loss[above].max():.4g} nats above the sanity bound 10 ln K = "
-                       f"{bound:.3f} from step {int(steps[above[0]])} on")
+        reasons.append(
+            f"mean tracked loss {mean_loss[above].max():.4g} nats above the sanity bound 10 ln K = "
+            f"{bound:.3f} from step {int(steps[above[0]])} on"
+        )
     if not complete:
         reasons.append("incomplete history (resumed without the trajectory before the checkpoint)")
     val_acc = math.nan
@@ -338,7 +365,7 @@ def load_study(
                     raise
                 raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
             text = str(err)
-            text = text[len(tdir) + 2:] if text.startswith(f"{tdir}: ") else text
+            text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
             notes.append(f"{tdir}: skipped, {text}")
             continue
         desc = describe_run(run.config)
@@ -351,8 +378,9 @@ def load_study(
         # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
         ds = desc["dataset"]
         frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
-        entropy[ds] = frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(
-            ["dataset", "example_id"])
+        entropy[ds] = (
+            frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(["dataset", "example_id"])
+        )
         del run
     if not rows:
         from .conditions import NoRunsFoundError
@@ -363,15 +391,20 @@ def load_study(
     notes += cond_notes
     dup = runs["duplicate_of"].notna()
     runs["excluded"] = runs["excluded"] | dup
-    runs["exclusion"] = [("; ".join(x for x in (e, f"duplicate of {d} (same condition and seed)") if x) if pd.notna(d)
-                          else e) for e, d in zip(runs["exclusion"], runs["duplicate_of"])]
-    runs["status"] = np.select([runs["diverged"], ~runs["history_complete"], dup],
-                               ["diverged", "incomplete history", "duplicate"], "ok")
+    runs["exclusion"] = [
+        ("; ".join(x for x in (e, f"duplicate of {d} (same condition and seed)") if x) if pd.notna(d) else e)
+        for e, d in zip(runs["exclusion"], runs["duplicate_of"])
+    ]
+    runs["status"] = np.select(
+        [runs["diverged"], ~runs["history_complete"], dup], ["diverged", "incomplete history", "duplicate"], "ok"
+    )
     runs["in_main_family"] = is_main_matrix(runs, main_ranks) if main_ranks is not None else is_main_matrix(runs)
     unknown = runs[~runs["original_label_known"]]
     for r in unknown.itertuples():
-        notes.append(f"{r.run_id}: run format version {r.format_version} with {r.n_noised} noised examples: their "
-                     "label before the noise was not stored, so AULC against the original label is unknown for them")
+        notes.append(
+            f"{r.run_id}: run format version {r.format_version} with {r.n_noised} noised examples: their "
+            "label before the noise was not stored, so AULC against the original label is unknown for them"
+        )
     val_bad = runs[~runs["excluded"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")

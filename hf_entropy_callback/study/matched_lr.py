@@ -28,9 +28,20 @@ __all__ = ["UNDERFIT_MARGIN", "MATCHED_LR_COLUMNS", "matched_lr_table"]
 #: Validation accuracy within this of chance counts as underfit.
 UNDERFIT_MARGIN = 0.05
 MATCHED_LR_COLUMNS = [
-    "model", "dataset", "learning_rate", "method", "n_runs", "rho_mean", "rho_sd", "delta_loss_clean",
-    "delta_loss_ambiguous", "delta_loss_contested", "validation_accuracy_mean", "validation_accuracy_sd",
-    "underfit", "lora_underfit_regime",
+    "model",
+    "dataset",
+    "learning_rate",
+    "method",
+    "n_runs",
+    "rho_mean",
+    "rho_sd",
+    "delta_loss_clean",
+    "delta_loss_ambiguous",
+    "delta_loss_contested",
+    "validation_accuracy_mean",
+    "validation_accuracy_sd",
+    "underfit",
+    "lora_underfit_regime",
 ]
 
 
@@ -84,7 +95,9 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     """
     for name in ("runs", "examples", "configs"):
         if not hasattr(study, name):
-            raise TypeError(f"matched_lr_table: the study has no {name!r} (pass hf_entropy_callback.study.loading.Study)")
+            raise TypeError(
+                f"matched_lr_table: the study has no {name!r} (pass hf_entropy_callback.study.loading.Study)"
+            )
     runs = study.runs
     need = {"run_id", "model", "dataset", "method", "rank", "variant", "rho", "validation_accuracy"}
     missing = need - set(runs.columns)
@@ -100,8 +113,9 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     runs = runs[n_rates >= 2]
     if runs.empty:
         return empty
-    runs = runs.assign(method=[method_label(m, float(r)) for m, r in zip(runs["method"], runs["rank"])],
-                       _full=runs["method"] == "full")
+    runs = runs.assign(
+        method=[method_label(m, float(r)) for m, r in zip(runs["method"], runs["rank"])], _full=runs["method"] == "full"
+    )
     ex = study.examples
     ex = ex[ex["run_id"].isin(runs["run_id"]) & ex["category"].isin(["clean", "ambiguous", "contested"])]
     per_run = ex.pivot_table(index="run_id", columns="category", values="delta_loss", aggfunc="mean")
@@ -109,11 +123,17 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     runs = runs.merge(per_run, left_on="run_id", right_index=True, how="left")
     keys = ["model", "dataset", "learning_rate", "method"]
     g = runs.groupby(keys, sort=True)
-    out = g.agg(n_runs=("run_id", "size"), rho_mean=("rho", "mean"), rho_sd=("rho", "std"),
-                delta_loss_clean=("delta_loss_clean", "mean"), delta_loss_ambiguous=("delta_loss_ambiguous", "mean"),
-                delta_loss_contested=("delta_loss_contested", "mean"),
-                validation_accuracy_mean=("validation_accuracy", "mean"),
-                validation_accuracy_sd=("validation_accuracy", "std"), _full=("_full", "first")).reset_index()
+    out = g.agg(
+        n_runs=("run_id", "size"),
+        rho_mean=("rho", "mean"),
+        rho_sd=("rho", "std"),
+        delta_loss_clean=("delta_loss_clean", "mean"),
+        delta_loss_ambiguous=("delta_loss_ambiguous", "mean"),
+        delta_loss_contested=("delta_loss_contested", "mean"),
+        validation_accuracy_mean=("validation_accuracy", "mean"),
+        validation_accuracy_sd=("validation_accuracy", "std"),
+        _full=("_full", "first"),
+    ).reset_index()
     chance = 1.0 / num_classes
     acc = out["validation_accuracy_mean"]
     out["underfit"] = (acc <= chance + margin) & acc.notna()
@@ -124,7 +144,14 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     out["_m"] = np.where(out["_full"], 1, 0)
     out = out.sort_values(["model", "dataset", "learning_rate", "_m", "method"], kind="stable")
     out["underfit"] = out["underfit"].astype(bool)
-    for col in ("rho_mean", "rho_sd", "delta_loss_clean", "delta_loss_ambiguous", "delta_loss_contested",
-                "validation_accuracy_mean", "validation_accuracy_sd"):
+    for col in (
+        "rho_mean",
+        "rho_sd",
+        "delta_loss_clean",
+        "delta_loss_ambiguous",
+        "delta_loss_contested",
+        "validation_accuracy_mean",
+        "validation_accuracy_sd",
+    ):
         out[col] = out[col].astype(float).map(lambda v: v if not (isinstance(v, float) and math.isinf(v)) else np.nan)
     return out[MATCHED_LR_COLUMNS].reset_index(drop=True)

@@ -68,9 +68,22 @@ ALWAYS_INLINE_ROWS = 12
 # --------------------------------------------------------------------------------------------
 
 
-_SETTING_COLUMNS = {"label_noise", "learning_rate", "lora_alpha", "lora_dropout", "num_train_epochs", "max_steps",
-                    "bulk_size", "track_every", "max_length", "split_seed", "warmup_steps", "warmup_ratio",
-                    "weight_decay", "max_grad_norm"}
+_SETTING_COLUMNS = {
+    "label_noise",
+    "learning_rate",
+    "lora_alpha",
+    "lora_dropout",
+    "num_train_epochs",
+    "max_steps",
+    "bulk_size",
+    "track_every",
+    "max_length",
+    "split_seed",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+}
 
 
 def _fmt_number(col: str, v) -> str:
@@ -90,8 +103,10 @@ def _fmt_number(col: str, v) -> str:
             return f"{v:.3g}"
         if "share" in col or col == "sign_concordance":
             return f"{100 * v:.1f}%"
-        if v.is_integer() and (col in ("rank", "seed", "n", "n_examples", "final_step", "first_nonfinite_step", "W")
-                               or col.startswith("n_")):
+        if v.is_integer() and (
+            col in ("rank", "seed", "n", "n_examples", "final_step", "first_nonfinite_step", "W")
+            or col.startswith("n_")
+        ):
             return str(int(v))
         return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}"
     return str(v)
@@ -135,6 +150,7 @@ def format_table(frame: pd.DataFrame, drop_keys: bool = True) -> pd.DataFrame:
 
 def markdown_table(display: pd.DataFrame) -> str:
     """Render a (formatted) DataFrame as a GitHub-flavoured markdown table."""
+
     def cell(v) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
@@ -195,8 +211,9 @@ def _delta_wide(dl: pd.DataFrame) -> pd.DataFrame:
         row = {"condition": cond, "n_runs": _fmt_number("n_runs", g["n_runs"].iloc[0])}
         for cat in ("clean", "ambiguous", "contested", "all"):
             if cat in g.index:
-                row[f"ΔL {cat}"] = (f"{_fmt_number('', g.loc[cat, 'delta_loss_mean'])} ± "
-                                    f"{_fmt_number('', g.loc[cat, 'delta_loss_sd'])}")
+                row[f"ΔL {cat}"] = (
+                    f"{_fmt_number('', g.loc[cat, 'delta_loss_mean'])} ± {_fmt_number('', g.loc[cat, 'delta_loss_sd'])}"
+                )
             else:
                 row[f"ΔL {cat}"] = "—"
         if "contested" in g.index:
@@ -209,13 +226,16 @@ def _binning_compact(b: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (cond, scheme), g in b.groupby(["condition", "scheme"], sort=False):
         g = g.sort_values("bin_order")
-        rows.append({
-            "condition": cond,
-            "scheme": scheme,
-            "mean AULC per bin, low → high entropy (nats)": ", ".join(
-                f"{bn} {v:.3f}" for bn, v in zip(g["bin"], g["aulc_mean"])),
-            "monotonic": "yes" if g["monotonic"].iloc[0] else "no",
-        })
+        rows.append(
+            {
+                "condition": cond,
+                "scheme": scheme,
+                "mean AULC per bin, low → high entropy (nats)": ", ".join(
+                    f"{bn} {v:.3f}" for bn, v in zip(g["bin"], g["aulc_mean"])
+                ),
+                "monotonic": "yes" if g["monotonic"].iloc[0] else "no",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -227,8 +247,9 @@ def _regression_wide(reg: pd.DataFrame) -> pd.DataFrame:
         row = {"condition": cond, "n_runs": _fmt_number("n_runs", g["n_runs"].iloc[0])}
         for term in ("entropy", "token_length"):
             if term in g.index:
-                row[f"{term} coef (mean ± sd)"] = (f"{_fmt_number('', g.loc[term, 'coef_mean'])} ± "
-                                                   f"{_fmt_number('', g.loc[term, 'coef_sd'])}")
+                row[f"{term} coef (mean ± sd)"] = (
+                    f"{_fmt_number('', g.loc[term, 'coef_mean'])} ± {_fmt_number('', g.loc[term, 'coef_sd'])}"
+                )
                 row[f"{term} beta"] = _fmt_number("", g.loc[term, "beta_mean"])
                 row[f"{term} p_max"] = _fmt_number("p_max", g.loc[term, "p_max"])
         labels = [t for t in g.index if str(t).startswith("label=")]
@@ -239,10 +260,28 @@ def _regression_wide(reg: pd.DataFrame) -> pd.DataFrame:
 
 
 def _comparison_display(t: pd.DataFrame, vary: str) -> pd.DataFrame:
-    keys = [k for k in ("model", "method", "rank", "dataset", "composition", "label_noise", "loss") if k in t and k != vary]
-    cols = [*keys, vary, "noise_rule", "category", "n_runs", "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd",
-            "aulc_mean", "aulc_sd", "delta_loss_original_mean", "delta_loss_original_sd", "aulc_original_mean",
-            "aulc_original_sd", "rho_mean", "rho_sd"]
+    keys = [
+        k for k in ("model", "method", "rank", "dataset", "composition", "label_noise", "loss") if k in t and k != vary
+    ]
+    cols = [
+        *keys,
+        vary,
+        "noise_rule",
+        "category",
+        "n_runs",
+        "seeds",
+        "n_examples",
+        "delta_loss_mean",
+        "delta_loss_sd",
+        "aulc_mean",
+        "aulc_sd",
+        "delta_loss_original_mean",
+        "delta_loss_original_sd",
+        "aulc_original_mean",
+        "aulc_original_sd",
+        "rho_mean",
+        "rho_sd",
+    ]
     return format_table(t[[c for c in cols if c in t]], drop_keys=False)
 
 
@@ -256,9 +295,27 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
     runs, ex = study.runs, study.examples
     label_names = list(NLI_LABELS)
     out: Dict[str, pd.DataFrame] = {}
-    out["runs"] = runs[[c for c in ("run_id", "condition", "seed", "status", "n_train", "n_validation", "n_points",
-                                    "final_step", "tracked_set", "format_version", "duplicate_of", "exclusion", "path")
-                        if c in runs]]
+    out["runs"] = runs[
+        [
+            c
+            for c in (
+                "run_id",
+                "condition",
+                "seed",
+                "status",
+                "n_train",
+                "n_validation",
+                "n_points",
+                "final_step",
+                "tracked_set",
+                "format_version",
+                "duplicate_of",
+                "exclusion",
+                "path",
+            )
+            if c in runs
+        ]
+    ]
     out["conditions"] = condition_table(runs)
     out["rho_by_condition"] = T.rho_by_condition(runs, alpha, boot=study.boot, family=family)
     out["per_seed"] = T.per_seed_table(runs)
@@ -283,11 +340,13 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
     out["agreement"] = T.agreement_by_condition(runs, study.agreement)
     out["matched_lr"] = matched_lr_table(study)
     agr = study.agreement
-    out["agreement_points"] = (agr.merge(runs[["run_id", "condition", "seed"]], on="run_id")
-                               if not agr.empty else pd.DataFrame())
+    out["agreement_points"] = (
+        agr.merge(runs[["run_id", "condition", "seed"]], on="run_id") if not agr.empty else pd.DataFrame()
+    )
     out["cartography_runs"] = T.cartography_table(runs, ex) if has_ex else pd.DataFrame()
-    out["cartography"] = T.summarize_runs(out["cartography_runs"], ["rho_conf_aulc", "r2_confidence", "r2_full",
-                                                                     "delta_r2"], ["p_delta"])
+    out["cartography"] = T.summarize_runs(
+        out["cartography_runs"], ["rho_conf_aulc", "r2_confidence", "r2_full", "delta_r2"], ["p_delta"]
+    )
     return out
 
 
@@ -301,8 +360,14 @@ def _table(name, title, tables, caption="", display=None, inline=None) -> TableI
     return TableItem(name, title, frame, caption, display, inline)
 
 
-def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]], alpha: float,
-            family: str = "main", main_ranks=MAIN_RANKS) -> List[Section]:
+def compose(
+    study: Study,
+    tables: Dict[str, pd.DataFrame],
+    figs: Dict[str, List[str]],
+    alpha: float,
+    family: str = "main",
+    main_ranks=MAIN_RANKS,
+) -> List[Section]:
     """The report's sections, in the order of the study's analyses."""
     runs = study.runs
     t = tables
@@ -310,30 +375,43 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     sections: List[Section] = []
     conds = t["conditions"]
     n_boot = opts.n_boot
-    boot_text = (f"95% CI: percentile bootstrap over {n_boot} resamples of the tracked examples (seed "
-                 f"{opts.boot_seed}); a condition's CI resamples the same examples in every seed and averages the "
-                 f"seeds' rho per resample" if n_boot else "no bootstrap (--bootstrap 0): CIs are empty")
+    boot_text = (
+        f"95% CI: percentile bootstrap over {n_boot} resamples of the tracked examples (seed "
+        f"{opts.boot_seed}); a condition's CI resamples the same examples in every seed and averages the "
+        f"seeds' rho per resample"
+        if n_boot
+        else "no bootstrap (--bootstrap 0): CIs are empty"
+    )
 
     s = Section("Runs")
     n_incomplete = int((~runs["history_complete"] & ~runs["diverged"]).sum()) if "history_complete" in runs else 0
     n_dup = int(runs["duplicate_of"].notna().sum()) if "duplicate_of" in runs else 0
-    s.text(f"{len(runs)} runs in {len(conds)} conditions. A condition is defined by every recorded setting that "
-           f"changes the numbers (model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / "
-           f"max_steps, batch × accumulation × world size, bulk size, track_every, max length, data files, split "
-           f"seed, the tracked example set (hash of the sorted train ids), composition, label noise and its drawing "
-           f"rule, loss, class weights, label names); only the seed varies within one. A setting a run did not "
-           f"record counts as a value of its own. {n_dup} duplicate run(s) (same condition and seed as another) are "
-           f"counted once. {int(runs['diverged'].sum())} diverged, {n_incomplete} with an incomplete history "
-           f"(excluded from every aggregate and figure like duplicates; the reason is in the inventory's exclusion "
-           f"column). "
-           f"Diverged: a non-finite tracked loss, or a mean tracked loss above the sanity bound 10 ln K nats "
-           f"(K classes; ln K is the loss of a uniform prediction) at any tracking point. "
-           f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}.")
-    s.blocks.append(_table("conditions", "Conditions and their defining settings", t,
-                           "One row per condition: seeds of its usable runs, and the settings that define it (the main "
-                           "ones, plus every setting that varies across this report; 'None': not recorded). "
-                           "tracked_set: hash of the sorted ids of the tracked train examples. in_main_family: part of "
-                           "the correction family of section 2.", display=format_table(conds, drop_keys=False)))
+    s.text(
+        f"{len(runs)} runs in {len(conds)} conditions. A condition is defined by every recorded setting that "
+        f"changes the numbers (model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / "
+        f"max_steps, batch × accumulation × world size, bulk size, track_every, max length, data files, split "
+        f"seed, the tracked example set (hash of the sorted train ids), composition, label noise and its drawing "
+        f"rule, loss, class weights, label names); only the seed varies within one. A setting a run did not "
+        f"record counts as a value of its own. {n_dup} duplicate run(s) (same condition and seed as another) are "
+        f"counted once. {int(runs['diverged'].sum())} diverged, {n_incomplete} with an incomplete history "
+        f"(excluded from every aggregate and figure like duplicates; the reason is in the inventory's exclusion "
+        f"column). "
+        f"Diverged: a non-finite tracked loss, or a mean tracked loss above the sanity bound 10 ln K nats "
+        f"(K classes; ln K is the loss of a uniform prediction) at any tracking point. "
+        f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}."
+    )
+    s.blocks.append(
+        _table(
+            "conditions",
+            "Conditions and their defining settings",
+            t,
+            "One row per condition: seeds of its usable runs, and the settings that define it (the main "
+            "ones, plus every setting that varies across this report; 'None': not recorded). "
+            "tracked_set: hash of the sorted ids of the tracked train examples. in_main_family: part of "
+            "the correction family of section 2.",
+            display=format_table(conds, drop_keys=False),
+        )
+    )
     s.blocks.append(_table("runs", "Run inventory", t, "Every run found, with its status.", inline=False))
     if study.notes:
         s.text("Warnings:\n" + "\n".join(f"- {n}" for n in study.notes))
@@ -341,105 +419,175 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
 
     s = Section("1. Loss trajectories by entropy category")
     if figs["trajectories"]:
-        s.blocks.append(FigureItem("trajectories", figs["trajectories"],
-                                   "Mean tracked loss −log p(gold) (nats) of the clean / ambiguous / contested train "
-                                   "examples over training, averaged over seeds; band: 95% CI of the mean over examples "
-                                   "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT; legend: entropy "
-                                   "category."))
+        s.blocks.append(
+            FigureItem(
+                "trajectories",
+                figs["trajectories"],
+                "Mean tracked loss −log p(gold) (nats) of the clean / ambiguous / contested train "
+                "examples over training, averaged over seeds; band: 95% CI of the mean over examples "
+                "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT; legend: entropy "
+                "category.",
+            )
+        )
     else:
         s.note("no usable run in the main setting.")
     if figs["trajectories_variants"]:
-        s.blocks.append(FigureItem("trajectories_variants", figs["trajectories_variants"],
-                                   "The same for the variants (composition, label noise, loss), beside their main-setting "
-                                   "condition."))
+        s.blocks.append(
+            FigureItem(
+                "trajectories_variants",
+                figs["trajectories_variants"],
+                "The same for the variants (composition, label noise, loss), beside their main-setting condition.",
+            )
+        )
     sections.append(s)
 
     s = Section("2. Spearman rho(entropy, AULC) per condition")
     fam_n = int(t["rho_by_condition"]["in_family"].sum()) if not t["rho_by_condition"].empty else 0
-    fam_text = (f"the study's main-matrix conditions present ({fam_n}): base variant (composition all, no label "
-                f"noise, loss ce) and, for LoRA, rank {' or '.join(str(int(r)) for r in main_ranks)} (the other ranks are "
-                f"the sweep's)" if family == "main" else f"every condition in this report ({fam_n})")
-    s.text(f"rho per run over its tracked train examples; mean ± sd across seeds (sd over runs, ddof 1; — with one "
-           f"run); {boot_text}. Test (directional, as the claim is rho > 0): a condition is significant when every "
-           f"seed's one-sided Spearman p (alternative rho > 0, scipy) is below alpha after correction; its p-value "
-           f"p_max is the largest of them (intersection–union test, valid whatever the dependence between seeds that "
-           f"share their examples; a seed with rho < 0 has p near 1, so mixed signs are never significant). "
-           f"Correction family (--family {family}): {fam_text}; p_bonf / p_bh: p_max corrected over that family with "
-           f"pingouin.multicomp (Bonferroni / Benjamini–Hochberg); conditions outside it have none. sig_* at alpha = "
-           f"{alpha:g}. Excluded runs (diverged, incomplete history, duplicates) are not in the mean.")
+    fam_text = (
+        f"the study's main-matrix conditions present ({fam_n}): base variant (composition all, no label "
+        f"noise, loss ce) and, for LoRA, rank {' or '.join(str(int(r)) for r in main_ranks)} (the other ranks are "
+        f"the sweep's)"
+        if family == "main"
+        else f"every condition in this report ({fam_n})"
+    )
+    s.text(
+        f"rho per run over its tracked train examples; mean ± sd across seeds (sd over runs, ddof 1; — with one "
+        f"run); {boot_text}. Test (directional, as the claim is rho > 0): a condition is significant when every "
+        f"seed's one-sided Spearman p (alternative rho > 0, scipy) is below alpha after correction; its p-value "
+        f"p_max is the largest of them (intersection–union test, valid whatever the dependence between seeds that "
+        f"share their examples; a seed with rho < 0 has p near 1, so mixed signs are never significant). "
+        f"Correction family (--family {family}): {fam_text}; p_bonf / p_bh: p_max corrected over that family with "
+        f"pingouin.multicomp (Bonferroni / Benjamini–Hochberg); conditions outside it have none. sig_* at alpha = "
+        f"{alpha:g}. Excluded runs (diverged, incomplete history, duplicates) are not in the mean."
+    )
     s.blocks.append(_table("rho_by_condition", "rho(entropy, AULC) per condition", t))
     if figs.get("entropy_aulc"):
-        s.blocks.append(FigureItem("entropy_aulc", figs["entropy_aulc"],
-                                   "Annotation entropy (nats) against AULC (nats; each point one tracked train example, "
-                                   "its AULC averaged over the condition's seeds), one panel per condition, coloured by "
-                                   f"entropy category (hexbin of counts above {F.HEXBIN_MIN} examples). In each panel: "
-                                   f"the mean over seeds of the per-run Spearman rho and its 95% bootstrap CI "
-                                   f"({n_boot} resamples of the examples), the seeds and the number of examples."))
-    s.blocks.append(_table("per_seed", "Per-seed breakdown", t,
-                           "rho_ci_low / rho_ci_high: 95% percentile bootstrap CI of the run's rho (examples "
-                           "resampled). p_val: two-sided; p_greater: one-sided (rho > 0). "
-                           "p_bonf / p_bh: each run's two-sided p corrected over all usable runs. validation_accuracy: argmax "
-                           "accuracy on the validation set at the last tracking point. Diverged runs: status "
-                           "'diverged', rho over the examples whose losses stayed finite; runs resumed without their "
-                           "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out.",
-                           inline=True))
+        s.blocks.append(
+            FigureItem(
+                "entropy_aulc",
+                figs["entropy_aulc"],
+                "Annotation entropy (nats) against AULC (nats; each point one tracked train example, "
+                "its AULC averaged over the condition's seeds), one panel per condition, coloured by "
+                f"entropy category (hexbin of counts above {F.HEXBIN_MIN} examples). In each panel: "
+                f"the mean over seeds of the per-run Spearman rho and its 95% bootstrap CI "
+                f"({n_boot} resamples of the examples), the seeds and the number of examples.",
+            )
+        )
+    s.blocks.append(
+        _table(
+            "per_seed",
+            "Per-seed breakdown",
+            t,
+            "rho_ci_low / rho_ci_high: 95% percentile bootstrap CI of the run's rho (examples "
+            "resampled). p_val: two-sided; p_greater: one-sided (rho > 0). "
+            "p_bonf / p_bh: each run's two-sided p corrected over all usable runs. validation_accuracy: argmax "
+            "accuracy on the validation set at the last tracking point. Diverged runs: status "
+            "'diverged', rho over the examples whose losses stayed finite; runs resumed without their "
+            "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out.",
+            inline=True,
+        )
+    )
     sections.append(s)
 
     s = Section("3. Mean Delta L per entropy category")
     if t["delta_loss"].empty:
         s.note("no usable runs.")
     else:
-        s.text("ΔL = loss at the last tracking point − loss at the first (nats; > 0: un-learning), mean over a "
-               "category's examples per run, then mean ± sd across seeds.")
-        s.blocks.append(_table("delta_loss", "Mean ΔL per condition and category", t,
-                               display=_delta_wide(t["delta_loss"]), inline=True))
+        s.text(
+            "ΔL = loss at the last tracking point − loss at the first (nats; > 0: un-learning), mean over a "
+            "category's examples per run, then mean ± sd across seeds."
+        )
+        s.blocks.append(
+            _table(
+                "delta_loss", "Mean ΔL per condition and category", t, display=_delta_wide(t["delta_loss"]), inline=True
+            )
+        )
     sections.append(s)
 
     s = Section("4. Entropy distribution")
-    s.blocks.append(_table("entropy_distribution", "Entropy categories per dataset", t,
-                           "The union of the examples tracked (train and validation sets) by any run of each dataset, "
-                           "each example once; a dataset whose runs all use a restricted composition shows only that "
-                           "composition's examples. n per category is in the table. clean H < 0.4 ≤ ambiguous ≤ 0.7 "
-                           "< contested (nats)."))
+    s.blocks.append(
+        _table(
+            "entropy_distribution",
+            "Entropy categories per dataset",
+            t,
+            "The union of the examples tracked (train and validation sets) by any run of each dataset, "
+            "each example once; a dataset whose runs all use a restricted composition shows only that "
+            "composition's examples. n per category is in the table. clean H < 0.4 ≤ ambiguous ≤ 0.7 "
+            "< contested (nats).",
+        )
+    )
     if figs["entropy_histogram"]:
-        s.blocks.append(FigureItem("entropy_histogram", figs["entropy_histogram"],
-                                   "Annotation entropy of the examples in the table above (union over the runs of each "
-                                   "dataset, train and validation sets), stacked by category; dashed: the 0.4 / 0.7 "
-                                   "thresholds."))
+        s.blocks.append(
+            FigureItem(
+                "entropy_histogram",
+                figs["entropy_histogram"],
+                "Annotation entropy of the examples in the table above (union over the runs of each "
+                "dataset, train and validation sets), stacked by category; dashed: the 0.4 / 0.7 "
+                "thresholds.",
+            )
+        )
     sections.append(s)
 
     s = Section("5. Rank sweep")
     if t["rank_sweep"].empty:
         s.note("no model has main-setting LoRA runs at two or more ranks; rank sweep skipped.")
     else:
-        s.blocks.append(_table("rank_sweep", "rho per LoRA rank (full FT on its own row)", t,
-                               display=format_table(t["rank_sweep"], drop_keys=False)))
-        s.blocks.append(_table("rank_trend", "Spearman of rank vs rho", t,
-                               "Over the per-rank mean rho (one point per rank); needs three or more ranks. p_val: "
-                               "one-sided permutation p for rho > 0 (rho grows with rank), exact (all n! orderings) for "
-                               "up to 8 ranks, else Monte Carlo (100,000 seeded permutations): p_method. monotonic: "
-                               "mean rho strictly increases with rank. rho_full: full fine-tuning.",
-                               display=format_table(t["rank_trend"], drop_keys=False)))
+        s.blocks.append(
+            _table(
+                "rank_sweep",
+                "rho per LoRA rank (full FT on its own row)",
+                t,
+                display=format_table(t["rank_sweep"], drop_keys=False),
+            )
+        )
+        s.blocks.append(
+            _table(
+                "rank_trend",
+                "Spearman of rank vs rho",
+                t,
+                "Over the per-rank mean rho (one point per rank); needs three or more ranks. p_val: "
+                "one-sided permutation p for rho > 0 (rho grows with rank), exact (all n! orderings) for "
+                "up to 8 ranks, else Monte Carlo (100,000 seeded permutations): p_method. monotonic: "
+                "mean rho strictly increases with rank. rho_full: full fine-tuning.",
+                display=format_table(t["rank_trend"], drop_keys=False),
+            )
+        )
     if figs["rho_vs_rank"] and not t["rank_sweep"].empty:
-        s.blocks.append(FigureItem("rho_vs_rank", figs["rho_vs_rank"],
-                                   "rho vs LoRA rank per model (error bars: sd over seeds); encoders solid, decoders "
-                                   "dashed; squares: full fine-tuning."))
+        s.blocks.append(
+            FigureItem(
+                "rho_vs_rank",
+                figs["rho_vs_rank"],
+                "rho vs LoRA rank per model (error bars: sd over seeds); encoders solid, decoders "
+                "dashed; squares: full fine-tuning.",
+            )
+        )
     sections.append(s)
 
     s = Section("6. Partial correlation and multiple regression")
     if t["partial_corr"].empty:
         s.note("no usable runs.")
     else:
-        s.text("Spearman partial correlation of entropy and AULC controlling for token length (pingouin.partial_corr), "
-               "per run, then mean ± sd across seeds; p_max: the largest seed p-value.")
+        s.text(
+            "Spearman partial correlation of entropy and AULC controlling for token length (pingouin.partial_corr), "
+            "per run, then mean ± sd across seeds; p_max: the largest seed p-value."
+        )
         s.blocks.append(_table("partial_corr", "Partial correlation (covariate: token length)", t))
         s.blocks.append(_table("partial_corr_runs", "Partial correlation per run", t, inline=False))
-        s.text("OLS AULC ~ entropy + token_length + gold label (dummy-coded, reference: entailment) per run "
-               "(pingouin.linear_regression); beta: standardised coefficient; coefficients in nats of AULC per unit.")
-        s.blocks.append(_table("regression", "Multiple regression, per condition", t,
-                               "Entropy and token-length terms; the CSV has every term, the gold-label dummies "
-                               "included ('gold-label terms p_max': the smallest of their largest-seed p-values).",
-                               display=_regression_wide(t["regression"]), inline=True))
+        s.text(
+            "OLS AULC ~ entropy + token_length + gold label (dummy-coded, reference: entailment) per run "
+            "(pingouin.linear_regression); beta: standardised coefficient; coefficients in nats of AULC per unit."
+        )
+        s.blocks.append(
+            _table(
+                "regression",
+                "Multiple regression, per condition",
+                t,
+                "Entropy and token-length terms; the CSV has every term, the gold-label dummies "
+                "included ('gold-label terms p_max': the smallest of their largest-seed p-values).",
+                display=_regression_wide(t["regression"]),
+                inline=True,
+            )
+        )
         s.blocks.append(_table("regression_runs", "Multiple regression per run", t, inline=False))
     sections.append(s)
 
@@ -447,34 +595,51 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     if t["composition"].empty:
         s.note("no runs with a composition other than 'all'; comparison skipped.")
     else:
-        s.text("Runs trained on a restricted ChaosNLI part (low = clean only, high = contested only, balanced) beside "
-               "the matching composition='all' runs (equal in every other setting but the tracked set, which the "
-               "composition restricts). A restricted run "
-               "tracks only its own ChaosNLI examples, so its rho is over a narrower entropy range.")
+        s.text(
+            "Runs trained on a restricted ChaosNLI part (low = clean only, high = contested only, balanced) beside "
+            "the matching composition='all' runs (equal in every other setting but the tracked set, which the "
+            "composition restricts). A restricted run "
+            "tracks only its own ChaosNLI examples, so its rho is over a narrower entropy range."
+        )
         for note in T.unmatched_variants(runs, "composition", "all"):
             s.note(note)
-        s.blocks.append(_table("composition", "Composition vs all", t,
-                               display=_comparison_display(t["composition"], "composition")))
+        s.blocks.append(
+            _table("composition", "Composition vs all", t, display=_comparison_display(t["composition"], "composition"))
+        )
     sections.append(s)
 
     s = Section("8. Alternative binning")
     if t["binning"].empty:
         s.note("no usable runs.")
     else:
-        s.text("Mean AULC per bin under the fixed categories, quartile and tercile bins of entropy (per run, then "
-               "averaged over seeds); monotonic: strictly increasing with entropy.")
-        s.blocks.append(_table("binning", "Mean AULC by entropy bin", t, display=_binning_compact(t["binning"]),
-                               inline=True))
+        s.text(
+            "Mean AULC per bin under the fixed categories, quartile and tercile bins of entropy (per run, then "
+            "averaged over seeds); monotonic: strictly increasing with entropy."
+        )
+        s.blocks.append(
+            _table("binning", "Mean AULC by entropy bin", t, display=_binning_compact(t["binning"]), inline=True)
+        )
     if figs["aulc_bins"]:
-        s.blocks.append(FigureItem("aulc_bins", figs["aulc_bins"],
-                                   "Mean AULC (nats) per entropy bin, main-setting conditions; error bars: sd over "
-                                   "seeds; line style: LoRA solid, IA3 dash-dot, full FT dashed."))
+        s.blocks.append(
+            FigureItem(
+                "aulc_bins",
+                figs["aulc_bins"],
+                "Mean AULC (nats) per entropy bin, main-setting conditions; error bars: sd over "
+                "seeds; line style: LoRA solid, IA3 dash-dot, full FT dashed.",
+            )
+        )
     sections.append(s)
 
     s = Section("9. Kendall tau-b vs Spearman")
-    s.blocks.append(_table("kendall", "tau-b / rho over all usable runs", t,
-                           "ratio = tau / rho per run (about 2/3 is usual for a monotonic association); sign "
-                           "concordance: share of runs where tau and rho have the same sign."))
+    s.blocks.append(
+        _table(
+            "kendall",
+            "tau-b / rho over all usable runs",
+            t,
+            "ratio = tau / rho per run (about 2/3 is usual for a monotonic association); sign "
+            "concordance: share of runs where tau and rho have the same sign.",
+        )
+    )
     s.blocks.append(_table("kendall_runs", "tau-b and rho per run", t, inline=False))
     sections.append(s)
 
@@ -482,48 +647,94 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     if t["noise_levels"].empty:
         s.note("no runs with label_noise > 0; noise analysis skipped.")
     else:
-        s.blocks.append(_table("noise_levels", "rho and ΔL per noise level", t,
-                               "ΔL and AULC against the training (noisy) label; *_original: against the label before "
-                               "noise; mean ± sd across seeds of the per-run category means. Baselines: the runs equal in "
-                               "every other setting.",
-                               display=_comparison_display(t["noise_levels"], "label_noise")))
+        s.blocks.append(
+            _table(
+                "noise_levels",
+                "rho and ΔL per noise level",
+                t,
+                "ΔL and AULC against the training (noisy) label; *_original: against the label before "
+                "noise; mean ± sd across seeds of the per-run category means. Baselines: the runs equal in "
+                "every other setting.",
+                display=_comparison_display(t["noise_levels"], "label_noise"),
+            )
+        )
         for note in T.unmatched_variants(runs, "label_noise", 0.0):
             s.note(note)
         if t["noise_tests"].empty:
-            s.note("no noisy run has a noise-free twin (equal in every other setting, seed included); paired tests "
-                   "skipped.")
+            s.note(
+                "no noisy run has a noise-free twin (equal in every other setting, seed included); paired tests "
+                "skipped."
+            )
         else:
-            s.text("Paired Wilcoxon signed-rank test (pingouin.wilcoxon, two-sided) of per-example AULC between each "
-                   "noisy run and its noise-free twin: the run equal in every other setting of the condition key and "
-                   "in the seed (no other run is ever paired). target 'training': the noisy run's AULC against the "
-                   "label it was trained on (the noisy one) vs the twin's; target 'original': both against the label "
-                   "before noise, so both sides measure the same class. Subsets: all, the examples chosen for noise, "
-                   "the others. noise_rule: how noisy labels were drawn ('all classes': uniformly from all K, so a "
-                   "share keeps its label; 'other classes': --label_noise_exclude_original). share_changed: noised "
-                   "examples whose label the draw actually changed. d_z: mean difference / sd of the differences "
-                   "(paired); d_av: mean difference / root mean of the two variances (pingouin's paired cohen); "
-                   "> 0: higher AULC with noise.")
+            s.text(
+                "Paired Wilcoxon signed-rank test (pingouin.wilcoxon, two-sided) of per-example AULC between each "
+                "noisy run and its noise-free twin: the run equal in every other setting of the condition key and "
+                "in the seed (no other run is ever paired). target 'training': the noisy run's AULC against the "
+                "label it was trained on (the noisy one) vs the twin's; target 'original': both against the label "
+                "before noise, so both sides measure the same class. Subsets: all, the examples chosen for noise, "
+                "the others. noise_rule: how noisy labels were drawn ('all classes': uniformly from all K, so a "
+                "share keeps its label; 'other classes': --label_noise_exclude_original). share_changed: noised "
+                "examples whose label the draw actually changed. d_z: mean difference / sd of the differences "
+                "(paired); d_av: mean difference / root mean of the two variances (pingouin's paired cohen); "
+                "> 0: higher AULC with noise."
+            )
             shown = t["noise_tests"].drop(columns=["run_id", "baseline_run_id"], errors="ignore")
-            keep = [c for c in ("model", "method", "rank", "dataset", "seed", "label_noise", "noise_rule", "target",
-                                "subset", "n", "n_noised", "share_changed", "aulc_baseline_mean", "aulc_noisy_mean",
-                                "mean_diff", "W", "p_val", "d_z", "d_av") if c in shown]
-            s.blocks.append(_table("noise_tests", "Paired tests, noisy vs its noise-free twin", t,
-                                   display=format_table(shown[keep], drop_keys=False)))
+            keep = [
+                c
+                for c in (
+                    "model",
+                    "method",
+                    "rank",
+                    "dataset",
+                    "seed",
+                    "label_noise",
+                    "noise_rule",
+                    "target",
+                    "subset",
+                    "n",
+                    "n_noised",
+                    "share_changed",
+                    "aulc_baseline_mean",
+                    "aulc_noisy_mean",
+                    "mean_diff",
+                    "W",
+                    "p_val",
+                    "d_z",
+                    "d_av",
+                )
+                if c in shown
+            ]
+            s.blocks.append(
+                _table(
+                    "noise_tests",
+                    "Paired tests, noisy vs its noise-free twin",
+                    t,
+                    display=format_table(shown[keep], drop_keys=False),
+                )
+            )
     if figs["noise"]:
-        s.blocks.append(FigureItem("noise", figs["noise"], "rho and mean ΔL per category against the noise level "
-                                                            "(error bars: sd over seeds)."))
+        s.blocks.append(
+            FigureItem(
+                "noise",
+                figs["noise"],
+                "rho and mean ΔL per category against the noise level (error bars: sd over seeds).",
+            )
+        )
     sections.append(s)
 
     s = Section("11. Soft-label training")
     if t["soft_label"].empty:
         s.note("no runs with a loss other than 'ce'; soft-label comparison skipped.")
     else:
-        s.text("Runs trained on the annotator distribution (e.g. loss = soft_kl) beside the matching hard-label "
-               "(ce) runs; the tracked loss is the gold-label cross-entropy in both.")
+        s.text(
+            "Runs trained on the annotator distribution (e.g. loss = soft_kl) beside the matching hard-label "
+            "(ce) runs; the tracked loss is the gold-label cross-entropy in both."
+        )
         for note in T.unmatched_variants(runs, "loss", "ce"):
             s.note(note)
-        s.blocks.append(_table("soft_label", "Soft vs hard labels", t,
-                               display=_comparison_display(t["soft_label"], "loss")))
+        s.blocks.append(
+            _table("soft_label", "Soft vs hard labels", t, display=_comparison_display(t["soft_label"], "loss"))
+        )
     sections.append(s)
 
     s = Section("12–13. Gradient alignment and gradient norms")
@@ -534,47 +745,71 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     if t["calibration"].empty:
         s.note("no usable runs with finite final log-probabilities.")
     else:
-        s.text(f"At the final tracking point (hf_entropy_callback.dynamics.calibration): mean entropy of the predicted "
-               f"distribution (nats), mean max probability, ECE ({opts.ece_bins} equal-width confidence bins, "
-               f"--ece-bins), accuracy; mean ± sd across seeds. ECE depends on the bin count; each run's ECE has a 95% "
-               f"percentile bootstrap interval ({n_boot} resamples of the examples) in the per-run table.")
+        s.text(
+            f"At the final tracking point (hf_entropy_callback.dynamics.calibration): mean entropy of the predicted "
+            f"distribution (nats), mean max probability, ECE ({opts.ece_bins} equal-width confidence bins, "
+            f"--ece-bins), accuracy; mean ± sd across seeds. ECE depends on the bin count; each run's ECE has a 95% "
+            f"percentile bootstrap interval ({n_boot} resamples of the examples) in the per-run table."
+        )
         s.blocks.append(_table("calibration", "Calibration per condition, set and category", t, inline=False))
-        s.blocks.append(_table("calibration_runs", "Calibration per run, with the ECE bootstrap interval", t,
-                               inline=False))
+        s.blocks.append(
+            _table("calibration_runs", "Calibration per run, with the ECE bootstrap interval", t, inline=False)
+        )
     if figs["calibration"]:
-        s.blocks.append(FigureItem("calibration", figs["calibration"],
-                                   f"Calibration per category at the final point: prediction entropy, mean max "
-                                   f"confidence and ECE ({opts.ece_bins} bins); bars: mean over seeds, error bars: sd over "
-                                   f"seeds."))
+        s.blocks.append(
+            FigureItem(
+                "calibration",
+                figs["calibration"],
+                f"Calibration per category at the final point: prediction entropy, mean max "
+                f"confidence and ECE ({opts.ece_bins} bins); bars: mean over seeds, error bars: sd over "
+                f"seeds.",
+            )
+        )
     sections.append(s)
 
     s = Section("15. Dataset cartography")
     if t["cartography"].empty:
         s.note("no usable runs.")
     else:
-        pts = ("the epoch-end tracking points (one per epoch, as Swayamdipta et al. 2020; step 0 and the interval "
-               "points are left out)" if opts.cartography_points == "epoch_end" else
-               "every tracking point, step 0 and the every-track_every points included (--cartography-points all)")
-        s.text(f"confidence = mean p(gold) over {pts}; variability = its population sd (ddof 0, as the original). "
-               "rho_conf_aulc: Spearman of "
-               "confidence vs AULC. r2_confidence: OLS AULC ~ confidence; r2_full: + entropy; delta_r2: the "
-               "increment from entropy; p_delta_max: the largest seed p of the nested F test.")
+        pts = (
+            "the epoch-end tracking points (one per epoch, as Swayamdipta et al. 2020; step 0 and the interval "
+            "points are left out)"
+            if opts.cartography_points == "epoch_end"
+            else "every tracking point, step 0 and the every-track_every points included (--cartography-points all)"
+        )
+        s.text(
+            f"confidence = mean p(gold) over {pts}; variability = its population sd (ddof 0, as the original). "
+            "rho_conf_aulc: Spearman of "
+            "confidence vs AULC. r2_confidence: OLS AULC ~ confidence; r2_full: + entropy; delta_r2: the "
+            "increment from entropy; p_delta_max: the largest seed p of the nested F test."
+        )
         s.blocks.append(_table("cartography", "Cartography: confidence vs AULC and the R² added by entropy", t))
         s.blocks.append(_table("cartography_runs", "Cartography per run", t, inline=False))
     if figs["cartography"]:
-        s.blocks.append(FigureItem("cartography", figs["cartography"],
-                                   "Cartography maps (lowest seed of each main-setting condition): variability "
-                                   "(population sd of p(gold)) against confidence (mean p(gold)) over the points named "
-                                   "above, one dot per tracked train example, coloured by entropy category."))
+        s.blocks.append(
+            FigureItem(
+                "cartography",
+                figs["cartography"],
+                "Cartography maps (lowest seed of each main-setting condition): variability "
+                "(population sd of p(gold)) against confidence (mean p(gold)) over the points named "
+                "above, one dot per tracked train example, coloured by entropy category.",
+            )
+        )
     sections.append(s)
 
     s = Section("16. Decoders vs encoders")
     if t["architecture"].empty:
         s.note("no main-setting LoRA runs.")
     else:
-        s.blocks.append(_table("architecture", "rho by architecture and LoRA rank", t,
-                               "Pooled over the models of an architecture and their seeds (sd: over all those runs).",
-                               display=format_table(t["architecture"], drop_keys=False)))
+        s.blocks.append(
+            _table(
+                "architecture",
+                "rho by architecture and LoRA rank",
+                t,
+                "Pooled over the models of an architecture and their seeds (sd: over all those runs).",
+                display=format_table(t["architecture"], drop_keys=False),
+            )
+        )
         if figs["rho_vs_rank"]:
             s.text("See the rho-vs-rank figure in section 5 (encoders solid, decoders dashed).")
     sections.append(s)
@@ -582,32 +817,45 @@ def compose(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[
     if t["agreement"].empty:
         s.note("no usable runs.")
     else:
-        s.text("Beyond the study (as in the ChaosNLI / LeWiDi line of work): per example, from the stored "
-               "log-probabilities and the 100 annotators' label counts (natural log, nats): KL(human || model); "
-               "Jensen–Shannon divergence and JS distance (its square root, as scipy.spatial.distance.jensenshannon "
-               "and ChaosNLI's scoreboard); soft-label cross-entropy; Manhattan (L1) distance; accuracy against the "
-               "majority label (the label before any noise). Mean over a category's examples per run at the final "
-               "tracking point, then mean ± sd across seeds. Every tracking point: agreement_points (CSV).")
-        s.blocks.append(_table("agreement", "Agreement with the human distribution at the final point", t,
-                               inline=False))
-        s.blocks.append(_table("agreement_points", "Agreement per run, tracking point, set and category", t,
-                               inline=False))
+        s.text(
+            "Beyond the study (as in the ChaosNLI / LeWiDi line of work): per example, from the stored "
+            "log-probabilities and the 100 annotators' label counts (natural log, nats): KL(human || model); "
+            "Jensen–Shannon divergence and JS distance (its square root, as scipy.spatial.distance.jensenshannon "
+            "and ChaosNLI's scoreboard); soft-label cross-entropy; Manhattan (L1) distance; accuracy against the "
+            "majority label (the label before any noise). Mean over a category's examples per run at the final "
+            "tracking point, then mean ± sd across seeds. Every tracking point: agreement_points (CSV)."
+        )
+        s.blocks.append(
+            _table("agreement", "Agreement with the human distribution at the final point", t, inline=False)
+        )
+        s.blocks.append(
+            _table("agreement_points", "Agreement per run, tracking point, set and category", t, inline=False)
+        )
     if figs.get("agreement"):
-        s.blocks.append(FigureItem("agreement", figs["agreement"],
-                                   "Mean Jensen–Shannon distance (natural log) between the model's and the annotators' "
-                                   "distribution over training, per entropy category, on the validation set (the "
-                                   "train set when none is tracked); averaged over seeds; main-setting conditions."))
+        s.blocks.append(
+            FigureItem(
+                "agreement",
+                figs["agreement"],
+                "Mean Jensen–Shannon distance (natural log) between the model's and the annotators' "
+                "distribution over training, per entropy category, on the validation set (the "
+                "train set when none is tracked); averaged over seeds; main-setting conditions.",
+            )
+        )
     sections.append(s)
 
     s = Section("18. Matched learning rates: full fine-tuning vs LoRA")
     if t["matched_lr"].empty:
-        s.note("no model and dataset trained at two or more learning rates by both methods (the sweeps' "
-               "matched_lr matrix); section skipped.")
+        s.note(
+            "no model and dataset trained at two or more learning rates by both methods (the sweeps' "
+            "matched_lr matrix); section skipped."
+        )
     else:
-        s.text(f"Runs without a variant, per model, dataset and learning rate: mean ± sd over seeds of rho "
-               f"(entropy vs AULC) and validation accuracy, mean ΔL per category. underfit: mean validation accuracy "
-               f"within {UNDERFIT_MARGIN:g} of chance (1/K); lora_underfit_regime: LoRA underfit where full "
-               "fine-tuning is not, so LoRA's rho and ΔL there describe a model that did not train.")
+        s.text(
+            f"Runs without a variant, per model, dataset and learning rate: mean ± sd over seeds of rho "
+            f"(entropy vs AULC) and validation accuracy, mean ΔL per category. underfit: mean validation accuracy "
+            f"within {UNDERFIT_MARGIN:g} of chance (1/K); lora_underfit_regime: LoRA underfit where full "
+            "fine-tuning is not, so LoRA's rho and ΔL there describe a model that did not train."
+        )
         s.blocks.append(_table("matched_lr", "Full FT vs LoRA at matched learning rates", t))
     sections.append(s)
 
@@ -675,8 +923,10 @@ def _render_html(sections: Sequence[Section], header: str, folder: str) -> str:
                     cls = " class='note'" if b.startswith("Note:") else ""
                     parts.append(f"<p{cls}>{esc(b)}</p>")
             elif isinstance(b, TableItem):
-                parts.append(f"<h3>{esc(b.title)} <small>(<a href='tables/{b.name}.md'>markdown</a>, "
-                             f"<a href='tables/{b.name}.csv'>CSV</a>)</small></h3>")
+                parts.append(
+                    f"<h3>{esc(b.title)} <small>(<a href='tables/{b.name}.md'>markdown</a>, "
+                    f"<a href='tables/{b.name}.csv'>CSV</a>)</small></h3>"
+                )
                 if b.caption:
                     parts.append(f"<p>{esc(b.caption)}</p>")
                 if b.frame.empty:
@@ -773,15 +1023,18 @@ def _check_inputs(target: str, inputs: Sequence[str]) -> None:
         if real == folder:
             raise ReportFolderError(
                 f"{target}: is the run folder {given} given as input; refusing to write the report there "
-                "(it would replace the runs). Choose a report folder outside the run folders.")
+                "(it would replace the runs). Choose a report folder outside the run folders."
+            )
         if _inside(real, folder):
             raise ReportFolderError(
                 f"{target}: lies inside the run folder {given} given as input; refusing to write the report there. "
-                f"Choose a report folder outside the run folders, e.g. {os.path.join(os.path.dirname(folder), 'report')}.")
+                f"Choose a report folder outside the run folders, e.g. {os.path.join(os.path.dirname(folder), 'report')}."
+            )
         if _inside(folder, real):
             raise ReportFolderError(
                 f"{target}: holds the run folder {given} given as input; refusing to replace it. "
-                "Choose a report folder outside the run folders.")
+                "Choose a report folder outside the run folders."
+            )
 
 
 def _check_target(target: str, inputs: Sequence[str] = ()) -> None:
@@ -802,14 +1055,17 @@ def _check_target(target: str, inputs: Sequence[str] = ()) -> None:
         return
     raise ReportFolderError(
         f"{target}: folder is not empty and holds no {REPORT_MARKER} (it is not a report written by "
-        "`hf-entropy-report` / `python -m analysis`); refusing to replace it. Choose a new or empty folder.")
+        "`hf-entropy-report` / `python -m analysis`); refusing to replace it. Choose a new or empty folder."
+    )
 
 
 def _write_marker(folder: str) -> None:
     with open(os.path.join(folder, REPORT_MARKER), "w") as fh:
-        fh.write(f"{REPORT_TAG}\nformat {REPORT_FORMAT_VERSION}\n"
-                 "This folder was written by `hf-entropy-report` (`python -m analysis`) and is replaced as a whole by the next report "
-                 "written to it.\n")
+        fh.write(
+            f"{REPORT_TAG}\nformat {REPORT_FORMAT_VERSION}\n"
+            "This folder was written by `hf-entropy-report` (`python -m analysis`) and is replaced as a whole by the next report "
+            "written to it.\n"
+        )
 
 
 def _make_temp(target: str) -> str:
@@ -822,8 +1078,10 @@ def _make_temp(target: str) -> str:
     except OSError as err:
         hint = ""
         if err.errno == errno.ENAMETOOLONG:
-            hint = (f" (the folder name has {len(os.path.basename(target))} characters; with the temporary folder's "
-                    "suffix it exceeds the file system's limit per name, usually 255 bytes: choose a shorter name)")
+            hint = (
+                f" (the folder name has {len(os.path.basename(target))} characters; with the temporary folder's "
+                "suffix it exceeds the file system's limit per name, usually 255 bytes: choose a shorter name)"
+            )
         elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             hint = f" ({parent} is not writable: choose a folder you can write to)"
         else:
@@ -913,8 +1171,15 @@ def build_report(
     inputs = list(paths) + run_dirs
     _check_target(out_dir, inputs)
     t0 = time.perf_counter()
-    study = load_study(paths, train_set, validation_set, progress=progress, skip_invalid=skip_invalid,
-                       options=options, main_ranks=main_ranks)
+    study = load_study(
+        paths,
+        train_set,
+        validation_set,
+        progress=progress,
+        skip_invalid=skip_invalid,
+        options=options,
+        main_ranks=main_ranks,
+    )
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tables = compute_tables(study, alpha, family)

@@ -144,8 +144,9 @@ def condition_mean_interval(boot: dict, run_ids: Sequence[str]):
     return percentile_interval(np.mean(np.vstack(reps), axis=0))
 
 
-def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional[dict] = None,
-                     family: str = "main") -> pd.DataFrame:
+def rho_by_condition(
+    runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional[dict] = None, family: str = "main"
+) -> pd.DataFrame:
     """Spearman rho(entropy, AULC) per condition: mean ± sd across seeds, bootstrap CI, directional test.
 
     The claim is directional (rho > 0). A condition is significant when **every** seed's one-sided
@@ -206,9 +207,16 @@ def rho_by_condition(runs: pd.DataFrame, alpha: float = ALPHA, *, boot: Optional
     for cond, grp in runs.groupby("condition", sort=False):
         ok = grp[~excluded.loc[grp.index]]
         p = ok[p_col].astype(float)
-        extra = {} if incomplete is None else {"n_incomplete": int((incomplete.loc[grp.index] & ~diverged.loc[grp.index]).sum())}
-        lo, hi = (condition_mean_interval(boot, list(ok["run_id"])) if boot is not None and "run_id" in ok
-                  else (np.nan, np.nan))
+        extra = (
+            {}
+            if incomplete is None
+            else {"n_incomplete": int((incomplete.loc[grp.index] & ~diverged.loc[grp.index]).sum())}
+        )
+        lo, hi = (
+            condition_mean_interval(boot, list(ok["run_id"]))
+            if boot is not None and "run_id" in ok
+            else (np.nan, np.nan)
+        )
         rows.append(
             {
                 "condition": cond,
@@ -272,9 +280,30 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
     for col, method in (("p_bonf", "bonf"), ("p_bh", "fdr_bh")):
         out[col] = np.nan
         out.loc[~excluded, col] = _corrected(out.loc[~excluded, "p_val"], method)
-    cols = ["run_id", "condition", *_present(out, CONDITION_KEYS), "seed", "status", "n", "rho", "rho_ci_low",
-            "rho_ci_high", "p_val", "p_greater", "p_bonf", "p_bh", "tau", "validation_accuracy", "final_step",
-            "tracked_set", "n_nonfinite", "first_nonfinite_step", "max_mean_loss", "duplicate_of", "exclusion"]
+    cols = [
+        "run_id",
+        "condition",
+        *_present(out, CONDITION_KEYS),
+        "seed",
+        "status",
+        "n",
+        "rho",
+        "rho_ci_low",
+        "rho_ci_high",
+        "p_val",
+        "p_greater",
+        "p_bonf",
+        "p_bh",
+        "tau",
+        "validation_accuracy",
+        "final_step",
+        "tracked_set",
+        "n_nonfinite",
+        "first_nonfinite_step",
+        "max_mean_loss",
+        "duplicate_of",
+        "exclusion",
+    ]
     out = out[_present(out, cols)]
     return order_conditions(out.sort_values(["seed"] if "seed" in out else [], kind="stable"))
 
@@ -305,8 +334,12 @@ def category_means(examples: pd.DataFrame) -> pd.DataFrame:
     ex = ex.assign(_unlearned=(ex["delta_loss"] > 0).astype(float))
     both = pd.concat([ex, ex.assign(category="all")], ignore_index=True)
     g = both.groupby(["run_id", "category"], sort=False)
-    out = g.agg(n=("aulc", "size"), delta_loss=("delta_loss", "mean"), aulc=("aulc", "mean"),
-                unlearning_share=("_unlearned", "mean")).reset_index()
+    out = g.agg(
+        n=("aulc", "size"),
+        delta_loss=("delta_loss", "mean"),
+        aulc=("aulc", "mean"),
+        unlearning_share=("_unlearned", "mean"),
+    ).reset_index()
     out["_c"] = out["category"].map(CATEGORY_ORDER).fillna(99)
     out["_r"] = out.groupby("run_id", sort=False).ngroup()
     return out.sort_values(["_r", "_c"]).drop(columns=["_c", "_r"]).reset_index(drop=True)
@@ -344,8 +377,18 @@ def delta_loss_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame
     out = out.drop(columns=["unlearning_share_sd"])
     n_ex = cm.groupby(["condition", "category"], sort=False)["n"].mean().rename("n_examples").reset_index()
     out = out.merge(n_ex, on=["condition", "category"]).merge(_condition_keys(runs), on="condition")
-    cols = ["condition", *_present(runs, CONDITION_KEYS), "category", "n_runs", "n_examples", "delta_loss_mean",
-            "delta_loss_sd", "aulc_mean", "aulc_sd", "unlearning_share_mean"]
+    cols = [
+        "condition",
+        *_present(runs, CONDITION_KEYS),
+        "category",
+        "n_runs",
+        "n_examples",
+        "delta_loss_mean",
+        "delta_loss_sd",
+        "aulc_mean",
+        "aulc_sd",
+        "unlearning_share_mean",
+    ]
     return _category_sort(out[cols])
 
 
@@ -424,8 +467,9 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
         full = grp[grp["method"] == "full"]["rho_mean"]
         r, p, method = np.nan, np.nan, ""
         if len(lora) >= 3:
-            res = spearman_permutation_test(lora["rank"].to_numpy(float), lora["rho_mean"].to_numpy(float),
-                                            alternative="greater")
+            res = spearman_permutation_test(
+                lora["rank"].to_numpy(float), lora["rho_mean"].to_numpy(float), alternative="greater"
+            )
             r, p, method = float(res["rho"].iloc[0]), float(res["p_val"].iloc[0]), str(res["method"].iloc[0])
         rows.append(
             {
@@ -467,8 +511,9 @@ def architecture_table(runs: pd.DataFrame) -> pd.DataFrame:
     u = _usable(runs)
     u = u[(u["method"] == "lora") & u["rank"].notna() & (u["variant"] == "base")]
     if u.empty:
-        return pd.DataFrame(columns=["dataset", "rank", "architecture", "models", "n_models", "n_runs", "rho_mean",
-                                     "rho_sd"])
+        return pd.DataFrame(
+            columns=["dataset", "rank", "architecture", "models", "n_models", "n_runs", "rho_mean", "rho_sd"]
+        )
     keys = ["dataset", "rank", "architecture"]
     out = mean_sd(u, keys, ["rho"])
     models = u.groupby(keys)["model"].agg(lambda m: ", ".join(sorted(set(m)))).rename("models")
@@ -519,8 +564,7 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
     rows = []
     for run_id, ex in examples.groupby("run_id", sort=False):
         d = _finite(ex, ["entropy", "aulc", covar])
-        row = {"run_id": run_id, "n": len(d), "partial_r": np.nan, "ci_low": np.nan, "ci_high": np.nan,
-               "p_val": np.nan}
+        row = {"run_id": run_id, "n": len(d), "partial_r": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_val": np.nan}
         if len(d) > 3 and d[covar].nunique() > 1:
             res = pg.partial_corr(data=d, x="entropy", y="aulc", covar=covar, method="spearman")
             r = float(res["r"].iloc[0])
@@ -594,13 +638,26 @@ def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional
             continue
         res = pg.linear_regression(X, d["aulc"].astype(float))
         sd_x = X.std(ddof=1)
-        beta = [np.nan if name == "Intercept" else coef * sd_x[name] / d["aulc"].std(ddof=1)
-                for name, coef in zip(res["names"], res["coef"])]
+        beta = [
+            np.nan if name == "Intercept" else coef * sd_x[name] / d["aulc"].std(ddof=1)
+            for name, coef in zip(res["names"], res["coef"])
+        ]
         frames.append(
             pd.DataFrame(
-                {"run_id": run_id, "term": res["names"], "coef": res["coef"], "se": res["se"], "T": res["T"],
-                 "p_val": res["pval"], "ci_low": res["CI2.5"], "ci_high": res["CI97.5"], "beta": beta,
-                 "r2": res["r2"], "adj_r2": res["adj_r2"], "n": len(d)}
+                {
+                    "run_id": run_id,
+                    "term": res["names"],
+                    "coef": res["coef"],
+                    "se": res["se"],
+                    "T": res["T"],
+                    "p_val": res["pval"],
+                    "ci_low": res["CI2.5"],
+                    "ci_high": res["CI97.5"],
+                    "beta": beta,
+                    "r2": res["r2"],
+                    "adj_r2": res["adj_r2"],
+                    "n": len(d),
+                }
             )
         )
     if not frames:
@@ -629,8 +686,17 @@ def summarize_terms(per_run: pd.DataFrame) -> pd.DataFrame:
     out = out.merge(extra, on=["condition", "term"])
     keys = per_run[["condition", *_present(per_run, CONDITION_KEYS)]].drop_duplicates("condition")
     out = out.merge(keys, on="condition")
-    cols = ["condition", *_present(per_run, CONDITION_KEYS), "term", "n_runs", "coef_mean", "coef_sd", "beta_mean",
-            "p_max", "r2_mean"]
+    cols = [
+        "condition",
+        *_present(per_run, CONDITION_KEYS),
+        "term",
+        "n_runs",
+        "coef_mean",
+        "coef_sd",
+        "beta_mean",
+        "p_max",
+        "r2_mean",
+    ]
     ordered = order_conditions(out[cols])
     ordered["_t"] = ordered.groupby("condition", sort=False).ngroup()
     return ordered.sort_values("_t", kind="stable").drop(columns="_t").reset_index(drop=True)
@@ -721,10 +787,15 @@ def _match_columns(runs: pd.DataFrame, vary: str) -> list:
 
 def _key_series(frame: pd.DataFrame, cols: Sequence[str]) -> pd.Series:
     """NaN-safe tuple of `cols` per row (NaN and None compare equal)."""
+
     def norm(v):
         return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-    return pd.Series([tuple(norm(v) for v in row) for row in frame[list(cols)].itertuples(index=False)],
-                     index=frame.index, dtype=object)
+
+    return pd.Series(
+        [tuple(norm(v) for v in row) for row in frame[list(cols)].itertuples(index=False)],
+        index=frame.index,
+        dtype=object,
+    )
 
 
 def unmatched_variants(runs: pd.DataFrame, vary: str, baseline) -> list:
@@ -748,14 +819,23 @@ def unmatched_variants(runs: pd.DataFrame, vary: str, baseline) -> list:
         # The baselines closest to it (fewest differing settings), and those settings.
         best, diff = None, None
         for _, b in base.iterrows():
-            d = [c for c in cols if _key_series(pd.DataFrame([r[cols]]), [c]).iloc[0] != _key_series(
-                pd.DataFrame([b[cols]]), [c]).iloc[0]]
+            d = [
+                c
+                for c in cols
+                if _key_series(pd.DataFrame([r[cols]]), [c]).iloc[0]
+                != _key_series(pd.DataFrame([b[cols]]), [c]).iloc[0]
+            ]
             if best is None or len(d) < len(diff):
                 best, diff = b, d
-        what = ("; the closest baseline runs differ in " + ", ".join(SHORT_NAMES.get(c, c) for c in diff)
-                if diff else "; there is no baseline run")
-        notes.append(f"{r.get('run_id', idx)} ({vary}={r[vary]}): no baseline ({vary}={baseline}) equal in every "
-                     f"other setting{what}; not compared")
+        what = (
+            "; the closest baseline runs differ in " + ", ".join(SHORT_NAMES.get(c, c) for c in diff)
+            if diff
+            else "; there is no baseline run"
+        )
+        notes.append(
+            f"{r.get('run_id', idx)} ({vary}={r[vary]}): no baseline ({vary}={baseline}) equal in every "
+            f"other setting{what}; not compared"
+        )
     return notes
 
 
@@ -813,8 +893,12 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     values = ["delta_loss", "aulc", "rho"]
     if vary == "label_noise" and "aulc_original" in ex:
         orig = category_means(ex.assign(aulc=ex["aulc_original"], delta_loss=ex["delta_loss_original"]))
-        cm = cm.merge(orig[["run_id", "category", "aulc", "delta_loss"]].rename(
-            columns={"aulc": "aulc_original", "delta_loss": "delta_loss_original"}), on=["run_id", "category"])
+        cm = cm.merge(
+            orig[["run_id", "category", "aulc", "delta_loss"]].rename(
+                columns={"aulc": "aulc_original", "delta_loss": "delta_loss_original"}
+            ),
+            on=["run_id", "category"],
+        )
         values += ["delta_loss_original", "aulc_original"]
     cm = cm.merge(u[["run_id", *others, vary, *extra_cols, "rho", *_present(u, ["seed"])]], on="run_id")
     wanted = set(_key_series(variants, others))
@@ -829,13 +913,29 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     extra["seeds"] = g["seed"].agg(_seeds) if "seed" in cm else "—"
     out = out.merge(extra.reset_index(), on=by)
     out["is_baseline"] = out[vary] == baseline
-    cols = [*others, vary, *[c for c in extra_cols if c != "tracked_set"], "is_baseline", "category", "n_runs",
-            "seeds", "n_examples", "delta_loss_mean", "delta_loss_sd", "aulc_mean", "aulc_sd"]
+    cols = [
+        *others,
+        vary,
+        *[c for c in extra_cols if c != "tracked_set"],
+        "is_baseline",
+        "category",
+        "n_runs",
+        "seeds",
+        "n_examples",
+        "delta_loss_mean",
+        "delta_loss_sd",
+        "aulc_mean",
+        "aulc_sd",
+    ]
     if "aulc_original" in values:
         cols += ["delta_loss_original_mean", "delta_loss_original_sd", "aulc_original_mean", "aulc_original_sd"]
     cols += ["rho_mean", "rho_sd"]
-    out = out[cols].assign(_g=_key_series(out, others).astype(str), _b=~out["is_baseline"],
-                           _c=out["category"].map(CATEGORY_ORDER), _v=out[vary].astype(str))
+    out = out[cols].assign(
+        _g=_key_series(out, others).astype(str),
+        _b=~out["is_baseline"],
+        _c=out["category"].map(CATEGORY_ORDER),
+        _v=out[vary].astype(str),
+    )
     out = out.sort_values(["_g", "_b", "_v", "_c"], kind="stable")
     return out.drop(columns=["_g", "_b", "_c", "_v"]).reset_index(drop=True)
 
@@ -855,8 +955,10 @@ def noise_levels(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     return variant_comparison(runs, examples, "label_noise", 0.0) if "label_noise" in runs else pd.DataFrame()
 
 
-NOISE_TARGETS = {"training": ("aulc", "the training (noisy) label"),
-                 "original": ("aulc_original", "the label before noise")}
+NOISE_TARGETS = {
+    "training": ("aulc", "the training (noisy) label"),
+    "original": ("aulc_original", "the label before noise"),
+}
 
 
 def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True) -> pd.DataFrame:
@@ -921,23 +1023,40 @@ def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True
         for target, (col, _) in NOISE_TARGETS.items():
             for subset, d in parts:
                 y_noisy = d[f"{col}_noisy"].to_numpy(float)
-                y_base = d["aulc_original_base"].to_numpy(float) if col == "aulc_original" else d["aulc_base"].to_numpy(float)
+                y_base = (
+                    d["aulc_original_base"].to_numpy(float)
+                    if col == "aulc_original"
+                    else d["aulc_base"].to_numpy(float)
+                )
                 ok = np.isfinite(y_noisy) & np.isfinite(y_base)
                 y_noisy, y_base = y_noisy[ok], y_base[ok]
-                row = {**{k: r[k] for k in others}, "label_noise": r["label_noise"],
-                       "noise_rule": r.get("noise_rule"), "run_id": r["run_id"], "baseline_run_id": base_id,
-                       "target": target, "subset": subset, "n": int(ok.sum()), "n_noised": int(noised.sum()),
-                       "n_label_changed": n_changed,
-                       "share_changed": n_changed / noised.sum() if noised.sum() else np.nan,
-                       "aulc_baseline_mean": y_base.mean() if ok.any() else np.nan,
-                       "aulc_noisy_mean": y_noisy.mean() if ok.any() else np.nan,
-                       "mean_diff": (y_noisy - y_base).mean() if ok.any() else np.nan,
-                       "W": np.nan, "p_val": np.nan, "rbc": np.nan, "d_z": np.nan, "d_av": np.nan}
+                row = {
+                    **{k: r[k] for k in others},
+                    "label_noise": r["label_noise"],
+                    "noise_rule": r.get("noise_rule"),
+                    "run_id": r["run_id"],
+                    "baseline_run_id": base_id,
+                    "target": target,
+                    "subset": subset,
+                    "n": int(ok.sum()),
+                    "n_noised": int(noised.sum()),
+                    "n_label_changed": n_changed,
+                    "share_changed": n_changed / noised.sum() if noised.sum() else np.nan,
+                    "aulc_baseline_mean": y_base.mean() if ok.any() else np.nan,
+                    "aulc_noisy_mean": y_noisy.mean() if ok.any() else np.nan,
+                    "mean_diff": (y_noisy - y_base).mean() if ok.any() else np.nan,
+                    "W": np.nan,
+                    "p_val": np.nan,
+                    "rbc": np.nan,
+                    "d_z": np.nan,
+                    "d_av": np.nan,
+                }
                 diff = y_noisy - y_base
                 if ok.sum() >= 2 and np.any(diff != 0):
                     w = pg.wilcoxon(y_noisy, y_base)
-                    row.update(W=float(w["W_val"].iloc[0]), p_val=float(w["p_val"].iloc[0]),
-                               rbc=float(w["RBC"].iloc[0]))
+                    row.update(
+                        W=float(w["W_val"].iloc[0]), p_val=float(w["p_val"].iloc[0]), rbc=float(w["RBC"].iloc[0])
+                    )
                     d_ = cohen_d(y_noisy, y_base)
                     row.update(d_z=float(d_["d_z"].iloc[0]), d_av=float(d_["d_av"].iloc[0]))
                 rows.append(row)
@@ -975,9 +1094,21 @@ def calibration_table(runs: pd.DataFrame, calibration: pd.DataFrame) -> pd.DataF
     out = out.drop(columns=["accuracy_sd"])
     n = cal.groupby(["condition", "set", "category"], sort=False)["n"].mean().rename("n_examples").reset_index()
     out = out.merge(n, on=["condition", "set", "category"]).merge(_condition_keys(runs), on="condition")
-    cols = ["condition", *_present(runs, CONDITION_KEYS), "set", "category", "n_runs", "n_examples",
-            "pred_entropy_mean", "pred_entropy_sd", "max_confidence_mean", "max_confidence_sd", "ece_mean", "ece_sd",
-            "accuracy_mean"]
+    cols = [
+        "condition",
+        *_present(runs, CONDITION_KEYS),
+        "set",
+        "category",
+        "n_runs",
+        "n_examples",
+        "pred_entropy_mean",
+        "pred_entropy_sd",
+        "max_confidence_mean",
+        "max_confidence_sd",
+        "ece_mean",
+        "ece_sd",
+        "accuracy_mean",
+    ]
     return _category_sort(out[cols], ["condition", "set"])
 
 
@@ -1010,8 +1141,16 @@ def cartography_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFram
     rows = []
     for run_id, ex in examples.groupby("run_id", sort=False):
         d = _finite(ex, ["confidence", "aulc", "entropy"])
-        row = {"run_id": run_id, "n": len(d), "rho_conf_aulc": np.nan, "p_conf_aulc": np.nan,
-               "r2_confidence": np.nan, "r2_full": np.nan, "delta_r2": np.nan, "p_delta": np.nan}
+        row = {
+            "run_id": run_id,
+            "n": len(d),
+            "rho_conf_aulc": np.nan,
+            "p_conf_aulc": np.nan,
+            "r2_confidence": np.nan,
+            "r2_full": np.nan,
+            "delta_r2": np.nan,
+            "p_delta": np.nan,
+        }
         if len(d) > 4:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # constant input gives NaN, reported as such
@@ -1021,8 +1160,14 @@ def cartography_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFram
             r2f = _r2(d[["confidence", "entropy"]].astype(float), y)
             dof = len(d) - 3
             f = (r2f - r2c) / ((1.0 - r2f) / dof) if r2f < 1 else np.inf
-            row.update(rho_conf_aulc=float(res.statistic), p_conf_aulc=float(res.pvalue), r2_confidence=r2c,
-                       r2_full=r2f, delta_r2=r2f - r2c, p_delta=float(stats.f.sf(f, 1, dof)))
+            row.update(
+                rho_conf_aulc=float(res.statistic),
+                p_conf_aulc=float(res.pvalue),
+                r2_confidence=r2c,
+                r2_full=r2f,
+                delta_r2=r2f - r2c,
+                p_delta=float(stats.f.sf(f, 1, dof)),
+            )
         rows.append(row)
     return order_conditions(meta.merge(pd.DataFrame(rows), on="run_id"))
 
@@ -1043,8 +1188,9 @@ def summarize_runs(per_run: pd.DataFrame, values: Sequence[str], p_cols: Sequenc
         return per_run
     out = mean_sd(per_run, ["condition"], values)
     for p in p_cols:
-        out = out.merge(per_run.groupby("condition", sort=False)[p].max().rename(f"{p}_max").reset_index(),
-                        on="condition")
+        out = out.merge(
+            per_run.groupby("condition", sort=False)[p].max().rename(f"{p}_max").reset_index(), on="condition"
+        )
     keys = per_run[["condition", *_present(per_run, CONDITION_KEYS)]].drop_duplicates("condition")
     out = out.merge(keys, on="condition")
     return order_conditions(out[["condition", *_present(per_run, CONDITION_KEYS), *[c for c in out if c not in keys]]])
@@ -1104,16 +1250,31 @@ def binning_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
         labels = np.empty(len(ex), dtype=object)
         for idx in ex.groupby("run_id", sort=False).indices.values():
             labels[idx] = entropy_bins(ex["entropy"].to_numpy(float)[idx], ex["category"].to_numpy()[idx], scheme)
-        parts.append(pd.DataFrame({"run_id": ex["run_id"].to_numpy(), "scheme": scheme, "bin": labels,
-                                   "entropy": ex["entropy"].to_numpy(float), "aulc": ex["aulc"].to_numpy(float)}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "run_id": ex["run_id"].to_numpy(),
+                    "scheme": scheme,
+                    "bin": labels,
+                    "entropy": ex["entropy"].to_numpy(float),
+                    "aulc": ex["aulc"].to_numpy(float),
+                }
+            )
+        )
     long = pd.concat(parts, ignore_index=True)
-    per_run = long.groupby(["run_id", "scheme", "bin"], sort=False).agg(
-        n=("aulc", "size"), aulc=("aulc", "mean"), entropy_min=("entropy", "min"), entropy_max=("entropy", "max")
-    ).reset_index().merge(u, on="run_id")
+    per_run = (
+        long.groupby(["run_id", "scheme", "bin"], sort=False)
+        .agg(n=("aulc", "size"), aulc=("aulc", "mean"), entropy_min=("entropy", "min"), entropy_max=("entropy", "max"))
+        .reset_index()
+        .merge(u, on="run_id")
+    )
     by = ["condition", "scheme", "bin"]
     out = mean_sd(per_run, by, ["aulc"])
-    extra = per_run.groupby(by, sort=False).agg(n_examples=("n", "mean"), entropy_min=("entropy_min", "min"),
-                                                entropy_max=("entropy_max", "max")).reset_index()
+    extra = (
+        per_run.groupby(by, sort=False)
+        .agg(n_examples=("n", "mean"), entropy_min=("entropy_min", "min"), entropy_max=("entropy_max", "max"))
+        .reset_index()
+    )
     out = out.merge(extra, on=by)
     order = {**CATEGORY_ORDER, **{f"Q{i + 1}": i for i in range(4)}, **{f"T{i + 1}": i for i in range(3)}}
     out["bin_order"] = out["bin"].map(order)
@@ -1124,8 +1285,20 @@ def binning_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     )
     out = out.merge(mono.rename("monotonic").reset_index(), on=["condition", "scheme"])
     out = out.merge(_condition_keys(runs), on="condition")
-    cols = ["condition", *_present(runs, CONDITION_KEYS), "scheme", "bin", "bin_order", "n_runs", "n_examples",
-            "entropy_min", "entropy_max", "aulc_mean", "aulc_sd", "monotonic"]
+    cols = [
+        "condition",
+        *_present(runs, CONDITION_KEYS),
+        "scheme",
+        "bin",
+        "bin_order",
+        "n_runs",
+        "n_examples",
+        "entropy_min",
+        "entropy_max",
+        "aulc_mean",
+        "aulc_sd",
+        "monotonic",
+    ]
     ordered = order_conditions(out[cols])
     ordered["_o"] = ordered.groupby("condition", sort=False).ngroup()
     ordered["_s"] = ordered["scheme"].map({s: i for i, s in enumerate(BINNINGS)})
@@ -1152,9 +1325,17 @@ def entropy_distribution(entropy: pd.DataFrame) -> pd.DataFrame:
     for dataset, grp in entropy.drop_duplicates(["dataset", "example_id"]).groupby("dataset", sort=True):
         for cat in [c for c in CATEGORIES if (grp["category"] == c).any()] + ["all"]:
             sub = grp if cat == "all" else grp[grp["category"] == cat]
-            rows.append({"dataset": dataset, "category": cat, "n": len(sub), "share": len(sub) / len(grp),
-                         "entropy_mean": sub["entropy"].mean(), "entropy_min": sub["entropy"].min(),
-                         "entropy_max": sub["entropy"].max()})
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "category": cat,
+                    "n": len(sub),
+                    "share": len(sub) / len(grp),
+                    "entropy_mean": sub["entropy"].mean(),
+                    "entropy_min": sub["entropy"].min(),
+                    "entropy_max": sub["entropy"].max(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
