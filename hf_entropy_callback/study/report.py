@@ -338,7 +338,9 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
     out["calibration"] = T.calibration_table(runs, study.calibration)
     out["calibration_runs"] = T.calibration_runs(runs, study.calibration)
     out["agreement"] = T.agreement_by_condition(runs, study.agreement)
-    out["matched_lr"] = matched_lr_table(study)
+    matched = matched_lr_table(study)
+    if not matched.empty:  # only a report with the matched-LR grid has the table (and its section's files)
+        out["matched_lr"] = matched
     agr = study.agreement
     out["agreement_points"] = (
         agr.merge(runs[["run_id", "condition", "seed"]], on="run_id") if not agr.empty else pd.DataFrame()
@@ -844,7 +846,7 @@ def compose(
     sections.append(s)
 
     s = Section("18. Matched learning rates: full fine-tuning vs LoRA")
-    if t["matched_lr"].empty:
+    if "matched_lr" not in t:
         s.note(
             "no model and dataset trained at two or more learning rates by both methods (the sweeps' "
             "matched_lr matrix); section skipped."
