@@ -338,7 +338,7 @@ def _load_example(name):
 
 
 def test_trainer_example_on_chaosnli_and_bulk(tmp_path):
-    from analysis.conditions import describe_run
+    from hf_entropy_callback.study.conditions import describe_run
 
     chaos = write_synthetic_chaosnli(str(tmp_path / "chaos.jsonl"), n=60)
     bulk = write_synthetic_bulk(str(tmp_path / "bulk.jsonl"), n=40)
