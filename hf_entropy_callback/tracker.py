@@ -799,7 +799,8 @@ class EntropyTracker:
         """The trajectory so far as an in-memory `Run` (what `load_run` returns after saving)."""
         if not self.steps:
             raise RuntimeError("EntropyTracker: nothing recorded yet")
-        lp = {name: np.stack(v).astype(np.float32) for name, v in self.logprobs.items()}
+        # Stored float32 already: stack once, no second copy (a study-size trajectory is 100s of MB).
+        lp = {name: np.stack(v).astype(np.float32, copy=False) for name, v in self.logprobs.items()}
         return Run(path, dict(self.config), {}, self.examples_table(), self.points_table(), lp)
 
     def save(self, path: str) -> str:
