@@ -12,6 +12,8 @@ from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from script_args import script_argv  # noqa: E402
+
 import run_glue_entropy  # noqa: E402
 from hf_entropy_callback.study.cli import main as analysis_main  # noqa: E402
 
@@ -22,27 +24,7 @@ def test_report_from_two_trained_runs(tmp_path):
     model = save_tiny_model(str(tmp_path / "bert"), "bert")
     runs = tmp_path / "runs"
     for seed in (1, 2):
-        run_glue_entropy.main(
-            run_glue_entropy._as_argv(
-                dict(
-                    model_name_or_path=model,
-                    chaosnli_file=chaos,
-                    train_file=bulk,
-                    bulk_size=40,
-                    seed=seed,
-                    output_dir=str(runs / f"tiny-lora-s{seed}"),
-                    num_train_epochs=2,
-                    per_device_train_batch_size=16,
-                    learning_rate=5e-3,
-                    track_every=2,
-                    max_seq_length=32,
-                    r=4,
-                    save_strategy="no",
-                    use_cpu=True,
-                    disable_tqdm=True,
-                )
-            )
-        )
+        run_glue_entropy.main(script_argv(model, chaos, bulk, runs / f"tiny-lora-s{seed}", seed=seed))
     report = tmp_path / "report"
     assert analysis_main([str(runs), "--out", str(report), "--quiet"]) == 0
     assert (report / "index.md").stat().st_size > 0 and (report / "index.html").stat().st_size > 0

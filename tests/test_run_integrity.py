@@ -24,6 +24,8 @@ from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from script_args import script_argv  # noqa: E402
+
 import run_glue_entropy  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "run_glue_entropy.py")
@@ -41,24 +43,7 @@ def inputs(tmp_path_factory):
 
 
 def _argv(inputs, out, **extra):
-    values = dict(
-        model_name_or_path=inputs["bert"],
-        chaosnli_file=inputs["chaosnli"],
-        train_file=inputs["bulk"],
-        bulk_size=40,
-        output_dir=str(out),
-        num_train_epochs=2,
-        per_device_train_batch_size=16,
-        learning_rate=5e-3,
-        track_every=2,
-        max_seq_length=32,
-        r=4,
-        save_strategy="epoch",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    values.update(extra)
-    return run_glue_entropy._as_argv(values)
+    return script_argv(inputs["bert"], inputs["chaosnli"], inputs["bulk"], out, **{"save_strategy": "epoch", **extra})
 
 
 # 88 training examples, batch 16: 6 steps per epoch, checkpoints 6 and 12, 7 tracking points.

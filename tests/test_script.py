@@ -16,6 +16,8 @@ from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from script_args import script_values  # noqa: E402
+
 import run_glue_entropy  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "run_glue_entropy.py")
@@ -33,24 +35,7 @@ def inputs(tmp_path_factory):
 
 
 def _values(inputs, out, model="bert", **extra):
-    values = dict(
-        model_name_or_path=inputs[model],
-        chaosnli_file=inputs["chaosnli"],
-        train_file=inputs["bulk"],
-        bulk_size=40,
-        output_dir=str(out),
-        num_train_epochs=2,
-        per_device_train_batch_size=16,
-        learning_rate=5e-3,
-        track_every=2,
-        max_seq_length=32,
-        r=4,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    values.update(extra)
-    return values
+    return script_values(inputs[model], inputs["chaosnli"], inputs["bulk"], out, **extra)
 
 
 def _argv(inputs, out, model="bert", **extra):
