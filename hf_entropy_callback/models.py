@@ -43,6 +43,15 @@ class ModelFetchError(OSError):
     """The default model is not in the cache and could not be fetched; the message says what to do instead."""
 
 
+#: Files that hold a whole model's weights (one of them is in every saved model folder).
+MODEL_WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
 def cache_root() -> str:
     """The library's cache folder: `$HF_ENTROPY_CACHE`, or `~/.cache/hf_entropy_callback`."""
     return os.environ.get("HF_ENTROPY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_entropy_callback")
@@ -50,9 +59,8 @@ def cache_root() -> str:
 
 def is_model_folder(path: str) -> bool:
     """Whether `path` holds a loadable transformers model: a `config.json` and a weights file."""
-    weights = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
     return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, w)) for w in weights
+        os.path.isfile(os.path.join(path, w)) for w in MODEL_WEIGHT_FILES
     )
 
 

@@ -43,7 +43,8 @@ import tempfile
 import zipfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .runs import TRACKING_DIRNAME
+from .models import MODEL_WEIGHT_FILES
+from .runs import TRACKING_DIRNAME, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -51,15 +52,9 @@ FINGERPRINT_NAME = "run_fingerprint.json"
 FINGERPRINT_FORMAT_VERSION = 1
 LOCK_NAME = ".lock"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-#: Files of a checkpoint that hold the model; one of them must be present (and whole).
-WEIGHT_FILES = (
-    "model.safetensors",
-    "pytorch_model.bin",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "model.safetensors.index.json",
-    "pytorch_model.bin.index.json",
-)
+#: Files of a checkpoint that hold the model (a whole model's, or a PEFT adapter's); one of them must be
+#: present (and whole).
+WEIGHT_FILES = MODEL_WEIGHT_FILES + ("adapter_model.safetensors", "adapter_model.bin")
 
 __all__ = [
     "FINGERPRINT_NAME",
@@ -74,6 +69,8 @@ __all__ = [
     "mark_finished",
     "config_differences",
     "check_writable",
+    "holds_run",
+    "is_finished",
     "prepare_output_dir",
     "checkpoint_problems",
     "last_complete_checkpoint",
@@ -121,25 +118,6 @@ def library_major_versions() -> Dict[str, Optional[str]]:
             continue
         out[name] = ".".join(re.split(r"[.+]", version)[:2])
     return out
-
-
-def _write_json_atomic(path: str, payload: Mapping[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the user's usual mode so collaborators can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _now() -> str:
@@ -191,7 +169,7 @@ def write_fingerprint(output_dir: str, config: Mapping[str, Any], status: str = 
         "started": (old or {}).get("started") if status == "finished" else _now(),
         "finished": _now() if status == "finished" else None,
     }
-    _write_json_atomic(path, payload)
+    write_json_atomic(path, payload, sort_keys=True)
     return path
 
 
@@ -265,11 +243,13 @@ def _checkpoints(output_dir: str) -> List[Tuple[int, str]]:
     return sorted(found)
 
 
-def _holds_run(output_dir: str) -> bool:
+def holds_run(output_dir: str) -> bool:
+    """Whether `output_dir` holds a run, finished or not (a checkpoint or a tracking directory)."""
     return bool(_checkpoints(output_dir)) or os.path.isdir(os.path.join(output_dir, TRACKING_DIRNAME))
 
 
-def _is_finished(output_dir: str, fingerprint: Optional[Mapping[str, Any]]) -> bool:
+def is_finished(output_dir: str, fingerprint: Optional[Mapping[str, Any]]) -> bool:
+    """Whether the run in `output_dir` finished: its `fingerprint` says so and its run directory is there."""
     return (
         fingerprint is not None
         and fingerprint.get("status") == "finished"
@@ -332,7 +312,7 @@ def prepare_output_dir(
         unreadable = None
     except RunFolderError as err:
         fingerprint, unreadable = None, str(err)
-    if fingerprint is None and unreadable is None and not _holds_run(output_dir):
+    if fingerprint is None and unreadable is None and not holds_run(output_dir):
         return "new"
     if overwrite:
         # Like transformers 4.x's flag: start over, whatever the folder holds (same settings included).
@@ -350,7 +330,7 @@ def prepare_output_dir(
             [],
         )
     diffs = config_differences(fingerprint["config"], config)
-    finished = _is_finished(output_dir, fingerprint)
+    finished = is_finished(output_dir, fingerprint)
     if not diffs:
         return "finished" if finished else "resume"
     lines = "\n".join(f"  {k}: {old!r} (in the folder) -> {new!r} (now)" for k, old, new in diffs)
@@ -421,7 +401,7 @@ def checkpoint_problems(checkpoint: str, *, require_tracking: bool = True) -> Li
         except (OSError, ValueError) as err:
             problems.append(f"trainer_state.json does not parse ({err})")
     if not any(os.path.isfile(os.path.join(checkpoint, w)) for w in WEIGHT_FILES):
-        problems.append(f"no model weights ({' / '.join(WEIGHT_FILES[:4])})")
+        problems.append(f"no model weights ({' / '.join(WEIGHT_FILES)})")
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
         if os.path.isfile(path):

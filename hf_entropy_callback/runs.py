@@ -170,14 +170,20 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON to `path` through a temporary file in the same folder and an atomic rename."""
+def write_json_atomic(path: str, data: Any, *, sort_keys: bool = False) -> None:
+    """Write JSON to `path` through a temporary file in the same folder and an atomic rename.
+
+    The data reach the disk (fsync) before the rename, so a kill or a power cut leaves the old file
+    or the new one; the file gets the user's umask (mkstemp would leave it 0600).
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=_json_default, allow_nan=True)
+            json.dump(data, fh, indent=2, default=_json_default, allow_nan=True, sort_keys=sort_keys)
+            fh.flush()
+            os.fsync(fh.fileno())
         apply_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:

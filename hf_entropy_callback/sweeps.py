@@ -65,13 +65,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .run_folder import TRACKING_DIRNAME, RunFolderError, read_fingerprint
+from .run_folder import RunFolderError, holds_run, is_finished, read_fingerprint
+from .runs import write_json_atomic
 
 __all__ = [
     "ModelSpec",
@@ -544,32 +544,9 @@ def folder_state(output_dir: str) -> str:
         fp = read_fingerprint(output_dir)
     except RunFolderError:
         return "partial"
-    if (
-        fp is not None
-        and fp.get("status") == "finished"
-        and os.path.isfile(os.path.join(output_dir, TRACKING_DIRNAME, "run_config.json"))
-    ):
+    if is_finished(output_dir, fp):
         return "finished"
-    entries = [e for e in os.listdir(output_dir) if e not in ("smoke_inputs",)]
-    return (
-        "partial"
-        if fp is not None or any(e.startswith("checkpoint-") or e == TRACKING_DIRNAME for e in entries)
-        else "empty"
-    )
-
-
-def _write_json_atomic(path: str, payload: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return "partial" if fp is not None or holds_run(output_dir) else "empty"
 
 
 def _record_path(out_dir: str, name: str) -> str:
@@ -696,7 +673,7 @@ class _Runner:
         return bool(rec and rec.get("status") in ("done", "skipped") and rec.get("flags") == run.flags)
 
     def _record(self, run: Run, res: RunResult) -> None:
-        _write_json_atomic(_record_path(self.out_dir, run.name), {**res.as_dict(), "flags": run.flags})
+        write_json_atomic(_record_path(self.out_dir, run.name), {**res.as_dict(), "flags": run.flags})
 
     def execute(self, run: Run, slot: Tuple[str, Dict[str, str]]) -> RunResult:
         res = self.results[run.name]
@@ -945,7 +922,7 @@ def write_status(
     counts: Dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    _write_json_atomic(
+    write_json_atomic(
         os.path.abspath(path),
         {
             "format_version": STATUS_FORMAT_VERSION,
@@ -1302,7 +1279,7 @@ def calibrate(runs: Sequence[Run], *, data_dir: str, path: str, steps: int = 3, 
             f"  {m['train_step_s']:.3f} s / training step of {m['batch_size']}, {m['track_batch_s']:.3f} s / "
             f"tracking batch of {m['tracking_batch_size']} ({m['batches']})"
         )
-        _write_json_atomic(os.path.abspath(path), cache)
+        write_json_atomic(os.path.abspath(path), cache)
     return cache
 
 
