@@ -1187,26 +1187,9 @@ def spearman_bootstrap_ci(x, y, *, n_boot: int = 1000, level: float = 0.95, seed
     Returns:
         `tuple`: `(low, high)`, or `(nan, nan)` with fewer than 3 finite pairs.
     """
-    from scipy import stats
+    from hf_entropy_callback.inference import percentile_interval, spearman_bootstrap
 
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    n = len(x)
-    if n < 3:
-        return (math.nan, math.nan)
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    rx, ry = stats.rankdata(x[idx], axis=1), stats.rankdata(y[idx], axis=1)
-    rx -= rx.mean(axis=1, keepdims=True)
-    ry -= ry.mean(axis=1, keepdims=True)
-    denom = np.sqrt((rx * rx).sum(axis=1) * (ry * ry).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (rx * ry).sum(axis=1) / denom
-    rho = rho[np.isfinite(rho)]
-    if len(rho) == 0:
-        return (math.nan, math.nan)
-    low, high = np.quantile(rho, [(1 - level) / 2, (1 + level) / 2])
-    return (float(low), float(high))
+    return percentile_interval(spearman_bootstrap(x, y, n_boot=n_boot, seed=seed), level)
 
 
 # ---- console -------------------------------------------------------------------------------------
