@@ -281,8 +281,7 @@ class EntropyTracker:
             return self
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        needs_padding = True
-        if self.tokenizer is None and needs_padding:
+        if self.tokenizer is None:
             raise ValueError(
                 "EntropyTracker needs a tokenizer (to tokenize text and pad batches): pass tokenizer= "
                 "(with a Trainer, processing_class= works too)"
