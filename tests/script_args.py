@@ -5,6 +5,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_glue_entropy  # noqa: E402
+from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli  # noqa: E402
+
+
+def write_script_inputs(root, archs=("bert",)):
+    """Generated inputs under `root`: a 60-example ChaosNLI file, 40 bulk examples, a tiny model per arch."""
+    inputs = {
+        "chaosnli": write_synthetic_chaosnli(str(root / "chaos.jsonl"), n=60),
+        "bulk": write_synthetic_bulk(str(root / "bulk.jsonl"), n=40),
+    }
+    inputs.update({arch: save_tiny_model(str(root / arch), arch) for arch in archs})
+    return inputs
 
 
 def script_values(model, chaosnli, bulk, out, **extra):

@@ -8,20 +8,18 @@ import pytest
 
 from hf_entropy_callback import load_run
 from hf_entropy_callback.dynamics import run_summary
-from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from script_args import script_argv  # noqa: E402
+from script_args import script_argv, write_script_inputs  # noqa: E402
 
 import run_glue_entropy  # noqa: E402
 from hf_entropy_callback.study.cli import main as analysis_main  # noqa: E402
 
 
 def test_report_from_two_trained_runs(tmp_path):
-    chaos = write_synthetic_chaosnli(str(tmp_path / "chaos.jsonl"), n=60)
-    bulk = write_synthetic_bulk(str(tmp_path / "bulk.jsonl"), n=40)
-    model = save_tiny_model(str(tmp_path / "bert"), "bert")
+    inputs = write_script_inputs(tmp_path)
+    chaos, bulk, model = inputs["chaosnli"], inputs["bulk"], inputs["bert"]
     runs = tmp_path / "runs"
     for seed in (1, 2):
         run_glue_entropy.main(script_argv(model, chaos, bulk, runs / f"tiny-lora-s{seed}", seed=seed))

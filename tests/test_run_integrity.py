@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from hf_entropy_callback import load_run
-from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
+from hf_entropy_callback.testing import write_synthetic_chaosnli
 
 # The script's folder errors (hf_entropy_callback.run_folder.RunFolderError) are RuntimeErrors; the tests
 # catch RuntimeError with the expected message, so that on a script without the checks they fail as
@@ -24,7 +24,7 @@ from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, w
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from script_args import script_argv  # noqa: E402
+from script_args import script_argv, write_script_inputs  # noqa: E402
 
 import run_glue_entropy  # noqa: E402
 
@@ -34,12 +34,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.en
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {
-        "chaosnli": write_synthetic_chaosnli(str(root / "chaos.jsonl"), n=60),
-        "bulk": write_synthetic_bulk(str(root / "bulk.jsonl"), n=40),
-        "bert": save_tiny_model(str(root / "bert"), "bert"),
-    }
+    return write_script_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def _argv(inputs, out, **extra):

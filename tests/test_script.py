@@ -12,11 +12,10 @@ import torch
 
 from hf_entropy_callback import load_run
 from hf_entropy_callback.callback import tracking_schedule
-from hf_entropy_callback.testing import save_tiny_model, write_synthetic_bulk, write_synthetic_chaosnli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from script_args import script_values  # noqa: E402
+from script_args import script_values, write_script_inputs  # noqa: E402
 
 import run_glue_entropy  # noqa: E402
 
@@ -25,13 +24,7 @@ SCRIPT = os.path.join(ROOT, "run_glue_entropy.py")
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    return {
-        "chaosnli": write_synthetic_chaosnli(str(root / "chaos.jsonl"), n=60),
-        "bulk": write_synthetic_bulk(str(root / "bulk.jsonl"), n=40),
-        "bert": save_tiny_model(str(root / "bert"), "bert"),
-        "qwen2": save_tiny_model(str(root / "qwen2"), "qwen2"),
-    }
+    return write_script_inputs(tmp_path_factory.mktemp("inputs"), archs=("bert", "qwen2"))
 
 
 def _values(inputs, out, model="bert", **extra):
