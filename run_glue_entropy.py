@@ -18,7 +18,7 @@ tracking points and the time of a tracking pass; the summary at the end explains
 says when the model stayed near chance. The output folder follows `hf_entropy_callback.run_folder`:
 
 - `<output_dir>/run_fingerprint.json` records the settings that change the numbers (`build_run_config`
-  minus `NOT_FINGERPRINTED`; library versions as torch / transformers / peft major.minor) and whether
+  = `RunConfig.fingerprint`; library versions as torch / transformers / peft major.minor) and whether
   the run finished;
 - the same settings on a finished run: "already done", exit 0, nothing rewritten;
 - other settings on a finished or unfinished run: an error listing each difference (exit status 1),
@@ -90,6 +90,7 @@ from hf_entropy_callback.peft_setup import (
     is_decoder,
     lora_alpha_for,
 )
+from hf_entropy_callback.run_config import RunConfig
 from hf_entropy_callback.run_folder import (
     RunFolderError,
     RunLock,
@@ -918,10 +919,8 @@ def argument_problems(model_args, data_args, ent_args, training_args) -> List[st
 
 # ---- the run's configuration ---------------------------------------------------------------------
 
-#: Recorded in the run's configuration but left out of its fingerprint: they do not change its numbers.
-#: (Logging, saving, report_to, output_dir, dataloader workers and the tracking batch size are not in
-#: the configuration at all.)
-NOT_FINGERPRINTED = ("run_name", "preset")
+# Logging, saving, report_to, output_dir, dataloader workers and the tracking batch size are not in the
+# configuration at all: they do not change a run's numbers.
 
 
 def _path_or_id(value: Optional[str]) -> Optional[str]:
@@ -931,11 +930,11 @@ def _path_or_id(value: Optional[str]) -> Optional[str]:
     return os.path.abspath(value)
 
 
-def build_run_config(model_args, data_args, ent_args, training_args) -> dict:
+def build_run_config(model_args, data_args, ent_args, training_args) -> RunConfig:
     """The run's configuration from the parsed arguments alone (before any data or model is loaded).
 
-    Everything that changes the run's numbers, plus `run_name` and `preset` (see
-    `NOT_FINGERPRINTED`). Library versions are `major.minor` of torch, transformers and peft
+    Everything that changes the run's numbers, plus `run_name` and `preset` (not part of
+    `RunConfig.fingerprint`). Library versions are `major.minor` of torch, transformers and peft
     (`hf_entropy_callback.run_folder.library_major_versions`). Stored in the run's
     `entropy_tracking/run_config.json` (with the sizes of the data sets added once they are built)
     and, as the fingerprint, in `<output_dir>/run_fingerprint.json`.
@@ -994,12 +993,7 @@ def build_run_config(model_args, data_args, ent_args, training_args) -> dict:
         "run_name": training_args.run_name,
         "preset": ent_args.preset,
     }
-    return config
-
-
-def fingerprint_of(run_config: dict) -> dict:
-    """The part of `run_config` that must match for a folder's run to be continued or reused."""
-    return {k: v for k, v in run_config.items() if k not in NOT_FINGERPRINTED}
+    return RunConfig(**config)
 
 
 def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
@@ -1260,7 +1254,7 @@ def main(argv: Optional[List[str]] = None):
     except RunFolderError as err:
         usage_error(str(err))
     run_config = build_run_config(model_args, data_args, ent_args, training_args)
-    fingerprint = fingerprint_of(run_config)
+    fingerprint = run_config.fingerprint()
     # One process owns the folder (under torchrun every process runs this script): it takes the lock,
     # checks and prepares the folder first; the others then read the same decision from the folder.
     is_main = training_args.process_index == 0
@@ -1324,8 +1318,7 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
 
         if data_args.max_eval_samples is not None:
             val_tok = val_tok.select(range(min(data_args.max_eval_samples, len(val_tok))))
-        run_config = dict(
-            run_config,
+        run_config = run_config.replace(
             architecture="decoder" if decoder else "encoder",
             n_train=len(train),
             n_tracked=len(tracked),
@@ -1362,8 +1355,6 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         # tracking metrics, logged in on_train_begin, are printed like the later ones.
         trainer.add_callback(callback)
         callback.set_trainer(trainer)
-        if trainer.class_weights is not None:
-            callback.run_config["class_weights"] = trainer.class_weights.tolist()
         if trainer.is_world_process_zero():
             print(
                 startup_block(

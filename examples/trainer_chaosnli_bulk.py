@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_entropy_callback import NLI_LABELS, AnnotationEntropyCallback, load_chaosnli, load_run
+from hf_entropy_callback import NLI_LABELS, AnnotationEntropyCallback, RunConfig, load_chaosnli, load_run
 from hf_entropy_callback.data import build_training_set, load_bulk, sample_bulk, split_chaosnli
 from hf_entropy_callback.dynamics import format_summary, run_summary
 from hf_entropy_callback.models import default_model_path
@@ -79,23 +79,16 @@ def main(argv=None):
         encode, batched=True, remove_columns=[c for c in split["validation"].column_names if c != "label"]
     )
 
-    # 4. The callback: the tracked sets by name, the training truncation, and the run's description
-    #    (`run_config=`), so that the report groups this run under its model, method, rank and dataset.
+    # 4. The callback: the tracked sets by name, the training truncation, and what the callback cannot
+    #    read itself (`run_config=`: the model's path, the dataset, the data sizes), so that the report
+    #    groups this run under its model and dataset. Method, rank, alpha, learning rate and seed are read
+    #    from the model's peft_config and the TrainingArguments (`RunConfig.for_training`).
     callback = AnnotationEntropyCallback(
         {"train": tracked, "validation": split["validation"]},
         tokenizer=tokenizer,
         track_every=args.track_every,
         max_length=args.max_length,
-        run_config={
-            "model_name_or_path": model_path,
-            "method": "lora",
-            "rank": args.r,
-            "lora_alpha": 2 * args.r,
-            "dataset": args.task,
-            "bulk_size": len(bulk),
-            "learning_rate": args.learning_rate,
-            "seed": 42,
-        },
+        run_config=RunConfig(model_name_or_path=model_path, dataset=args.task, bulk_size=len(bulk)),
     )
     trainer = Trainer(
         model=model,

@@ -14,6 +14,7 @@ from .entropy import (
     tercile_bins,
 )
 from .labels import LabelSpaceError
+from .run_config import RunConfig
 from .runs import Run, RunFormatError, load_run
 
 __version__ = "0.1.0"
@@ -50,6 +51,7 @@ __all__ = [
     "NLI_LABELS",
     "ChaosNLIFormatError",
     "Run",
+    "RunConfig",
     "RunFormatError",
     "annotation_entropy",
     "category_thresholds",

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from transformers import TrainerCallback
 
-from .peft_setup import count_parameters, describe_adaptation
+from .run_config import RunConfig
 from .runs import TRACKING_DIRNAME, RunFormatError, find_tracking_dir
 from .schedule import tracking_schedule  # noqa: F401  (re-exported: the schedule this callback follows)
 from .tracker import EntropyTracker, distributed_world, unwrap_model
@@ -96,9 +96,12 @@ class AnnotationEntropyCallback(TrainerCallback):
         text_columns, label_column, label_names, max_length, preprocess, thresholds, nan_policy:
             as in `EntropyTracker`. Set `max_length` to the truncation your training data used.
         output_dir (`str`, *optional*): where the run directory goes (default: `args.output_dir`).
-        run_config (`Mapping`, *optional*):
-            Configuration stored with the run. Without it, the method (full / lora / ia3), rank, alpha and
-            target modules are read from the model's `peft_config`, and the rest from `TrainingArguments`.
+        run_config (`RunConfig` or `Mapping`, *optional*):
+            What the callback cannot read (dataset, data files, composition, ...), stored with the run. The
+            method (full / lora / ia3), rank, alpha and target modules are read from the model's
+            `peft_config`, the optimisation settings from `TrainingArguments` and the loss from a
+            `ClassWeightedTrainer` (`RunConfig.for_training`); a given value that disagrees is replaced,
+            with a warning.
         log_metrics (`bool`, *optional*, defaults to `True`): send per-point metrics to the Trainer's log.
 
     Example:
@@ -150,7 +153,7 @@ class AnnotationEntropyCallback(TrainerCallback):
         )
         self.trainer = trainer
         self.output_dir = output_dir
-        self.user_config = dict(run_config or {})
+        self.user_config = run_config.to_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
         self.log_metrics = log_metrics
 
     def set_trainer(self, trainer) -> None:
@@ -205,7 +208,7 @@ class AnnotationEntropyCallback(TrainerCallback):
             self.trainer = _find_trainer()
         self.tracker.prepare(model, self.tracker.tokenizer or processing_class or kwargs.get("tokenizer"))
         self.tracker.reset()
-        self.tracker.config.update(self._collect_config(args, model))
+        self.tracker.config = self._collect_config(args, model)
         self._pending = None
         if state.global_step > 0:
             self._resume(args, state)
@@ -287,31 +290,12 @@ class AnnotationEntropyCallback(TrainerCallback):
     # ---- configuration and resume ------------------------------------------------------------
 
     def _collect_config(self, args, model) -> Dict[str, Any]:
-        inner = unwrap_model(model)
-        config = getattr(inner, "config", None)
-        n_train, n_total = count_parameters(inner)
+        # One builder (RunConfig.for_training) completes what was given from the arguments, the model
+        # and the Trainer's loss, so a user's own script is recorded under its real method and rank.
         world, _ = distributed_world()
-        base = {
-            "model_name_or_path": getattr(config, "_name_or_path", None) or None,
-            "model_type": getattr(config, "model_type", None),
-            "trainable_params": int(n_train),
-            "total_params": int(n_total),
-            "learning_rate": args.learning_rate,
-            "seed": args.seed,
-            "num_train_epochs": args.num_train_epochs,
-            "max_steps": args.max_steps,
-            "per_device_train_batch_size": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "world_size": world,
-            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            "warmup_steps": getattr(args, "warmup_steps", None),
-            "warmup_ratio": getattr(args, "warmup_ratio", None),
-            "weight_decay": args.weight_decay,
-            "max_grad_norm": args.max_grad_norm,
-        }
-        base.update(describe_adaptation(inner))
-        base.update(self.user_config)
-        return base
+        given = {**self.tracker.config, **self.user_config}
+        config = RunConfig.for_training(args, unwrap_model(model), trainer=self.trainer, given=given, world_size=world)
+        return config.to_dict()
 
     def _resume(self, args, state) -> None:
         candidates = []

@@ -272,7 +272,7 @@ class Run:
 
     Attributes:
         path (`str`): the tracking directory.
-        config (`dict`): the run's configuration.
+        config (`dict`): the run's configuration as stored (`run_config` reads it into a `RunConfig`).
         versions (`dict`): library versions of the run.
         examples (`pandas.DataFrame`): one row per tracked example (`EXAMPLE_COLUMNS`).
         points (`pandas.DataFrame`): the tracking points (`POINT_COLUMNS`), in order.
@@ -287,6 +287,13 @@ class Run:
     points: Any
     logprobs: Dict[str, np.ndarray] = field(repr=False)
     format_version: int = RUN_FORMAT_VERSION
+
+    @property
+    def run_config(self):
+        """The configuration as a `hf_entropy_callback.run_config.RunConfig` (older configs upgraded)."""
+        from .run_config import RunConfig
+
+        return RunConfig.from_dict(self.config)
 
     @property
     def original_label_known(self) -> bool:
@@ -358,6 +365,13 @@ def load_run(path: str) -> Run:
             f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}); rerun it or load it with the library version "
             "that wrote it"
         )
+    config = meta.get("config", {})
+    try:
+        from .run_config import RunConfig
+
+        RunConfig.from_dict(config if isinstance(config, dict) else {})
+    except (TypeError, ValueError) as err:
+        raise RunFormatError(f"{tdir}: run_config.json: {err}") from None
     for name in ("examples.parquet", "points.parquet", "logprobs.npz"):
         if not os.path.isfile(os.path.join(tdir, name)):
             raise RunFormatError(f"{tdir}: incomplete run, {name} is missing")
@@ -445,7 +459,7 @@ def _read_file(tdir: str, name: str, reader):
         ) from None
 
 
-def history_complete(config: Mapping[str, Any]) -> bool:
+def history_complete(config) -> bool:
     """Whether a run's trajectory covers its whole training.
 
     False when the callback resumed from a checkpoint without the trajectory recorded before it
@@ -453,6 +467,8 @@ def history_complete(config: Mapping[str, Any]) -> bool:
     may write it): such a run lacks its early tracking points, so its AULC and Delta L are not
     comparable with complete runs.
     """
+    if not isinstance(config, Mapping):  # a RunConfig
+        config = config.to_dict()
     if config.get("history_complete") is False:
         return False
     return not bool(config.get("resumed_without_history", False))

@@ -30,6 +30,7 @@ from .chaosnli import NLI_LABELS
 from .dynamics import accuracy, gold_loss
 from .entropy import CATEGORIES, annotation_entropy, category_thresholds, entropy_category
 from .labels import LabelSpace, model_label_names, normalize_label_name, resolve_label_space
+from .run_config import RunConfig
 from .runs import Run, RunFormatError, load_run, write_run
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ class EntropyTracker:
         thresholds (`Tuple[float, float]`, *optional*):
             Entropy category thresholds in nats; default the study's (0.4, 0.7) for K = 3, carried over to
             K classes by `entropy.category_thresholds` (same share of ln K).
-        run_config (`Mapping`, *optional*): configuration stored with the run (model, method, ...).
+        run_config (`RunConfig` or `Mapping`, *optional*): configuration stored with the run (dataset, ...);
+            the model's method, rank and size are read from the model (`RunConfig.for_training`).
         nan_policy (`str`, *optional*, defaults to `"record"`):
             `"record"` stores NaN losses and warns once per set; `"raise"` raises `FloatingPointError`.
         metric_prefix (`str`, *optional*, defaults to `"entropy/"`): prefix of the metric names.
@@ -211,7 +213,9 @@ class EntropyTracker:
         self.max_length = max_length
         self.preprocess = preprocess
         self.user_thresholds = None if thresholds is None else tuple(float(t) for t in thresholds)
-        self.config: Dict[str, Any] = dict(run_config or {})
+        self.config: Dict[str, Any] = (
+            run_config.to_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
+        )
         self.nan_policy = nan_policy
         self.prefix = metric_prefix
         self.sets: Dict[str, TrackedSet] = {}
@@ -329,6 +333,8 @@ class EntropyTracker:
         self.config.setdefault("track_every", self.track_every)
         self.config.setdefault("max_length", self.max_length or self._tokenizer_max_length())
         self.config.setdefault("tracked_loss", "unweighted cross-entropy of the gold label")
+        # The model's own adaptation (method, rank, ...) and size, so a custom loop's run is never "unknown".
+        self.config = RunConfig.for_training(model=model, given=self.config).to_dict()
         return self
 
     def _tokenizer_max_length(self) -> Optional[int]:

@@ -227,7 +227,7 @@ def test_checkpoint_without_trajectory_is_not_resumed(inputs, finished, tmp_path
     shutil.rmtree(out / "checkpoint-6" / "entropy_tracking")
     run_glue_entropy.main(_argv(inputs, out))
     run = load_run(str(out))
-    assert len(run.points) == N_POINTS and "resumed_without_history" not in run.config  # all points, from step 0
+    assert len(run.points) == N_POINTS and not run.run_config.resumed_without_history  # all points, from step 0
     assert "checkpoint-6: entropy_tracking/run_config.json is missing" in caplog.text
     _assert_same_trajectory(finished, out)
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from hf_entropy_callback.peft_setup import DECODER_MODEL_TYPES
+from hf_entropy_callback.run_config import RunConfig
 from hf_entropy_callback.runs import TRACKING_DIRNAME
 
 #: Columns that identify a condition, in display order.
@@ -62,58 +63,55 @@ def _listish(value):
 
 
 def _max_steps(config):
-    v = _num(config.get("max_steps"))
+    v = _num(config.max_steps)
     return None if v is None or v <= 0 else v
 
 
 def _batch(config):
-    per = _num(config.get("per_device_train_batch_size"))
+    per = _num(config.per_device_train_batch_size)
     if per is None:
         return None
-    acc = _num(config.get("gradient_accumulation_steps")) or 1.0
-    world = _num(config.get("world_size")) or 1.0
+    acc = _num(config.gradient_accumulation_steps) or 1.0
+    world = _num(config.world_size) or 1.0
     return f"{per:g}x{acc:g}x{world:g}"
 
 
 def _noise_rule(config):
-    if not (_num(config.get("label_noise")) or 0.0):
+    if not (_num(config.label_noise) or 0.0):
         return None  # no noise: the drawing rule does not apply
-    return "other classes" if config.get("label_noise_exclude_original") else "all classes"
+    return "other classes" if config.label_noise_exclude_original else "all classes"
 
 
 #: The settings that define a condition besides model, method, rank, dataset, composition, label
-#: noise and loss (which `describe_run` normalises): (column, short name in labels, reader of the config).
+#: noise and loss (which `describe_run` normalises): (column, short name in labels, reader of the
+#: run's `RunConfig`).
 SETTINGS = (
-    (
-        "model_name_or_path",
-        "model path",
-        lambda c: None if not c.get("model_name_or_path") else str(c["model_name_or_path"]),
-    ),
-    ("lora_alpha", "alpha", lambda c: _num(c.get("lora_alpha"))),
-    ("lora_dropout", "dropout", lambda c: _num(c.get("lora_dropout"))),
-    ("target_modules", "targets", lambda c: _listish(c.get("target_modules"))),
-    ("learning_rate", "lr", lambda c: _num(c.get("learning_rate"))),
-    ("lr_scheduler_type", "scheduler", lambda c: c.get("lr_scheduler_type")),
-    ("warmup_steps", "warmup steps", lambda c: _num(c.get("warmup_steps"))),
-    ("warmup_ratio", "warmup ratio", lambda c: _num(c.get("warmup_ratio"))),
-    ("weight_decay", "weight decay", lambda c: _num(c.get("weight_decay"))),
-    ("max_grad_norm", "max grad norm", lambda c: _num(c.get("max_grad_norm"))),
-    ("num_train_epochs", "epochs", lambda c: _num(c.get("num_train_epochs"))),
+    ("model_name_or_path", "model path", lambda c: None if not c.model_name_or_path else str(c.model_name_or_path)),
+    ("lora_alpha", "alpha", lambda c: _num(c.lora_alpha)),
+    ("lora_dropout", "dropout", lambda c: _num(c.lora_dropout)),
+    ("target_modules", "targets", lambda c: _listish(c.target_modules)),
+    ("learning_rate", "lr", lambda c: _num(c.learning_rate)),
+    ("lr_scheduler_type", "scheduler", lambda c: c.lr_scheduler_type),
+    ("warmup_steps", "warmup steps", lambda c: _num(c.warmup_steps)),
+    ("warmup_ratio", "warmup ratio", lambda c: _num(c.warmup_ratio)),
+    ("weight_decay", "weight decay", lambda c: _num(c.weight_decay)),
+    ("max_grad_norm", "max grad norm", lambda c: _num(c.max_grad_norm)),
+    ("num_train_epochs", "epochs", lambda c: _num(c.num_train_epochs)),
     ("max_steps", "max_steps", _max_steps),
     ("batch", "batch", _batch),
-    ("bulk_size", "bulk", lambda c: _num(c.get("bulk_size"))),
-    ("track_every", "track_every", lambda c: _num(c.get("track_every"))),
-    ("max_length", "max length", lambda c: _num(c.get("max_length", c.get("max_seq_length")))),
-    ("chaosnli_file", "chaosnli file", lambda c: _basename(c.get("chaosnli_file"))),
-    ("train_file", "train file", lambda c: _basename(c.get("train_file"))),
-    ("split_seed", "split seed", lambda c: _num(c.get("split_seed"))),
+    ("bulk_size", "bulk", lambda c: _num(c.bulk_size)),
+    ("track_every", "track_every", lambda c: _num(c.track_every)),
+    ("max_length", "max length", lambda c: _num(c.max_length)),
+    ("chaosnli_file", "chaosnli file", lambda c: _basename(c.chaosnli_file)),
+    ("train_file", "train file", lambda c: _basename(c.train_file)),
+    ("split_seed", "split seed", lambda c: _num(c.split_seed)),
     ("noise_rule", "noise labels from", _noise_rule),
     (
         "use_class_weights",
         "class weights",
-        lambda c: None if c.get("use_class_weights") is None else bool(c.get("use_class_weights")),
+        lambda c: None if c.use_class_weights is None else bool(c.use_class_weights),
     ),
-    ("label_names", "labels", lambda c: _listish(c.get("label_names"))),
+    ("label_names", "labels", lambda c: _listish(c.label_names)),
 )
 #: Every column of the condition key, in order (``tracked_set`` is added by `hf_entropy_callback.study.loading`).
 KEY_COLUMNS = (
@@ -155,12 +153,13 @@ class NoRunsFoundError(FileNotFoundError):
     """No run directory (``entropy_tracking/run_config.json``) below the given paths."""
 
 
-def is_decoder(config: Mapping[str, Any]) -> bool:
-    """Whether a run config describes a decoder-only model (its ``architecture``, else its ``model_type``)."""
-    arch = config.get("architecture")
-    if arch:
-        return str(arch).lower() == "decoder"
-    return str(config.get("model_type") or "").lower() in DECODER_TYPES
+def is_decoder(config) -> bool:
+    """Whether a run config (`RunConfig` or mapping) describes a decoder-only model (its ``architecture``,
+    else, for configs written before it was recorded, its ``model_type``)."""
+    config = RunConfig.from_dict(config)
+    if config.architecture:
+        return str(config.architecture).lower() == "decoder"
+    return str(config.model_type or "").lower() in DECODER_TYPES
 
 
 def discover_runs(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -250,12 +249,13 @@ def method_label(method: str, rank: float) -> str:
     return {"ia3": "IA3", "full": "full FT"}.get(method, method)
 
 
-def describe_run(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """Normalise a run's config into the columns used for grouping, with defaults for missing keys.
+def describe_run(config) -> Dict[str, Any]:
+    """A run's configuration (`RunConfig` or its stored mapping) as the columns used for grouping.
 
-    Defaults: ``method`` "lora" when a rank is given, else "unknown"; ``rank`` only for LoRA (NaN
-    otherwise); ``architecture`` from ``model_type``; ``dataset`` "unknown"; ``composition``
-    "all"; ``label_noise`` 0.0; ``loss`` "ce"; ``seed`` NaN.
+    Missing settings take `RunConfig`'s defaults (composition "all", no label noise, loss "ce"); what
+    it cannot default shows as such: ``method`` "unknown" (only in configs written neither by the
+    callback nor the script, which always record it), ``rank`` NaN except for LoRA, ``dataset``
+    "unknown", ``seed`` NaN.
 
     Examples
     --------
@@ -266,15 +266,16 @@ def describe_run(config: Mapping[str, Any]) -> Dict[str, Any]:
     >>> d["condition"]
     'Qwen2.5-1.5B · LoRA r=16 · snli · noise=0.3'
     """
-    name = config.get("model_name_or_path")
-    model = os.path.basename(os.path.normpath(str(name))) if name else str(config.get("model_type") or "unknown")
-    rank = _float(config.get("rank"))
-    method = str(config.get("method") or ("lora" if not math.isnan(rank) else "unknown")).lower()
+    config = RunConfig.from_dict(config)
+    name = config.model_name_or_path
+    model = os.path.basename(os.path.normpath(str(name))) if name else str(config.model_type or "unknown")
+    rank = _float(config.rank)
+    method = str(config.method or "unknown").lower()
     if method != "lora":
         rank = math.nan
-    composition = str(config.get("composition") or "all")
-    noise = _float(config.get("label_noise"), 0.0)
-    loss = str(config.get("loss") or "ce")
+    composition = str(config.composition or "all")
+    noise = _float(config.label_noise, 0.0)
+    loss = str(config.loss or "ce")
     parts = []
     if composition != "all":
         parts.append(f"composition={composition}")
@@ -283,7 +284,7 @@ def describe_run(config: Mapping[str, Any]) -> Dict[str, Any]:
     if loss != "ce":
         parts.append(f"loss={loss}")
     variant = ", ".join(parts) or "base"
-    dataset = str(config.get("dataset") or "unknown").lower()
+    dataset = str(config.dataset or "unknown").lower()
     desc = {
         "model": model,
         "architecture": "decoder" if is_decoder(config) else "encoder",
@@ -294,7 +295,7 @@ def describe_run(config: Mapping[str, Any]) -> Dict[str, Any]:
         "composition": composition,
         "label_noise": noise,
         "loss": loss,
-        "seed": _float(config.get("seed")),
+        "seed": _float(config.seed),
     }
     for name, _, read in SETTINGS:
         desc[name] = read(config)

@@ -368,9 +368,10 @@ def load_study(
             text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
             notes.append(f"{tdir}: skipped, {text}")
             continue
-        desc = describe_run(run.config)
+        config = run.run_config
+        desc = describe_run(config)
         rows.append({"run_id": run_id, **desc, **row})
-        configs[run_id] = dict(run.config)
+        configs[run_id] = config.to_dict()
         boots[run_id] = tables.pop("boot")
         for key, frame in tables.items():
             if frame is not None:
