@@ -528,8 +528,9 @@ def synthetic_instruments(
                 base - 0.15 * f_lr * mfac * (0.5 + depth[layer]) * shape + 0.005 * rng.standard_normal(n_pts) * (x > 0)
             )
             add("drift", "attention_entropy", ent, component=str(layer))
+        run_cka = 1.0 + 0.05 * rng.standard_normal()
         for layer in range(layers):
-            loss_cka = 0.35 * f_lr * mfac * ((layer + 1) / layers) ** 2 * shape
+            loss_cka = 0.35 * run_cka * f_lr * mfac * ((layer + 1) / layers) ** 2 * shape
             cka = 1.0 - np.clip(loss_cka + 0.003 * np.abs(rng.standard_normal(n_pts)) * (x > 0), 0.0, 1.0)
             add("drift", "cka", cka, component=str(layer))
         modules = _modules(config, layers)
