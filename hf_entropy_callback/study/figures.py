@@ -1233,42 +1233,40 @@ def drift_panel(
     return ax
 
 
-def _drift_layout(drift: pd.DataFrame):
-    """(groups of model, dataset, variant and instrument setting; learning rates) of the drift grid."""
-    keys = ("dataset", "model", "variant", "instrument_setting")
-    groups = _panels(drift, keys)
-    rates = sorted(drift["learning_rate"].dropna().unique()) if "learning_rate" in drift else []
-    return groups, rates or [None]
+def _drift_rows(drift: pd.DataFrame) -> List[Tuple[tuple, pd.DataFrame]]:
+    """The rows of the drift grid: one per model, dataset, instrument setting and learning rate (methods
+    are the lines), main setting only (variants have one method; all rows when there is no main setting)."""
+    base = drift[drift["variant"] == "base"] if "variant" in drift else drift
+    return _panels(
+        drift if base.empty else base, ("dataset", "model", "variant", "instrument_setting", "learning_rate")
+    )
 
 
 def drift_plot(
-    drift: pd.DataFrame, *, page: int = 0, groups_per_page: Optional[int] = 2, axes=None
+    drift: pd.DataFrame, *, page: int = 0, max_rows: Optional[int] = MAX_ROWS, axes=None
 ) -> Optional[Figure]:
-    """Drift over training by method at each learning rate: per model, dataset, variant and instrument
-    setting three rows (attention entropy, CKA, update norm), one column per learning rate, one line per
-    method. `groups_per_page` such groups per page. Returns the figure (None without data or past the last page)."""
+    """Drift over training by method at each learning rate: one row per model, dataset, instrument setting
+    and learning rate (main setting), one column per quantity (attention entropy, CKA, update norm), one
+    line per method. Rows in pages of `max_rows`. Returns the figure (None without data or past the last page)."""
     if drift.empty:
         return None
-    groups, rates = _drift_layout(drift)
-    if groups_per_page:
-        groups = groups[page * groups_per_page : (page + 1) * groups_per_page]
-    if not groups:
+    rows = _drift_rows(drift)
+    if max_rows:
+        rows = rows[page * max_rows : (page + 1) * max_rows]
+    if not rows:
         return None
     quantities = [q for q in DRIFT_LABELS if (drift["quantity"] == q).any()]
     fig, grid, _ = _grid_into(
-        axes, len(groups) * len(quantities), len(rates), "drift_plot", sharey=False, top=0.4, panel_w=3.4, wspace=0.9
+        axes, len(rows), len(quantities), "drift_plot", sharey=False, top=0.4, panel_w=3.4, wspace=0.9
     )
     colors = _method_colors(drift)
-    for i, (_, g) in enumerate(groups):
-        for j, rate in enumerate(rates):
-            d = g if rate is None else g[g["learning_rate"] == rate]
-            for k, q in enumerate(quantities):
-                ax = grid[i * len(quantities) + k, j]
-                if d.empty or not (d["quantity"] == q).any():
-                    ax.set_axis_off()
-                    continue
-                title = _panel_title(d.iloc[0]) if k == 0 else None
-                drift_panel(d, quantity=q, colors=colors, ax=ax, title=title)
+    for i, (_, d) in enumerate(rows):
+        for k, q in enumerate(quantities):
+            ax = grid[i, k]
+            if not (d["quantity"] == q).any():
+                ax.set_axis_off()
+                continue
+            drift_panel(d, quantity=q, colors=colors, ax=ax, title=_panel_title(d.iloc[0]))
     return fig
 
 
@@ -1355,9 +1353,9 @@ def instrument_figures(tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str
             j(folder, "grad_norms.png"),
         ),
         "drift": _pages(
-            lambda p: drift_plot(drift, page=p, groups_per_page=2),
-            len(_drift_layout(drift)[0]) if not drift.empty else 0,
-            2,
+            lambda p: drift_plot(drift, page=p),
+            len(_drift_rows(drift)) if not drift.empty else 0,
+            MAX_ROWS,
             j(folder, "drift.png"),
         ),
         "drift_delta": _single(

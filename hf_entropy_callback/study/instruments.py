@@ -435,17 +435,27 @@ def grad_norm_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFra
         `GRAD_NORM_COLUMNS`; ``grad_norm_*`` summarise the runs' category means,
         ``grad_norm_median_*`` their category medians.
     """
-    rows = _join(runs, _rows(instruments, "grad_norms", ["grad_norm_mean", "grad_norm_median"]))
+    rows = _rows(instruments, "grad_norms", ["grad_norm_mean", "grad_norm_median"])
     if rows.empty:
         return pd.DataFrame(columns=GRAD_NORM_COLUMNS)
-    keys = [*INSTRUMENT_KEYS, "run_id", "seed", "group", "step"]
-    wide = rows.pivot_table(index=keys, columns="quantity", values="value", aggfunc="first", dropna=False)
-    wide = wide.reindex(columns=["grad_norm_mean", "grad_norm_median"]).dropna(how="all").reset_index()
-    wide = wide.rename(columns={"group": "category", "grad_norm_mean": "grad_norm"})
-    prog = rows.groupby([*INSTRUMENT_KEYS, "group", "step"], dropna=False, sort=False)["progress"].mean()
-    out = _over_seeds(wide, [*INSTRUMENT_KEYS, "category", "step"], {"grad_norm": True, "grad_norm_median": False})
-    prog = prog.reset_index().rename(columns={"group": "category"})
-    out = out.merge(prog, on=[*INSTRUMENT_KEYS, "category", "step"], how="left")
+    # Wide per run first (no missing keys there), then the run's condition keys.
+    wide = rows.pivot_table(
+        index=["run_id", "group", "step"], columns="quantity", values=["value", "progress"], aggfunc="first"
+    )
+    wide = pd.DataFrame(
+        {
+            "grad_norm": wide["value"].reindex(columns=["grad_norm_mean"]).iloc[:, 0],
+            "grad_norm_median": wide["value"].reindex(columns=["grad_norm_median"]).iloc[:, 0],
+            "progress": wide["progress"].max(axis=1),
+        }
+    ).reset_index()
+    wide = _join(runs, wide.rename(columns={"group": "category"}))
+    if wide.empty:
+        return pd.DataFrame(columns=GRAD_NORM_COLUMNS)
+    by = [*INSTRUMENT_KEYS, "category", "step"]
+    out = _over_seeds(wide, by, {"grad_norm": True, "grad_norm_median": False})
+    prog = wide.groupby(by, dropna=False, sort=False)["progress"].mean().reset_index()
+    out = out.merge(prog, on=by, how="left")
     out["_c"] = out["category"].map({c: i for i, c in enumerate(CATEGORIES)}).fillna(len(CATEGORIES))
     return _ordered(out, GRAD_NORM_COLUMNS, ["_c", "step"])
 
@@ -531,11 +541,12 @@ def grad_norm_test_summary_table(per_run: pd.DataFrame, alpha: float = 0.05) -> 
 
 def _drift_per_run(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFrame:
     """Per run, quantity (`DRIFT_QUANTITIES`) and step: the layer mean (attention entropy, CKA) or the total."""
-    rows = _join(runs, _rows(instruments, "drift", DRIFT_QUANTITIES))
+    rows = _rows(instruments, "drift", DRIFT_QUANTITIES)
     if rows.empty:
         return pd.DataFrame()
-    keys = [*INSTRUMENT_KEYS, "run_id", "seed", "quantity", "step"]
-    return rows.groupby(keys, dropna=False, sort=False).agg(value=("value", "mean"), progress=("progress", "mean"))
+    # Reduced per run first (its rows have no missing keys), then the run's condition keys attached.
+    per = rows.groupby(["run_id", "quantity", "step"], sort=False)
+    return _join(runs, per.agg(value=("value", "mean"), progress=("progress", "mean")).reset_index())
 
 
 def drift_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFrame:
@@ -552,7 +563,6 @@ def drift_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFrame:
     per_run = _drift_per_run(runs, instruments)
     if per_run.empty:
         return pd.DataFrame(columns=DRIFT_COLUMNS)
-    per_run = per_run.reset_index()
     by = [*INSTRUMENT_KEYS, "quantity", "step"]
     out = _over_seeds(per_run, by, {"value": True})
     prog = per_run.groupby(by, dropna=False, sort=False)["progress"].mean().reset_index()
@@ -572,13 +582,13 @@ def drift_layer_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataF
     table : DataFrame
         `DRIFT_LAYER_COLUMNS`.
     """
-    rows = _join(runs, _rows(instruments, "drift", ["attention_entropy", "cka", "update_norm"]))
+    rows = _rows(instruments, "drift", ["attention_entropy", "cka", "update_norm"])
     if rows.empty:
         return pd.DataFrame(columns=DRIFT_LAYER_COLUMNS)
-    keys = [*INSTRUMENT_KEYS, "run_id", "seed", "quantity", "component"]
-    rows = rows.sort_values("step", kind="stable")
-    g = rows.groupby(keys, dropna=False, sort=False)
-    per = g.agg(step=("step", "last"), final=("value", "last"), first=("value", "first")).reset_index()
+    g = rows.sort_values("step", kind="stable").groupby(["run_id", "quantity", "component"], sort=False)
+    per = _join(runs, g.agg(step=("step", "last"), final=("value", "last"), first=("value", "first")).reset_index())
+    if per.empty:
+        return pd.DataFrame(columns=DRIFT_LAYER_COLUMNS)
     per["change"] = per["final"] - per["first"]
     out = _over_seeds(per, [*INSTRUMENT_KEYS, "quantity", "component"], {"final": False, "change": False})
     step = per.groupby([*INSTRUMENT_KEYS, "quantity", "component"], dropna=False, sort=False)["step"].max()
@@ -607,7 +617,7 @@ def drift_delta_runs_table(runs: pd.DataFrame, instruments: pd.DataFrame, exampl
     per_run = _drift_per_run(runs, instruments)
     if per_run.empty or examples is None or examples.empty:
         return pd.DataFrame(columns=DRIFT_DELTA_RUN_COLUMNS)
-    per_run = per_run.reset_index().sort_values("step", kind="stable")
+    per_run = per_run.sort_values("step", kind="stable")
     g = per_run.groupby(["run_id", "quantity"], sort=False)
     ends = g.agg(first=("value", "first"), last=("value", "last"), step=("step", "last")).reset_index()
     last = ends.pivot(index="run_id", columns="quantity", values="last").reindex(columns=list(DRIFT_QUANTITIES))

@@ -1100,9 +1100,10 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
                 FigureItem(
                     "drift",
                     figs["drift"],
-                    "Drift over training by method (line colour and style) at each learning rate (columns): "
-                    "layer-mean attention entropy, layer-mean CKA against the initial model and total weight-update "
-                    "norm; mean over seeds, band: 95% t interval over seeds.",
+                    "Drift over training by method (line colour and style) at each learning rate (one row per "
+                    "model, dataset and learning rate, main setting): layer-mean attention entropy, layer-mean CKA "
+                    "against the initial model and total weight-update norm; mean over seeds, band: 95% t interval "
+                    "over seeds.",
                 )
             )
         if "drift_delta" in t:
