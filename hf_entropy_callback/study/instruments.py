@@ -324,7 +324,8 @@ def _over_seeds(frame: pd.DataFrame, by: Sequence[str], values: Mapping[str, boo
         out[f"{v}_mean"] = g[v].mean()
         out[f"{v}_sd"] = g[v].std(ddof=1)
         if ci:
-            out[f"{v}_ci_low"], out[f"{v}_ci_high"] = _t_interval(out[f"{v}_mean"], out[f"{v}_sd"], out["n_runs"])
+            # n: the runs with a value (a missing one, NaN, is left out as in the mean and sd)
+            out[f"{v}_ci_low"], out[f"{v}_ci_high"] = _t_interval(out[f"{v}_mean"], out[f"{v}_sd"], g[v].count())
     return out.reset_index()
 
 
