@@ -464,7 +464,9 @@ def synthetic_instruments(
         )
 
     train = examples[examples["set"] == "train"].sort_values("index").reset_index(drop=True)
-    per_example = pd.DataFrame(columns=list(INSTRUMENT_EXAMPLE_COLUMNS))
+    per_example = pd.DataFrame(
+        {c: pd.Series(dtype="int64" if c in ("point", "step", "index") else object) for c in INSTRUMENT_EXAMPLE_COLUMNS}
+    ).astype({"value": "float64"})
     cat_norm = {}
     if "grad_norms" in names or "grad_alignment" in names:
         sample_rng = np.random.default_rng(
@@ -678,9 +680,9 @@ def write_synthetic_run(
         # A stream of its own: the log-probabilities above do not depend on whether instruments are asked for.
         irng = np.random.default_rng([seed, example_seed, zlib.crc32(ident), 12])
         table, per_example = synthetic_instruments(examples, logprobs["train"], points, cfg, settings, irng)
+        # Both files whenever instruments were on (the second empty without grad_norms), as the tracker writes them.
         _write_parquet_atomic(table, os.path.join(tdir, "instruments.parquet"))
-        if len(per_example):
-            _write_parquet_atomic(per_example, os.path.join(tdir, "instrument_examples.parquet"))
+        _write_parquet_atomic(per_example, os.path.join(tdir, "instrument_examples.parquet"))
     return tdir
 
 

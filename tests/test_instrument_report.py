@@ -131,7 +131,7 @@ def test_the_text_names_the_loss_the_sample_and_the_runs_left_out(built):
     assert "class_weighted_ce (the training loss, class-weighted cross-entropy" in sec12
     assert f"{SAMPLE} examples per entropy category" in sec12
     assert "10 usable run(s) with this instrument" in sec12  # the diverged and the plain run are not among them
-    assert "1 usable run(s) without instruments (lora_lr1_s5_plain)" in sec12
+    assert "1 usable run(s) without gradient instruments (lora_lr1_s5_plain)" in sec12
     assert "Mann–Whitney U" in index
 
 
@@ -347,20 +347,40 @@ def test_runs_of_different_instrument_settings_are_kept_apart(tmp_path):
     for name in ("grad_alignment", "grad_norms", "drift", "grad_norm_test_summary"):
         t = _csv(rep, name)
         sizes = t.groupby("instrument_setting")["n_runs"].max().to_dict()
-        assert sizes == {
-            "loss class_weighted_ce · 8 per category · attention eager": 2,
-            "loss class_weighted_ce · 16 per category · attention eager": 1,
-        }, name
+        if name == "drift":
+            assert sizes == {"8 per category · attention eager": 2, "16 per category · attention eager": 1}
+        else:
+            assert sizes == {
+                "loss class_weighted_ce · 8 per category": 2,
+                "loss class_weighted_ce · 16 per category": 1,
+            }
     tests = _csv(rep, "grad_norm_tests").set_index("run_id")
     ex = pd.read_parquet(os.path.join(str(runs), "s3_sample16", "entropy_tracking", "examples.parquet"))
     n_clean = int(((ex["set"] == "train") & (ex["category"] == "clean")).sum())
     assert 8 < n_clean < 16  # so the larger setting takes every clean example
     assert tests.loc["s3_sample16", "n_clean"] == n_clean and tests.loc["s1_sample8", "n_clean"] == 8
     index = open(rep.index).read()
-    assert "runs with 2 instrument settings" in index and "their instrument values are not pooled" in index
+    assert "runs with 2 gradient instrument settings" in index and "runs with 2 drift instrument settings" in index
+    assert "their values are not pooled" in index
     assert "8 examples per entropy category, 16 examples per entropy category" in index
     # The displayed tables name the setting of each row when there are several.
-    assert "| loss class_weighted_ce · 16 per category · attention eager |" in index
+    assert "| loss class_weighted_ce · 16 per category |" in index
+
+
+def test_runs_that_differ_only_in_which_instruments_they_recorded_are_pooled(tmp_path):
+    runs = tmp_path / "runs"
+    for s in (1, 2):
+        _run(runs, f"all_s{s}", {"seed": s})
+    _run(runs, "grads_s3", {"seed": 3}, instruments={**INSTR, "names": ["grad_alignment", "grad_norms"]})
+    _run(runs, "drift_s4", {"seed": 4}, instruments={**INSTR, "names": ["drift"], "seed": 9})
+    rep = build_report([str(runs)], str(tmp_path / "rep"), progress=False, options=Options(n_boot=0))
+    for name, seeds in (("grad_alignment", "1, 2, 3"), ("grad_norms", "1, 2, 3"), ("drift", "1, 2, 4")):
+        t = _csv(rep, name)
+        assert t["instrument_setting"].nunique() == 1 and set(t["seeds"]) == {seeds}, name
+    index = open(rep.index).read()
+    assert "not pooled" not in index
+    assert "1 usable run(s) without gradient instruments (drift_s4)" in index
+    assert "1 usable run(s) without drift instruments (grads_s3)" in index
 
 
 # ------------------------------------------------------------------------------------------------

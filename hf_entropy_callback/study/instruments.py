@@ -19,9 +19,10 @@ Conventions (as `hf_entropy_callback.study.tables`)
   and the study's instrument rows, and return one DataFrame with the fixed columns of the
   matching ``*_COLUMNS`` constant, in that order (empty, with those columns, when nothing applies).
 - Excluded runs (diverged, incomplete history, duplicates) never enter a table.
-- Runs are pooled over seeds within a condition *and* an instrument setting (``instrument_setting``:
-  the gradients' loss, the sample size per category, the attention implementation): runs whose
-  instrument settings differ are never pooled (`instrument_notes` says where a condition has several).
+- Runs are pooled over seeds within a condition *and* an instrument setting (``instrument_setting``,
+  `instrument_setting`: for the gradient instruments the loss the gradients use and the sample size
+  per category, for drift the sample size and the attention implementation): runs whose settings
+  differ are never pooled (`instrument_notes` says where a condition has several).
 - Across seeds: ``*_mean``, ``*_sd`` (ddof 1) and the 95% t interval of the mean,
   ``mean ± t(0.975, n - 1) * sd / sqrt(n)`` (``*_ci_low``, ``*_ci_high``; NaN with one run).
 - The x axis of a curve is the tracking step with the training progress (step / the run's last
@@ -55,6 +56,7 @@ __all__ = [
     "DRIFT_DELTA_RUN_COLUMNS",
     "DRIFT_DELTA_COLUMNS",
     "DRIFT_MEASURES",
+    "FAMILIES",
     "instrument_setting",
     "run_instruments",
     "instrument_notes",
@@ -169,25 +171,33 @@ DRIFT_DELTA_RUN_COLUMNS = [
 DRIFT_DELTA_COLUMNS = ["instrument_setting", "scope", "measure", "n_runs", "rho", "p_val"]
 #: `instrument_setting` of a run with instrument data but no ``"instruments"`` entry in its config.
 NOT_RECORDED = "not recorded"
+#: The instruments that share a setting, and the column of ``Study.runs`` that holds it.
+FAMILIES = {"gradients": ("grad_alignment", "grad_norms"), "drift": ("drift",)}
+SETTING_COLUMNS = {"gradients": "gradient_setting", "drift": "drift_setting"}
 
 
-def instrument_setting(config: Mapping[str, Any]) -> Optional[str]:
-    """The instrument settings of a run that decide whether its values pool with another run's.
+def instrument_setting(config: Mapping[str, Any], family: str = "gradients") -> Optional[str]:
+    """The settings of a run's instruments of one `family` that decide whether its values pool with another run's.
 
-    The gradients' loss, the sample size per category and the attention implementation, from the
-    config's ``"instruments"`` (None when the config has none). The sampling seed and the list of
-    instruments are not part of it: like the training seed, the seed draws another sample of the same
-    design, and an instrument a run lacks simply leaves it out of that instrument's tables.
+    "gradients" (grad_alignment, grad_norms): the loss the gradients use and the sample size per
+    category; "drift": the sample size and the attention implementation (attention entropy needs the
+    attention weights); from the config's ``"instruments"`` (None when the config has none). The
+    sampling seed and the list of instruments are not part of it: like the training seed, the seed
+    draws another sample of the same design, and an instrument a run lacks simply leaves it out of
+    that instrument's tables.
 
     Examples
     --------
-    >>> instrument_setting({"instruments": {"loss": "ce", "sample_per_category": 16, "attention": "eager"}})
-    'loss ce · 16 per category · attention eager'
-    >>> instrument_setting({"instruments": {"loss": "soft_kl", "sample_per_category": None}})
-    'loss soft_kl · all examples · attention not recorded'
+    >>> cfg = {"instruments": {"loss": "ce", "sample_per_category": 16, "attention": "eager"}}
+    >>> instrument_setting(cfg), instrument_setting(cfg, "drift")
+    ('loss ce · 16 per category', '16 per category · attention eager')
+    >>> instrument_setting({"instruments": {"loss": "soft_kl", "sample_per_category": None}}, "drift")
+    'all examples · attention not recorded'
     >>> instrument_setting({}) is None
     True
     """
+    if family not in FAMILIES:
+        raise ValueError(f"instrument_setting: family must be one of {list(FAMILIES)}, got {family!r}")
     s = config.get("instruments")
     if not isinstance(s, Mapping):
         return None
@@ -197,7 +207,9 @@ def instrument_setting(config: Mapping[str, Any]) -> Optional[str]:
         sample = "all examples"
     else:
         sample = f"{int(s['sample_per_category'])} per category"
-    return f"loss {s.get('loss') or NOT_RECORDED} · {sample} · attention {s.get('attention') or NOT_RECORDED}"
+    if family == "drift":
+        return f"{sample} · attention {s.get('attention') or NOT_RECORDED}"
+    return f"loss {s.get('loss') or NOT_RECORDED} · {sample}"
 
 
 def run_instruments(run, run_id: str, train_set: str = "train") -> Tuple[Dict[str, Any], Dict[str, pd.DataFrame]]:
@@ -207,8 +219,9 @@ def run_instruments(run, run_id: str, train_set: str = "train") -> Tuple[Dict[st
     -------
     row : dict
         Columns of the run's row in ``Study.runs``: ``instrument_names`` (the instruments with
-        data, comma-separated; "" for none), ``instrument_setting`` (`instrument_setting`, "not
-        recorded" when the run has data but no config entry; None without data),
+        data, comma-separated; "" for none), ``gradient_setting`` and ``drift_setting``
+        (`instrument_setting` of each family; "not recorded" when the run has data of the family but
+        no config entry; None without its data),
         ``instrument_loss``, ``instrument_sample`` (``sample_per_category``; -1 for all examples, NaN
         when not recorded).
     tables : dict
@@ -229,7 +242,12 @@ def run_instruments(run, run_id: str, train_set: str = "train") -> Tuple[Dict[st
     sample = cfg.get("sample_per_category", math.nan) if cfg else math.nan
     row = {
         "instrument_names": ",".join(names),
-        "instrument_setting": (instrument_setting(run.config) or NOT_RECORDED) if names else None,
+        **{
+            SETTING_COLUMNS[family]: (instrument_setting(run.config, family) or NOT_RECORDED)
+            if set(names) & set(members)
+            else None
+            for family, members in FAMILIES.items()
+        },
         "instrument_loss": cfg.get("loss") if names else None,
         "instrument_sample": (-1.0 if sample is None else float(sample)) if names else math.nan,
     }
@@ -291,20 +309,22 @@ def run_instruments(run, run_id: str, train_set: str = "train") -> Tuple[Dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def _instrument_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The usable runs with instrument data, with the key columns (a missing one as NaN)."""
+def _instrument_runs(runs: pd.DataFrame, family: str) -> pd.DataFrame:
+    """The usable runs with data of the instrument `family`, with the key columns (a missing one as NaN) and
+    the family's setting as ``instrument_setting``."""
     u = _usable(runs)
-    if "instrument_setting" not in u:
+    col = SETTING_COLUMNS[family]
+    if col not in u:
         return pd.DataFrame(columns=["run_id", "seed", *INSTRUMENT_KEYS])
-    u = u[u["instrument_setting"].notna()]
-    return u.reindex(columns=["run_id", "seed", *INSTRUMENT_KEYS])
+    u = u[u[col].notna()]
+    return u.assign(instrument_setting=u[col]).reindex(columns=["run_id", "seed", *INSTRUMENT_KEYS])
 
 
-def _join(runs: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame`'s rows of usable runs, with their run's keys and seed."""
+def _join(runs: pd.DataFrame, frame: pd.DataFrame, family: str) -> pd.DataFrame:
+    """`frame`'s rows of usable runs with data of the instrument `family`, with their run's keys and seed."""
     if frame is None or frame.empty:
         return pd.DataFrame()
-    return frame.merge(_instrument_runs(runs), on="run_id", how="inner")
+    return frame.merge(_instrument_runs(runs, family), on="run_id", how="inner")
 
 
 def _t_interval(mean: pd.Series, sd: pd.Series, n: pd.Series) -> Tuple[np.ndarray, np.ndarray]:
@@ -345,37 +365,38 @@ def _rows(instruments: pd.DataFrame, instrument: str, quantities: Sequence[str])
     return instruments[(instruments["instrument"] == instrument) & instruments["quantity"].isin(quantities)]
 
 
-def instrument_notes(runs: pd.DataFrame) -> List[str]:
-    """Where instrument values are kept apart or missing: conditions whose usable runs have several
-    instrument settings (each is its own group in every instrument table), and usable runs without
-    instruments when others have them.
+def instrument_notes(runs: pd.DataFrame, family: str = "gradients") -> List[str]:
+    """Where values of the instrument `family` are kept apart or missing: conditions whose usable runs have
+    several settings of the family (each is its own group in its tables), and usable runs without the
+    family's instruments when others have them.
 
     Examples
     --------
     >>> import pandas as pd
     >>> runs = pd.DataFrame({"run_id": list("abc"), "condition": "A", "excluded": False,
-    ...                      "instrument_setting": ["loss ce · 8 per category", "loss ce · 16 per category", None]})
-    >>> for note in instrument_notes(runs):
+    ...                      "gradient_setting": ["loss ce · 8 per category", "loss ce · 16 per category", None]})
+    >>> for note in instrument_notes(runs, "gradients"):
     ...     print(note)
-    A: runs with 2 instrument settings (loss ce · 16 per category; loss ce · 8 per category); their instrument values are not pooled
-    1 usable run(s) without instruments (c) are not in the instrument tables
+    A: runs with 2 gradient instrument settings (loss ce · 16 per category; loss ce · 8 per category); their values are not pooled
+    1 usable run(s) without gradient instruments (c) are not in their tables
     """
     u = _usable(runs)
-    if "instrument_setting" not in u:
+    col = SETTING_COLUMNS[family]
+    if col not in u:
         return []
+    what = "gradient instrument" if family == "gradients" else "drift instrument"
     notes = []
-    with_data = u[u["instrument_setting"].notna()]
+    with_data = u[u[col].notna()]
     for cond, grp in with_data.groupby("condition", sort=False):
-        settings = sorted(grp["instrument_setting"].unique())
+        settings = sorted(grp[col].unique())
         if len(settings) > 1:
             notes.append(
-                f"{cond}: runs with {len(settings)} instrument settings ({'; '.join(settings)}); their instrument "
-                "values are not pooled"
+                f"{cond}: runs with {len(settings)} {what} settings ({'; '.join(settings)}); their values are not pooled"
             )
-    without = u[u["instrument_setting"].isna()]
+    without = u[u[col].isna()]
     if len(with_data) and len(without):
         shown = ", ".join(without["run_id"].astype(str).head(10)) + (", ..." if len(without) > 10 else "")
-        notes.append(f"{len(without)} usable run(s) without instruments ({shown}) are not in the instrument tables")
+        notes.append(f"{len(without)} usable run(s) without {what}s ({shown}) are not in their tables")
     return notes
 
 
@@ -399,7 +420,7 @@ def alignment_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFra
     --------
     >>> import pandas as pd
     >>> runs = pd.DataFrame({"run_id": ["a", "b"], "condition": "A", "method": "lora", "seed": [1, 2],
-    ...                      "excluded": False, "instrument_setting": "s"})
+    ...                      "excluded": False, "gradient_setting": "s"})
     >>> inst = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "instrument": "grad_alignment",
     ...                      "quantity": "cosine", "group": "clean~contested", "step": [0, 10, 0, 10],
     ...                      "progress": [0.0, 1.0, 0.0, 1.0], "value": [0.5, 0.1, 0.7, 0.3]})
@@ -408,7 +429,7 @@ def alignment_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFra
     0  clean~contested     0       2          0.6      0.141
     1  clean~contested    10       2          0.2      0.141
     """
-    rows = _join(runs, _rows(instruments, "grad_alignment", ["cosine"]))
+    rows = _join(runs, _rows(instruments, "grad_alignment", ["cosine"]), "gradients")
     if rows.empty:
         return pd.DataFrame(columns=ALIGNMENT_COLUMNS)
     rows = rows.rename(columns={"group": "pair", "value": "cosine"})
@@ -450,7 +471,7 @@ def grad_norm_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFra
             "progress": wide["progress"].max(axis=1),
         }
     ).reset_index()
-    wide = _join(runs, wide.rename(columns={"group": "category"}))
+    wide = _join(runs, wide.rename(columns={"group": "category"}), "gradients")
     if wide.empty:
         return pd.DataFrame(columns=GRAD_NORM_COLUMNS)
     by = [*INSTRUMENT_KEYS, "category", "step"]
@@ -475,7 +496,7 @@ def grad_norm_test_table(runs: pd.DataFrame, instrument_examples: pd.DataFrame) 
     table : DataFrame
         `GRAD_NORM_TEST_COLUMNS`, one row per run with norms of both categories.
     """
-    ex = _join(runs, instrument_examples)
+    ex = _join(runs, instrument_examples, "gradients")
     if ex.empty:
         return pd.DataFrame(columns=GRAD_NORM_TEST_COLUMNS)
     rows = []
@@ -547,7 +568,7 @@ def _drift_per_run(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFram
         return pd.DataFrame()
     # Reduced per run first (its rows have no missing keys), then the run's condition keys attached.
     per = rows.groupby(["run_id", "quantity", "step"], sort=False)
-    return _join(runs, per.agg(value=("value", "mean"), progress=("progress", "mean")).reset_index())
+    return _join(runs, per.agg(value=("value", "mean"), progress=("progress", "mean")).reset_index(), "drift")
 
 
 def drift_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataFrame:
@@ -587,7 +608,8 @@ def drift_layer_table(runs: pd.DataFrame, instruments: pd.DataFrame) -> pd.DataF
     if rows.empty:
         return pd.DataFrame(columns=DRIFT_LAYER_COLUMNS)
     g = rows.sort_values("step", kind="stable").groupby(["run_id", "quantity", "component"], sort=False)
-    per = _join(runs, g.agg(step=("step", "last"), final=("value", "last"), first=("value", "first")).reset_index())
+    per = g.agg(step=("step", "last"), final=("value", "last"), first=("value", "first")).reset_index()
+    per = _join(runs, per, "drift")
     if per.empty:
         return pd.DataFrame(columns=DRIFT_LAYER_COLUMNS)
     per["change"] = per["final"] - per["first"]
@@ -638,7 +660,7 @@ def drift_delta_runs_table(runs: pd.DataFrame, instruments: pd.DataFrame, exampl
     measures = measures.dropna(subset=["delta_loss_contested"]).reset_index().rename(columns={"index": "run_id"})
     if measures.empty:
         return pd.DataFrame(columns=DRIFT_DELTA_RUN_COLUMNS)
-    out = measures.merge(_instrument_runs(runs), on="run_id", how="inner")
+    out = measures.merge(_instrument_runs(runs, "drift"), on="run_id", how="inner")
     return _ordered(out, DRIFT_DELTA_RUN_COLUMNS, ["seed", "run_id"])
 
 
@@ -701,7 +723,7 @@ def instrument_tables(study) -> Dict[str, pd.DataFrame]:
     inst = getattr(study, "instruments", None)
     per_ex = getattr(study, "instrument_examples", None)
     out: Dict[str, pd.DataFrame] = {}
-    if inst is None or inst.empty or _instrument_runs(runs).empty:
+    if inst is None or inst.empty:
         return out
     t = alignment_table(runs, inst)
     if not t.empty:

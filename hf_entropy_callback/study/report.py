@@ -874,8 +874,8 @@ INSTRUMENT_LOSSES = {
     "soft_kl": "the KL divergence to the annotators' label distribution (soft labels)",
     "ce": "the unweighted cross-entropy of the gold label",
 }
-#: Instruments the report reads, and the note of a section whose instrument no run recorded.
-INSTRUMENT_HINT = "rerun the training with --instruments naming grad_alignment, grad_norms and/or drift"
+#: How to get the instruments: the note of a section when no run has any.
+INSTRUMENT_HINT = "rerun the training with --instruments grad_alignment,grad_norms,drift (or those wanted)"
 
 
 def _not_computed(study: Study, instrument: str) -> str:
@@ -895,7 +895,7 @@ def _instrument_settings_text(study: Study, instrument: str) -> str:
     u = study.usable
     u = u[u["instrument_names"].fillna("").str.split(",").map(lambda names: instrument in names)]
     if instrument == "drift":
-        settings = "; ".join(sorted(u["instrument_setting"].dropna().unique()))
+        settings = "; ".join(sorted(u["drift_setting"].dropna().unique()))
         return f"{len(u)} usable run(s) with this instrument; instrument setting(s): {settings}."
     losses = sorted({str(v) for v in u["instrument_loss"].dropna()})
     samples = sorted({float(v) for v in u["instrument_sample"].dropna()})
@@ -954,7 +954,6 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
     with the flag to rerun with, and no table or figure is written.
     """
     t = tables
-    notes = I.instrument_notes(study.runs)
     sections = []
 
     s = Section("12. Gradient alignment over training")
@@ -969,9 +968,9 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
             + _instrument_settings_text(study, "grad_alignment")
             + " Mean over seeds per condition (method, rank, learning rate, ...) and instrument setting; band and "
             "ci_low / ci_high: 95% t interval over seeds (mean ± t(0.975, n−1)·sd/√n; none with one seed). "
-            "Runs with different instrument settings (loss, sample size, attention) are never pooled."
+            "Runs with different gradient instrument settings (loss, sample size) are never pooled."
         )
-        for n in notes:
+        for n in I.instrument_notes(study.runs, "gradients"):
             s.note(n)
         keys = _settings_column(a)
         s.blocks.append(
@@ -1008,7 +1007,7 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
             "summarised per category and tracking point by the runs' mean and median; here the mean ± sd over "
             "seeds (95% t interval in the CSV). " + _instrument_settings_text(study, "grad_norms")
         )
-        for n in notes:
+        for n in I.instrument_notes(study.runs, "gradients"):
             s.note(n)
         s.blocks.append(
             _table(
@@ -1071,9 +1070,10 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
             "the linear CKA of the layer's representations against the initial model (1: unchanged), per module "
             "the norm of the weight update since the start, and its total. Per run the layer mean of attention "
             "entropy and CKA; mean ± sd and 95% t interval over seeds per condition, so per method and learning "
-            "rate. " + _instrument_settings_text(study, "drift")
+            "rate. " + _instrument_settings_text(study, "drift") + " Runs with different drift settings (sample "
+            "size, attention implementation) are never pooled."
         )
-        for n in notes:
+        for n in I.instrument_notes(study.runs, "drift"):
             s.note(n)
         s.blocks.append(
             _table(
