@@ -1,6 +1,6 @@
 """Benchmark: build the full report from 54 synthetic runs of the study's size.
 
-    python benchmarks/bench_report.py [--runs-dir DIR] [--keep] [--cli]
+    python benchmarks/bench_report.py [--runs-dir DIR] [--keep] [--cli] [--instruments]
 
 Each run has 1,211 tracked train and 303 validation examples (ChaosNLI-SNLI split 80/20), 3
 classes, and the tracking points of a 5-epoch run at batch size 32 over 21,211 training examples
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs-dir", help="where to write the runs (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the runs and the report")
     parser.add_argument("--cli", action="store_true", help="also time `python -m analysis` end to end (subprocess)")
+    parser.add_argument("--instruments", action="store_true", help="runs carry instruments (sections 12, 13, 13b)")
     args = parser.parse_args(argv)
 
     work = args.runs_dir or tempfile.mkdtemp(prefix="bench_report_")
@@ -55,10 +56,11 @@ def main(argv=None) -> int:
     print(
         f"{len(configs)} runs x {STUDY_TRACKED_TRAIN} train + {STUDY_TRACKED_VALIDATION} validation examples, "
         f"{len(points)} tracking points (steps {points.step.iloc[0]}..{points.step.iloc[-1]}), 3 classes"
+        + (", instruments at every point" if args.instruments else "")
     )
     try:
         t0 = time.perf_counter()
-        write_runs(runs_dir, configs, steps=points["step"].tolist())
+        write_runs(runs_dir, configs, steps=points["step"].tolist(), instruments=True if args.instruments else None)
         t_gen = time.perf_counter() - t0
         rss_gen = peak_rss_mib()
         print(f"generate runs:  {t_gen:6.1f} s  (peak RSS so far {rss_gen:.0f} MiB)")

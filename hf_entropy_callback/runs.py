@@ -10,6 +10,8 @@ Layout of ``<output_dir>/entropy_tracking/`` (format version 2)::
     points.parquet     one row per tracking point: point, step, epoch, reason ("step0", "interval",
                        "epoch_end", "final", joined with "+" when they coincide)
     logprobs.npz       per set name, float32 log-probabilities of shape (points, examples, classes)
+    instruments.parquet          optional (runs with instruments): `INSTRUMENT_COLUMNS`
+    instrument_examples.parquet  optional: per-example instrument values, `INSTRUMENT_EXAMPLE_COLUMNS`
 
 Version 1 (before ``original_label``) is still read: `load_run` sets ``original_label := label`` and
 ``Run.original_label_known`` False when a version-1 run has noised examples (their label before the
@@ -60,6 +62,9 @@ EXAMPLE_COLUMNS = (
 #: The example columns of format version 1 (no ``original_label``).
 EXAMPLE_COLUMNS_V1 = EXAMPLE_COLUMNS[:-1]
 POINT_COLUMNS = ("point", "step", "epoch", "reason")
+#: Optional files of a run with instruments (issue 12): one row per value per point, and per-example values.
+INSTRUMENT_COLUMNS = ("point", "step", "instrument", "quantity", "group", "component", "value")
+INSTRUMENT_EXAMPLE_COLUMNS = ("point", "step", "instrument", "quantity", "set", "index", "example_id", "value")
 
 
 class RunFormatError(ValueError):
@@ -278,6 +283,9 @@ class Run:
         points (`pandas.DataFrame`): the tracking points (`POINT_COLUMNS`), in order.
         logprobs (`Dict[str, np.ndarray]`): per set, float32 (points, examples, classes).
         format_version (`int`): the format version the run was written in.
+        instruments (`pandas.DataFrame`): instrument values (`INSTRUMENT_COLUMNS`); empty without instruments.
+        instrument_examples (`pandas.DataFrame`): per-example instrument values (`INSTRUMENT_EXAMPLE_COLUMNS`);
+            empty without them.
     """
 
     path: str
@@ -287,6 +295,8 @@ class Run:
     points: Any
     logprobs: Dict[str, np.ndarray] = field(repr=False)
     format_version: int = RUN_FORMAT_VERSION
+    instruments: Any = field(default_factory=lambda: _empty_frame(INSTRUMENT_COLUMNS), repr=False)
+    instrument_examples: Any = field(default_factory=lambda: _empty_frame(INSTRUMENT_EXAMPLE_COLUMNS), repr=False)
 
     @property
     def run_config(self):
@@ -328,6 +338,13 @@ class Run:
         from .dynamics import gold_loss
 
         return gold_loss(self.logprobs[name], self.set_examples(name)["label"].to_numpy())
+
+
+def _empty_frame(columns):
+    import pandas as pd
+
+    dtypes = {"point": "int64", "step": "int64", "index": "int64", "value": "float64"}
+    return pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, object)) for c in columns})
 
 
 def find_tracking_dir(path: str) -> str:
@@ -387,6 +404,16 @@ def load_run(path: str) -> Run:
         examples = examples.assign(original_label=examples["label"])
     logprobs = _read_file(tdir, "logprobs.npz", _load_npz)
     run = Run(tdir, meta.get("config", {}), meta.get("versions", {}), examples, points, logprobs, int(version))
+    for attr, name, cols in (
+        ("instruments", "instruments.parquet", INSTRUMENT_COLUMNS),
+        ("instrument_examples", "instrument_examples.parquet", INSTRUMENT_EXAMPLE_COLUMNS),
+    ):
+        if os.path.isfile(os.path.join(tdir, name)):
+            frame = _read_file(tdir, name, _load_parquet)
+            missing = [c for c in cols if c not in frame.columns]
+            if missing:
+                raise RunFormatError(f"{tdir}: {name} lacks columns {missing}")
+            setattr(run, attr, frame)
     for name, arr in logprobs.items():
         n = int((examples["set"] == name).sum())
         if arr.shape[:2] != (len(points), n):

@@ -19,6 +19,11 @@ Examples depend only on the dataset name and `example_seed`, so runs of the same
 their tracked examples (as real runs share the ChaosNLI split); trajectories depend on the run's
 seed.
 
+With ``instruments=`` a run also carries the tracker's opt-in instruments (issue 12) in the run
+format (``instruments.parquet``, ``instrument_examples.parquet``, config key ``"instruments"``), with
+the structure the study describes: see `synthetic_instruments`. They are drawn from a random
+stream of their own, so a run's log-probabilities are the same with or without them.
+
 Examples
 --------
 >>> import tempfile
@@ -36,15 +41,22 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import zlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
-from hf_entropy_callback.entropy import annotation_entropy, entropy_category
-from hf_entropy_callback.runs import TRACKING_DIRNAME, write_run
+from hf_entropy_callback.entropy import CATEGORIES, annotation_entropy, entropy_category
+from hf_entropy_callback.runs import (
+    INSTRUMENT_COLUMNS,
+    INSTRUMENT_EXAMPLE_COLUMNS,
+    TRACKING_DIRNAME,
+    apply_umask,
+    write_run,
+)
 from hf_entropy_callback.schedule import tracking_schedule
 
 from .study.conditions import is_decoder
@@ -323,6 +335,233 @@ def synthetic_logprobs(
     return logp.astype(np.float32)
 
 
+#: The tracker's instruments (issue 12) and their default settings (the run config's ``"instruments"``).
+INSTRUMENT_NAMES = ("grad_alignment", "grad_norms", "drift")
+DEFAULT_INSTRUMENTS: Dict[str, Any] = {
+    "names": list(INSTRUMENT_NAMES),
+    "sample_per_category": 32,
+    "seed": 0,
+    "loss": "class_weighted_ce",
+    "attention": "eager",
+}
+#: The pairs of entropy categories whose aggregated gradients the alignment instrument compares.
+ALIGNMENT_PAIRS = ("clean~contested", "clean~ambiguous", "ambiguous~contested")
+
+
+def instrument_settings(value: Union[bool, Mapping[str, Any], None]) -> Optional[Dict[str, Any]]:
+    """The ``"instruments"`` entry of a run config: None (no instruments), True (`DEFAULT_INSTRUMENTS`) or
+    a mapping whose missing keys come from `DEFAULT_INSTRUMENTS`.
+
+    >>> instrument_settings({"names": ["drift"], "sample_per_category": None})["names"]
+    ['drift']
+    >>> instrument_settings(None) is None, instrument_settings(True)["loss"]
+    (True, 'class_weighted_ce')
+    """
+    if value is None or value is False:
+        return None
+    settings = {**DEFAULT_INSTRUMENTS, **({} if value is True else dict(value))}
+    unknown = sorted(set(settings["names"]) - set(INSTRUMENT_NAMES))
+    if unknown:
+        raise ValueError(f"instrument_settings: unknown instruments {unknown}; known: {list(INSTRUMENT_NAMES)}")
+    settings["names"] = [n for n in INSTRUMENT_NAMES if n in settings["names"]]
+    return settings
+
+
+def _modules(config: Mapping[str, Any], num_layers: int) -> List[str]:
+    """Names of the modules whose weights a run updates (their update norms): the LoRA targets or every
+    linear layer of full fine-tuning, per layer, plus the classification head."""
+    method = str(config.get("method") or "lora").lower()
+    decoder = is_decoder(config)
+    if method == "full":
+        per_layer = (
+            (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            )
+            if decoder
+            else (
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            )
+        )
+    elif method == "ia3":
+        per_layer = ("attention.self.key", "attention.self.value", "output.dense")
+    else:
+        per_layer = (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+            if decoder
+            else ("attention.self.query", "attention.self.value")
+        )
+    prefix = "model.layers" if decoder else "encoder.layer"
+    head = "score" if decoder else "classifier"
+    return [f"{prefix}.{layer}.{m}" for layer in range(num_layers) for m in per_layer] + [head]
+
+
+def synthetic_instruments(
+    examples: pd.DataFrame,
+    train_logprobs: np.ndarray,
+    points: pd.DataFrame,
+    config: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    rng: np.random.Generator,
+    *,
+    num_layers: Optional[int] = None,
+) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Instrument values of a synthetic run at every tracking point, in the run format.
+
+    Structure (x = training progress, step / last step; ``s`` = the run's `dynamics_for` entropy slope,
+    larger for LoRA, higher ranks and decoders; ``f`` = sqrt(learning rate / 2e-4)):
+
+    - grad_norms: per example of a sample of the train set (`settings` ``sample_per_category`` per
+      category, drawn with its ``seed``; None: every example), the norm
+      ``c_method * ||p - onehot(label)||_2 * exp(0.15 eps)``, so it follows the example's loss:
+      contested examples, whose loss stays high (LoRA: rises), have larger norms than clean ones.
+      ``grad_norm_mean`` / ``grad_norm_median`` per category are the mean / median of that sample.
+    - grad_alignment: cosine of the aggregated gradients, clean~contested falling from about 0.55 by
+      ``0.35 s`` over training (LoRA below zero at high ranks, full fine-tuning barely), the other pairs
+      less; ``group_grad_norm`` per category: a share of the category's mean per-example norm.
+    - drift: per layer, attention entropy (nats, lower in upper layers, falling a little over training)
+      and linear CKA against the initial model (1 at step 0, falling most in upper layers); per module
+      the weight update norm growing as ``x ** 0.6``, full fine-tuning far above LoRA, all scaled by
+      ``f``; ``update_norm_total`` is the root of the modules' summed squares.
+
+    Returns
+    -------
+    instruments, instrument_examples : DataFrame
+        With `hf_entropy_callback.runs.INSTRUMENT_COLUMNS` and `INSTRUMENT_EXAMPLE_COLUMNS`.
+    """
+    names = list(settings["names"])
+    steps = points["step"].to_numpy(np.int64)
+    x = steps.astype(np.float64) / max(int(steps[-1]), 1)
+    n_pts = len(steps)
+    method = str(config.get("method") or "lora").lower()
+    slope = dynamics_for(config).entropy_slope
+    f_lr = math.sqrt(float(config.get("learning_rate") or 2e-4) / 2e-4)
+    rank = float(config.get("rank") or 8)
+    rows: List[pd.DataFrame] = []
+
+    def add(instrument, quantity, values, group="", component=""):
+        rows.append(
+            pd.DataFrame(
+                {
+                    "point": np.arange(n_pts, dtype=np.int64),
+                    "step": steps,
+                    "instrument": instrument,
+                    "quantity": quantity,
+                    "group": group,
+                    "component": component,
+                    "value": np.asarray(values, dtype=np.float64),
+                }
+            )
+        )
+
+    train = examples[examples["set"] == "train"].sort_values("index").reset_index(drop=True)
+    per_example = pd.DataFrame(
+        {c: pd.Series(dtype="int64" if c in ("point", "step", "index") else object) for c in INSTRUMENT_EXAMPLE_COLUMNS}
+    ).astype({"value": "float64"})
+    cat_norm = {}
+    if "grad_norms" in names or "grad_alignment" in names:
+        sample_rng = np.random.default_rng(
+            [int(settings.get("seed") or 0), zlib.crc32(str(config.get("dataset")).encode())]
+        )
+        k = settings.get("sample_per_category")
+        chosen = []
+        for cat in CATEGORIES:
+            idx = np.flatnonzero(train["category"].to_numpy() == cat)
+            if k is not None and len(idx) > int(k):
+                idx = np.sort(sample_rng.choice(idx, int(k), replace=False))
+            chosen.append(idx)
+        chosen = np.sort(np.concatenate(chosen))
+        probs = np.exp(np.asarray(train_logprobs, dtype=np.float64)[:, chosen, :])
+        onehot = np.eye(probs.shape[2])[train["label"].to_numpy(np.int64)[chosen]]
+        scale = {"full": 4.0, "ia3": 0.3}.get(method, 0.8 * math.sqrt(rank / 8.0))
+        norms = (
+            scale * np.linalg.norm(probs - onehot[None], axis=2) * np.exp(0.15 * rng.standard_normal(probs.shape[:2]))
+        )
+        cats = train["category"].to_numpy()[chosen]
+        for cat in CATEGORIES:
+            cat_norm[cat] = norms[:, cats == cat]
+        if "grad_norms" in names:
+            for cat in CATEGORIES:
+                if cat_norm[cat].shape[1]:
+                    add("grad_norms", "grad_norm_mean", cat_norm[cat].mean(axis=1), group=cat)
+                    add("grad_norms", "grad_norm_median", np.median(cat_norm[cat], axis=1), group=cat)
+            per_example = pd.DataFrame(
+                {
+                    "point": np.repeat(np.arange(n_pts, dtype=np.int64), len(chosen)),
+                    "step": np.repeat(steps, len(chosen)),
+                    "instrument": "grad_norms",
+                    "quantity": "grad_norm",
+                    "set": "train",
+                    "index": np.tile(train["index"].to_numpy(np.int64)[chosen], n_pts),
+                    "example_id": np.tile(train["example_id"].to_numpy()[chosen], n_pts),
+                    "value": norms.ravel(),
+                }
+            )
+    if "grad_alignment" in names:
+        shape = (1.0 - np.exp(-x / 0.3)) / (1.0 - math.exp(-1.0 / 0.3))
+        drop = 0.35 * slope
+        start = {"clean~contested": 0.55, "clean~ambiguous": 0.8, "ambiguous~contested": 0.7}
+        share = {"clean~contested": 1.0, "clean~ambiguous": 0.4, "ambiguous~contested": 0.6}
+        offset = 0.02 * rng.standard_normal()
+        for pair in ALIGNMENT_PAIRS:
+            cos = start[pair] + offset - share[pair] * drop * shape + 0.02 * rng.standard_normal(n_pts)
+            add("grad_alignment", "cosine", np.clip(cos, -1.0, 1.0), group=pair)
+        for cat in CATEGORIES:
+            if cat_norm.get(cat) is not None and cat_norm[cat].shape[1]:
+                kept = {"clean": 0.6, "ambiguous": 0.45, "contested": 0.3}[cat]
+                add("grad_alignment", "group_grad_norm", kept * cat_norm[cat].mean(axis=1), group=cat)
+    if "drift" in names:
+        layers = int(num_layers or config.get("num_hidden_layers") or (28 if is_decoder(config) else 12))
+        depth = np.arange(layers) / max(layers - 1, 1)
+        mfac = {"full": 1.0, "ia3": 0.15}.get(method, 0.3 * math.sqrt(rank / 8.0))
+        shape = (1.0 - np.exp(-x / 0.4)) / (1.0 - math.exp(-1.0 / 0.4))
+        for layer in range(layers):
+            base = 2.2 - 0.8 * depth[layer] + 0.05 * rng.standard_normal()
+            ent = (
+                base - 0.15 * f_lr * mfac * (0.5 + depth[layer]) * shape + 0.005 * rng.standard_normal(n_pts) * (x > 0)
+            )
+            add("drift", "attention_entropy", ent, component=str(layer))
+        run_cka = 1.0 + 0.05 * rng.standard_normal()
+        for layer in range(layers):
+            loss_cka = 0.35 * run_cka * f_lr * mfac * ((layer + 1) / layers) ** 2 * shape
+            cka = 1.0 - np.clip(loss_cka + 0.003 * np.abs(rng.standard_normal(n_pts)) * (x > 0), 0.0, 1.0)
+            add("drift", "cka", cka, component=str(layer))
+        modules = _modules(config, layers)
+        per_module = {"full": 3.0, "ia3": 0.05}.get(method, 0.4 * math.sqrt(rank / 8.0))
+        total = np.zeros(n_pts)
+        for name in modules:
+            norm = per_module * f_lr * (1.0 + 0.05 * rng.standard_normal()) * x**0.6
+            total += norm**2
+            add("drift", "update_norm", norm, component=name)
+        add("drift", "update_norm_total", np.sqrt(total))
+    instruments = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(INSTRUMENT_COLUMNS))
+    return instruments[list(INSTRUMENT_COLUMNS)], per_example[list(INSTRUMENT_EXAMPLE_COLUMNS)]
+
+
+def _write_parquet_atomic(frame: pd.DataFrame, path: str) -> None:
+    """A parquet file written beside `path` and renamed into place (with the user's umask)."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
+    os.close(fd)
+    try:
+        frame.reset_index(drop=True).to_parquet(tmp, index=False, write_page_checksum=True)
+        apply_umask(tmp, directory=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 DEFAULT_CONFIG: Dict[str, Any] = {
     "model_name_or_path": "roberta-base",
     "model_type": "roberta",
@@ -352,6 +591,7 @@ def write_synthetic_run(
     dynamics: Optional[Dynamics] = None,
     example_seed: int = 0,
     num_classes: int = 3,
+    instruments: Union[bool, Mapping[str, Any], None] = None,
 ) -> str:
     """Write one synthetic run into ``<path>/entropy_tracking`` and return that directory.
 
@@ -374,6 +614,11 @@ def write_synthetic_run(
         Seed of the examples (shared by every run of a dataset).
     num_classes : int
         Number of classes.
+    instruments : bool or mapping, optional
+        Also write instrument values (`synthetic_instruments`): True for `DEFAULT_INSTRUMENTS`, or
+        settings (``names``, ``sample_per_category``, ``seed``, ``loss``, ``attention``; missing keys
+        from the defaults); stored as the config's ``"instruments"``. Default: the config's own
+        ``"instruments"`` entry, if any.
 
     Returns
     -------
@@ -427,7 +672,18 @@ def write_synthetic_run(
         if len(ex):
             logprobs[name] = synthetic_logprobs(ex, progress, dyn, rng, num_classes=num_classes)
     cfg.setdefault("synthetic_dynamics", asdict(dyn))
-    return write_run(os.path.join(path, TRACKING_DIRNAME), cfg, examples, points, logprobs)
+    settings = instrument_settings(cfg.get("instruments") if instruments is None else instruments)
+    if settings is not None:
+        cfg["instruments"] = settings
+    tdir = write_run(os.path.join(path, TRACKING_DIRNAME), cfg, examples, points, logprobs)
+    if settings is not None:
+        # A stream of its own: the log-probabilities above do not depend on whether instruments are asked for.
+        irng = np.random.default_rng([seed, example_seed, zlib.crc32(ident), 12])
+        table, per_example = synthetic_instruments(examples, logprobs["train"], points, cfg, settings, irng)
+        # Both files whenever instruments were on (the second empty without grad_norms), as the tracker writes them.
+        _write_parquet_atomic(table, os.path.join(tdir, "instruments.parquet"))
+        _write_parquet_atomic(per_example, os.path.join(tdir, "instrument_examples.parquet"))
+    return tdir
 
 
 def study_configs() -> List[Dict[str, Any]]:

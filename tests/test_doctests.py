@@ -27,6 +27,7 @@ MUST_HAVE_EXAMPLES = {
     "hf_entropy_callback.labels",
     "hf_entropy_callback.tracker",
     "hf_entropy_callback.study.figures",
+    "hf_entropy_callback.study.instruments",
     "hf_entropy_callback.synthetic_runs",
     "hf_entropy_callback.study.tables",
 }

@@ -6,7 +6,8 @@ Dynamics in LoRA Fine-Tuning", built from run directories.
 
 Modules: `conditions` (finding runs, grouping them into conditions), `loading` (one pass over the
 runs into tidy tables), `tables` (the study's tables, from the library's statistics in
-`hf_entropy_callback.dynamics`, `.inference` and `.agreement`, pingouin and scipy), `figures`
+`hf_entropy_callback.dynamics`, `.inference` and `.agreement`, pingouin and scipy), `instruments`
+(the tables of the tracker's opt-in instruments: gradient alignment, gradient norms, drift), `figures`
 (matplotlib panels that draw into an axes), `report` (the report folder) and `cli` (the command).
 Imports matplotlib and pingouin, so it is a subpackage the rest of the library never loads.
 """

@@ -66,6 +66,15 @@ __all__ = [
     "entropy_aulc_panel",
     "entropy_aulc_plot",
     "agreement_curves",
+    "alignment_panel",
+    "alignment_plot",
+    "grad_norm_panel",
+    "grad_norm_plot",
+    "drift_panel",
+    "drift_plot",
+    "drift_delta_panel",
+    "drift_delta_plot",
+    "instrument_figures",
 ]
 
 CATEGORY_COLORS = {"clean": "#1b9e77", "ambiguous": "#7570b3", "contested": "#d95f02", "all": "#555555"}
@@ -1013,6 +1022,350 @@ def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
 
 
 # ------------------------------------------------------------------------------------------------
+# Instruments (issue 12): gradient alignment, gradient norms by category, drift
+# ------------------------------------------------------------------------------------------------
+
+#: Instrument panels are keyed by these columns (besides method and rank, which tell the lines apart).
+_PANEL_KEYS = ("dataset", "model", "variant", "learning_rate", "instrument_setting")
+DRIFT_LABELS = {
+    "attention_entropy": "attention entropy, layer mean (nats)",
+    "cka": "linear CKA vs initial, layer mean",
+    "update_norm_total": "weight-update norm, total",
+}
+DRIFT_MEASURE_LABELS = {
+    "update_norm_total": "total weight-update norm (last point)",
+    "cka_drift": "1 − layer-mean CKA (last point)",
+    "attention_entropy_change": "Δ layer-mean attention entropy (nats)",
+}
+
+
+def _label_of(row) -> str:
+    return method_label(str(row["method"]), float(row["rank"]) if pd.notna(row["rank"]) else math.nan)
+
+
+def _method_colors(frame: pd.DataFrame) -> Dict[str, tuple]:
+    """A colour per method label (LoRA ranks ascending, IA3, full FT), fixed across a figure's panels."""
+    from matplotlib import colormaps
+
+    if frame.empty:
+        return {}
+    order = {"lora": 0, "ia3": 1, "full": 2}
+    keys = frame[["method", "rank"]].drop_duplicates()
+    keys = sorted(
+        (
+            (order.get(m, 3), r if pd.notna(r) else math.inf, _label_of({"method": m, "rank": r}))
+            for m, r in keys.values
+        ),
+        key=lambda k: k[:2],
+    )
+    cmap = colormaps["tab10"]
+    return {label: cmap(i % 10) for i, (_, _, label) in enumerate(dict.fromkeys(keys))}
+
+
+def _panel_title(row, *, skip: Sequence[str] = ()) -> str:
+    parts = [f"{row['model']} · {row['dataset']}"]
+    if "variant" not in skip and row.get("variant") not in (None, "base") and pd.notna(row.get("variant")):
+        parts.append(str(row["variant"]))
+    if "learning_rate" not in skip and pd.notna(row.get("learning_rate")):
+        parts.append(f"lr {float(row['learning_rate']):g}")
+    return " · ".join(parts)
+
+
+def _panels(frame: pd.DataFrame, keys: Sequence[str] = _PANEL_KEYS) -> List[Tuple[tuple, pd.DataFrame]]:
+    """The rows of `frame` grouped by `keys` (NaN keys kept), in the report's condition order."""
+    if frame.empty:
+        return []
+    ordered = order_conditions(frame)
+    present = [k for k in keys if k in ordered]
+    return list(ordered.groupby(present, dropna=False, sort=False))
+
+
+def _curve_lines(ax, d: pd.DataFrame, value: str, colors: Mapping[str, tuple]) -> None:
+    """One line per condition of `d` (its method label), with the 95% t band over seeds where there is one."""
+    labels = {c: _label_of(g.iloc[0]) for c, g in d.groupby("condition", sort=False)}
+    shared = {lab for lab in labels.values() if list(labels.values()).count(lab) > 1}
+    for cond, g in d.groupby("condition", sort=False):
+        g = g.sort_values("progress")
+        label = labels[cond]
+        color = colors.get(label, "#333333")
+        ls = METHOD_STYLES.get(str(g["method"].iloc[0]), ":")
+        ax.plot(g["progress"], g[f"{value}_mean"], color=color, ls=ls, lw=1.6, label=cond if label in shared else label)
+        lo, hi = g[f"{value}_ci_low"].to_numpy(float), g[f"{value}_ci_high"].to_numpy(float)
+        if np.isfinite(lo).any():
+            ax.fill_between(g["progress"], lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def _style(ax, xlabel: str, ylabel: str, title: Optional[str]) -> None:
+    if title is not None:
+        ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    _few_ticks(ax)
+    ax.tick_params(labelsize=7.5, labelleft=True)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+
+
+def alignment_panel(
+    alignment: pd.DataFrame,
+    *,
+    pair: str = "clean~contested",
+    colors: Optional[Mapping[str, tuple]] = None,
+    ax: Optional[Axes] = None,
+    title: Optional[str] = None,
+) -> Axes:
+    """Cosine similarity of two categories' aggregated gradients over training, one line per condition of
+    the ``grad_alignment`` rows given (e.g. LoRA and full FT of one model, dataset and learning rate).
+
+    Lines: mean over seeds; bands: 95% t interval over seeds; line style by method (LoRA solid, IA3
+    dash-dot, full FT dashed). Returns the axes drawn into.
+    """
+    ax = ax if ax is not None else _new_axes(3.6, 2.8)
+    d = alignment[alignment["pair"] == pair]
+    _curve_lines(ax, d, "cosine", colors or _method_colors(d))
+    ax.axhline(0, color="black", lw=0.8)
+    _style(ax, "training progress (step / last step)", f"cosine ({pair})", title)
+    if ax.lines:
+        ax.legend(fontsize=6.5, loc="best")
+    return ax
+
+
+def alignment_plot(
+    alignment: pd.DataFrame,
+    *,
+    pair: str = "clean~contested",
+    page: int = 0,
+    per_page: Optional[int] = 4 * MAX_ROWS,
+    ncols: int = 4,
+    axes=None,
+) -> Optional[Figure]:
+    """`alignment_panel` per model, dataset, variant, learning rate and instrument setting (LoRA and full FT
+    in one panel); panels in pages of `per_page`. Returns the figure (None without data or past the last page)."""
+    panels = _panels(alignment[alignment["pair"] == pair]) if not alignment.empty else []
+    if per_page:
+        panels = panels[page * per_page : (page + 1) * per_page]
+    if not panels:
+        return None
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, grid, _ = _grid_into(axes, nrows, ncols, "alignment_plot", sharey=True, top=0.4, panel_w=3.2, wspace=0.6)
+    colors = _method_colors(alignment)
+    for i, (ax, (_, d)) in enumerate(zip(grid.flat, panels)):
+        alignment_panel(d, pair=pair, colors=colors, ax=ax, title=_panel_title(d.iloc[0]))
+        if i % ncols:
+            ax.set_ylabel("")
+    for ax in list(grid.flat)[len(panels) :]:
+        ax.set_axis_off()
+    return fig
+
+
+def grad_norm_panel(
+    grad_norms: pd.DataFrame, *, ax: Optional[Axes] = None, title: Optional[str] = None, median: bool = False
+) -> Axes:
+    """Per-example gradient norms by entropy category over training for one condition's ``grad_norms`` rows
+    (the study's figure 4): per category the mean over seeds of the runs' category means (`median`: of
+    their medians); bands: 95% t interval over seeds (means only). Returns the axes drawn into."""
+    ax = ax if ax is not None else _new_axes(3.6, 2.8)
+    value = "grad_norm_median" if median else "grad_norm"
+    for cat in [c for c in CATEGORIES if (grad_norms["category"] == c).any()]:
+        g = grad_norms[grad_norms["category"] == cat].sort_values("progress")
+        ax.plot(g["progress"], g[f"{value}_mean"], color=CATEGORY_COLORS[cat], lw=1.6, label=cat)
+        if not median and np.isfinite(g["grad_norm_ci_low"].to_numpy(float)).any():
+            ax.fill_between(
+                g["progress"],
+                g["grad_norm_ci_low"],
+                g["grad_norm_ci_high"],
+                color=CATEGORY_COLORS[cat],
+                alpha=0.2,
+                lw=0,
+            )
+    _style(
+        ax,
+        "training progress (step / last step)",
+        f"per-example gradient norm ({'median' if median else 'mean'})",
+        title,
+    )
+    return ax
+
+
+def grad_norm_plot(
+    grad_norms: pd.DataFrame, *, page: int = 0, per_page: Optional[int] = 4 * MAX_ROWS, ncols: int = 4, axes=None
+) -> Optional[Figure]:
+    """`grad_norm_panel` per condition and instrument setting, in pages of `per_page` panels; the y axes
+    are not shared (full fine-tuning's norms are far larger than LoRA's). Returns the figure (None without
+    data or past the last page)."""
+    panels = _panels(grad_norms, ("condition", "instrument_setting")) if not grad_norms.empty else []
+    if per_page:
+        panels = panels[page * per_page : (page + 1) * per_page]
+    if not panels:
+        return None
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, grid, own = _grid_into(
+        axes, nrows, ncols, "grad_norm_plot", sharey=False, top=1.0, panel_w=3.2, wspace=0.85, hspace=1.0
+    )
+    for ax, (_, d) in zip(grid.flat, panels):
+        first = d.iloc[0]
+        n = int(d["n_runs"].max())
+        grad_norm_panel(d, ax=ax, title=f"{_panel_title(first)}\n{_label_of(first)} ({n} seed{'s' if n != 1 else ''})")
+    for ax in list(grid.flat)[len(panels) :]:
+        ax.set_axis_off()
+    _grid_legend(fig, grid, own, [_line(CATEGORY_COLORS[c], c) for c in CATEGORIES], "entropy category")
+    return fig
+
+
+def drift_panel(
+    drift: pd.DataFrame,
+    *,
+    quantity: str = "update_norm_total",
+    colors: Optional[Mapping[str, tuple]] = None,
+    ax: Optional[Axes] = None,
+    title: Optional[str] = None,
+) -> Axes:
+    """One drift `quantity` ("attention_entropy", "cka", "update_norm_total") over training, one line per
+    condition of the ``drift`` rows given (e.g. every method at one learning rate); bands: 95% t interval
+    over seeds. Returns the axes drawn into."""
+    ax = ax if ax is not None else _new_axes(3.6, 2.8)
+    d = drift[drift["quantity"] == quantity]
+    _curve_lines(ax, d, "value", colors or _method_colors(d))
+    _style(ax, "training progress (step / last step)", DRIFT_LABELS.get(quantity, quantity), title)
+    if ax.lines:
+        ax.legend(fontsize=6.5, loc="best")
+    return ax
+
+
+def _drift_rows(drift: pd.DataFrame) -> List[Tuple[tuple, pd.DataFrame]]:
+    """The rows of the drift grid: one per model, dataset, instrument setting and learning rate (methods
+    are the lines), main setting only (variants have one method; all rows when there is no main setting)."""
+    base = drift[drift["variant"] == "base"] if "variant" in drift else drift
+    return _panels(
+        drift if base.empty else base, ("dataset", "model", "variant", "instrument_setting", "learning_rate")
+    )
+
+
+def drift_plot(
+    drift: pd.DataFrame, *, page: int = 0, max_rows: Optional[int] = MAX_ROWS, axes=None
+) -> Optional[Figure]:
+    """Drift over training by method at each learning rate: one row per model, dataset, instrument setting
+    and learning rate (main setting), one column per quantity (attention entropy, CKA, update norm), one
+    line per method. Rows in pages of `max_rows`. Returns the figure (None without data or past the last page)."""
+    if drift.empty:
+        return None
+    rows = _drift_rows(drift)
+    if max_rows:
+        rows = rows[page * max_rows : (page + 1) * max_rows]
+    if not rows:
+        return None
+    quantities = [q for q in DRIFT_LABELS if (drift["quantity"] == q).any()]
+    fig, grid, _ = _grid_into(
+        axes, len(rows), len(quantities), "drift_plot", sharey=False, top=0.4, panel_w=3.4, wspace=0.9
+    )
+    colors = _method_colors(drift)
+    for i, (_, d) in enumerate(rows):
+        for k, q in enumerate(quantities):
+            ax = grid[i, k]
+            if not (d["quantity"] == q).any():
+                ax.set_axis_off()
+                continue
+            drift_panel(d, quantity=q, colors=colors, ax=ax, title=_panel_title(d.iloc[0]))
+    return fig
+
+
+def drift_delta_panel(
+    per_run: pd.DataFrame,
+    *,
+    measure: str = "update_norm_total",
+    rho: Optional[pd.DataFrame] = None,
+    colors: Optional[Mapping[str, tuple]] = None,
+    ax: Optional[Axes] = None,
+) -> Axes:
+    """Each run's final drift `measure` against its contested examples' mean Delta L (``drift_delta_runs``
+    rows), coloured by method; the title gives Spearman rho over all runs from `rho` (``drift_delta``) when
+    given. Returns the axes drawn into."""
+    ax = ax if ax is not None else _new_axes(3.6, 2.8)
+    colors = colors or _method_colors(per_run)
+    labels = [_label_of(r) for _, r in per_run.iterrows()]
+    for label in dict.fromkeys(labels):
+        d = per_run[[lab == label for lab in labels]]
+        ax.scatter(d[measure], d["delta_loss_contested"], s=16, color=colors.get(label, "#333333"), label=label)
+    ax.axhline(0, color="black", lw=0.8)
+    title = DRIFT_MEASURE_LABELS.get(measure, measure)
+    if rho is not None and not rho.empty:
+        r = rho[(rho["measure"] == measure) & (rho["scope"] == "all runs")]
+        if len(r) == 1 and np.isfinite(r["rho"].iloc[0]):
+            title += f"\nrho = {r['rho'].iloc[0]:.2f} (p = {r['p_val'].iloc[0]:.2g}, {int(r['n_runs'].iloc[0])} runs)"
+    _style(ax, DRIFT_MEASURE_LABELS.get(measure, measure), "contested ΔL, run mean (nats)", title)
+    if ax.collections:
+        ax.legend(fontsize=6.5, loc="best")
+    return ax
+
+
+def drift_delta_plot(per_run: pd.DataFrame, rho: Optional[pd.DataFrame] = None, *, axes=None) -> Optional[Figure]:
+    """`drift_delta_panel` for each drift measure (columns) and instrument setting (rows); returns the figure
+    (None without data)."""
+    if per_run.empty:
+        return None
+    settings = sorted(per_run["instrument_setting"].dropna().unique())
+    measures = list(DRIFT_MEASURE_LABELS)
+    fig, grid, _ = _grid_into(
+        axes,
+        len(settings),
+        len(measures),
+        "drift_delta_plot",
+        sharey=True,
+        top=0.5,
+        panel_w=3.4,
+        wspace=0.6,
+        hspace=1.0,
+    )
+    colors = _method_colors(per_run)
+    for i, setting in enumerate(settings):
+        d = per_run[per_run["instrument_setting"] == setting]
+        r = rho[rho["instrument_setting"] == setting] if rho is not None and not rho.empty else None
+        for j, m in enumerate(measures):
+            drift_delta_panel(d, measure=m, rho=r, colors=colors, ax=grid[i, j])
+            if j:
+                grid[i, j].set_ylabel("")
+    return fig
+
+
+def instrument_figures(tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str, List[str]]:
+    """Draw and save the instrument figures of the report (PNG) from its instrument tables
+    (`hf_entropy_callback.study.instruments.instrument_tables`); per name the files written (empty when
+    the table is absent)."""
+    j = os.path.join
+    empty = pd.DataFrame()
+    align = tables.get("grad_alignment", empty)
+    norms = tables.get("grad_norms", empty)
+    drift = tables.get("drift", empty)
+    per_run = tables.get("drift_delta_runs", empty)
+    per_page = 4 * MAX_ROWS
+    return {
+        "grad_alignment": _pages(
+            lambda p: alignment_plot(align, page=p, per_page=per_page),
+            len(_panels(align[align["pair"] == "clean~contested"])) if not align.empty else 0,
+            per_page,
+            j(folder, "grad_alignment.png"),
+        ),
+        "grad_norms": _pages(
+            lambda p: grad_norm_plot(norms, page=p, per_page=per_page),
+            len(_panels(norms, ("condition", "instrument_setting"))) if not norms.empty else 0,
+            per_page,
+            j(folder, "grad_norms.png"),
+        ),
+        "drift": _pages(
+            lambda p: drift_plot(drift, page=p),
+            len(_drift_rows(drift)) if not drift.empty else 0,
+            MAX_ROWS,
+            j(folder, "drift.png"),
+        ),
+        "drift_delta": _single(
+            drift_delta_plot(per_run, tables.get("drift_delta")) if not per_run.empty else None,
+            j(folder, "drift_delta.png"),
+        ),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
 # The report's set
 # ------------------------------------------------------------------------------------------------
 
@@ -1112,4 +1465,5 @@ def all_figures(study, tables: Dict[str, pd.DataFrame], folder: str) -> Dict[str
             j(folder, "cartography.png"),
         ),
         "calibration": _single(calibration_plot(tables["calibration"]), j(folder, "calibration.png")),
+        **instrument_figures(tables, folder),
     }

@@ -13,7 +13,9 @@ Per run, everything the report needs is derived right after loading, with
 - ``agreement``: per (run, tracked set, tracking point, category) the mean agreement of the
   predicted with the human distribution (`hf_entropy_callback.agreement`);
 - ``boot``: per run, the bootstrap replicates of its rho (`Options.n_boot`, seeded; examples
-  sorted by id so the seeds of one condition, which track the same examples, share resamples).
+  sorted by id so the seeds of one condition, which track the same examples, share resamples);
+- ``instruments``, ``instrument_examples``: the rows of runs with instruments (issue 12) and their
+  per-example gradient norms at the last point (`hf_entropy_callback.study.instruments.run_instruments`).
 
 Conditions and duplicates: `hf_entropy_callback.study.conditions.assign_conditions`. A duplicate run (same
 condition and seed as a run with a smaller id) has status "duplicate" and is excluded.
@@ -51,6 +53,7 @@ from hf_entropy_callback.inference import percentile_interval, spearman_bootstra
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
 from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
+from .instruments import run_instruments
 
 #: Defaults of the report's statistical options (flags of `hf-entropy-report` / `python -m analysis`).
 DEFAULT_BOOTSTRAP = 1000
@@ -104,6 +107,8 @@ class Study:
     agreement: pd.DataFrame = field(default_factory=pd.DataFrame)
     boot: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     options: Options = field(default_factory=Options)
+    instruments: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
+    instrument_examples: pd.DataFrame = field(default_factory=pd.DataFrame, repr=False)
 
     @property
     def usable(self) -> pd.DataFrame:
@@ -278,7 +283,10 @@ def summarize_run(
         "excluded": bool(reasons),
         "exclusion": "; ".join(reasons),
     }
+    instrument_row, instrument_frames = run_instruments(run, run_id, train_set)
+    row.update(instrument_row)
     tables = {
+        **instrument_frames,
         "examples": dyn.assign(run_id=run_id),
         "curves": _curves(run_id, losses, steps, run.points["epoch"].to_numpy(np.float64), ex["category"].to_numpy()),
         "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else []), options),
@@ -351,7 +359,8 @@ def load_study(
     dirs, notes = discover_runs(paths)
     ids = run_ids(dirs)
     options = options or Options()
-    rows, configs, parts = [], {}, {"examples": [], "curves": [], "calibration": [], "agreement": []}
+    rows, configs = [], {}
+    parts = {k: [] for k in ("examples", "curves", "calibration", "agreement", "instruments", "instrument_examples")}
     boots: Dict[str, np.ndarray] = {}
     entropy: Dict[str, pd.DataFrame] = {}
     disable = None if progress is None else not progress
@@ -430,4 +439,6 @@ def load_study(
         agreement=cat("agreement"),
         boot=boots,
         options=options,
+        instruments=cat("instruments"),
+        instrument_examples=cat("instrument_examples"),
     )

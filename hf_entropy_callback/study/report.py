@@ -44,6 +44,7 @@ from hf_entropy_callback.chaosnli import NLI_LABELS
 from hf_entropy_callback.runs import TRACKING_DIRNAME, apply_umask, remove_stale_temporaries, temp_name_prefix
 
 from . import figures as F
+from . import instruments as I
 from . import tables as T
 from .conditions import CONDITION_KEYS, MAIN_RANKS, condition_table, discover_runs
 from .loading import Options, Study, load_study
@@ -349,6 +350,7 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
     out["cartography"] = T.summarize_runs(
         out["cartography_runs"], ["rho_conf_aulc", "r2_confidence", "r2_full", "delta_r2"], ["p_delta"]
     )
+    out.update(I.instrument_tables(study))  # only the tables some run's instruments feed
     return out
 
 
@@ -739,9 +741,7 @@ def compose(
         )
     sections.append(s)
 
-    s = Section("12–13. Gradient alignment and gradient norms")
-    s.note("not computed: run directories (format version 1) store per-example log-probabilities, not gradients.")
-    sections.append(s)
+    sections += instrument_sections(study, t, figs)
 
     s = Section("14. Calibration per category")
     if t["calibration"].empty:
@@ -861,6 +861,287 @@ def compose(
         s.blocks.append(_table("matched_lr", "Full FT vs LoRA at matched learning rates", t))
     sections.append(s)
 
+    return sections
+
+
+# --------------------------------------------------------------------------------------------
+# Instrument sections (issue 12): analyses 12 and 13, and drift
+# --------------------------------------------------------------------------------------------
+
+#: What the gradients of the instruments were taken of, by the config's ``instruments.loss``.
+INSTRUMENT_LOSSES = {
+    "class_weighted_ce": "the training loss, class-weighted cross-entropy to the gold label",
+    "soft_kl": "the KL divergence to the annotators' label distribution (soft labels)",
+    "ce": "the unweighted cross-entropy of the gold label",
+}
+#: How to get the instruments: the note of a section when no run has any.
+INSTRUMENT_HINT = "rerun the training with --instruments grad_alignment,grad_norms,drift (or those wanted)"
+
+
+def _not_computed(study: Study, instrument: str) -> str:
+    runs = study.usable
+    names = runs["instrument_names"] if "instrument_names" in runs else pd.Series(dtype=object)
+    if not names.fillna("").astype(bool).any():
+        return f"not computed (no run has instruments: {INSTRUMENT_HINT})."
+    return (
+        f"not computed (no run recorded the {instrument} instrument: rerun the training with --instruments "
+        f"including {instrument})."
+    )
+
+
+def _instrument_settings_text(study: Study, instrument: str) -> str:
+    """Which loss the instrument's gradients used and the sample size, from the runs' configs (for drift:
+    the instrument settings)."""
+    u = study.usable
+    u = u[u["instrument_names"].fillna("").str.split(",").map(lambda names: instrument in names)]
+    if instrument == "drift":
+        settings = "; ".join(sorted(u["drift_setting"].dropna().unique()))
+        return f"{len(u)} usable run(s) with this instrument; instrument setting(s): {settings}."
+    losses = sorted({str(v) for v in u["instrument_loss"].dropna()})
+    samples = sorted({float(v) for v in u["instrument_sample"].dropna()})
+    loss_text = (
+        "; ".join(f"{v} ({INSTRUMENT_LOSSES.get(v, 'as named in the run config')})" for v in losses)
+        if losses
+        else "not recorded in the run configs"
+    )
+    sample_text = (
+        ", ".join("all tracked train examples" if v < 0 else f"{int(v)} examples per entropy category" for v in samples)
+        if samples
+        else "not recorded in the run configs"
+    )
+    return (
+        f"{len(u)} usable run(s) with this instrument. Gradients of: {loss_text}. Sample: {sample_text} "
+        "(drawn from the tracked train examples with the instruments' seed; a category with fewer examples "
+        "contributes all of them)."
+    )
+
+
+def _settings_column(frame: pd.DataFrame) -> List[str]:
+    return ["instrument_setting"] if frame["instrument_setting"].nunique() > 1 else []
+
+
+def _instrument_display(frame: pd.DataFrame) -> pd.DataFrame:
+    """`format_table` without the learning rate (the condition's label names it where it varies) and,
+    when the report has one instrument setting, without that (the section's text names it)."""
+    drop = ["learning_rate"] + ([] if _settings_column(frame) else ["instrument_setting"])
+    return format_table(frame.drop(columns=[c for c in drop if c in frame]))
+
+
+def _at_ends(frame: pd.DataFrame, keys: Sequence[str], by: str, value: str, which: Sequence[str]) -> pd.DataFrame:
+    """One row per (condition, setting): "value (mean ± sd)" of each `by` level at the first / last step."""
+    rows = []
+    for (cond, setting), g in frame.groupby(["condition", "instrument_setting"], sort=False):
+        row = {"condition": cond, "instrument_setting": setting, "n_runs": _fmt_number("n_runs", g["n_runs"].max())}
+        for level in which:
+            d = g[g[by] == level].sort_values("step")
+            for end, r in (("first", d.head(1)), ("last", d.tail(1))):
+                if end == "first" and by != "pair":
+                    continue
+                row[f"{level} ({end})" if by == "pair" else level] = (
+                    f"{_fmt_number('', r[f'{value}_mean'].iloc[0])} ± {_fmt_number('', r[f'{value}_sd'].iloc[0])}"
+                    if len(r)
+                    else "—"
+                )
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    return out[[c for c in out if c != "instrument_setting" or c in keys]]
+
+
+def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]]) -> List[Section]:
+    """Sections 12 (gradient alignment), 13 (gradient norms by category) and 13b (drift) of the report.
+
+    Each is computed from the runs that recorded its instrument; without any, it says "not computed"
+    with the flag to rerun with, and no table or figure is written.
+    """
+    t = tables
+    sections = []
+
+    s = Section("12. Gradient alignment over training")
+    if "grad_alignment" not in t:
+        s.note(_not_computed(study, "grad_alignment"))
+    else:
+        a = t["grad_alignment"]
+        s.text(
+            "Cosine similarity between the aggregated gradients of two entropy categories' sampled train "
+            "examples at each tracking point (the tracker's grad_alignment instrument; clean~contested is the "
+            "study's comparison: a falling cosine means the two groups pull the weights apart). "
+            + _instrument_settings_text(study, "grad_alignment")
+            + " Mean over seeds per condition (method, rank, learning rate, ...) and instrument setting; band and "
+            "ci_low / ci_high: 95% t interval over seeds (mean ± t(0.975, n−1)·sd/√n; none with one seed). "
+            "Runs with different gradient instrument settings (loss, sample size) are never pooled."
+        )
+        for n in I.instrument_notes(study.runs, "gradients"):
+            s.note(n)
+        keys = _settings_column(a)
+        s.blocks.append(
+            _table(
+                "grad_alignment",
+                "Gradient alignment per condition and tracking step",
+                t,
+                "Shown: the cosine (mean ± sd over seeds) at the first and the last tracking point; the CSV has "
+                "every step with its 95% t interval.",
+                display=_at_ends(
+                    a, keys, "pair", "cosine", ["clean~contested", "clean~ambiguous", "ambiguous~contested"]
+                ),
+            )
+        )
+        if figs.get("grad_alignment"):
+            s.blocks.append(
+                FigureItem(
+                    "grad_alignment",
+                    figs["grad_alignment"],
+                    "Cosine of the clean and the contested examples' aggregated gradients over training, LoRA vs "
+                    "full FT (line style: LoRA solid, IA3 dash-dot, full FT dashed) per model, dataset, variant and "
+                    "learning rate; line: mean over seeds, band: 95% t interval over seeds.",
+                )
+            )
+    sections.append(s)
+
+    s = Section("13. Per-example gradient norms by entropy category")
+    if "grad_norms" not in t:
+        s.note(_not_computed(study, "grad_norms"))
+    else:
+        g = t["grad_norms"]
+        s.text(
+            "L2 norm of each sampled train example's own loss gradient (the tracker's grad_norms instrument), "
+            "summarised per category and tracking point by the runs' mean and median; here the mean ± sd over "
+            "seeds (95% t interval in the CSV). " + _instrument_settings_text(study, "grad_norms")
+        )
+        for n in I.instrument_notes(study.runs, "gradients"):
+            s.note(n)
+        s.blocks.append(
+            _table(
+                "grad_norms",
+                "Gradient norm by category per condition and tracking step",
+                t,
+                "Shown: the category mean of the per-example norms at the last tracking point (mean ± sd over "
+                "seeds); the CSV has every step, the medians and the 95% t intervals.",
+                display=_at_ends(g, _settings_column(g), "category", "grad_norm", ["clean", "ambiguous", "contested"]),
+            )
+        )
+        if "grad_norm_test_summary" in t:
+            s.text(
+                "Contested vs clean (the study's figure-4 comparison), per run at the last tracking point with "
+                "per-example norms: two-sided Mann–Whitney U test (scipy.stats.mannwhitneyu) of the contested "
+                "against the clean examples' norms; cles = U / (n_contested · n_clean), the probability that a "
+                "contested example's norm exceeds a clean one's (0.5: none). Per condition: cles and the ratio of "
+                "medians (contested / clean), mean ± sd over seeds; n_higher: seeds with cles > 0.5; n_sig: seeds "
+                "with p < 0.05; p_max: the largest seed p (the difference holds for a condition only if it holds "
+                "in every seed)."
+            )
+            s.blocks.append(
+                _table(
+                    "grad_norm_test_summary",
+                    "Contested vs clean gradient norms per condition",
+                    t,
+                    display=_instrument_display(t["grad_norm_test_summary"]),
+                )
+            )
+            s.blocks.append(
+                _table(
+                    "grad_norm_tests",
+                    "Contested vs clean gradient norms per run",
+                    t,
+                    display=_instrument_display(t["grad_norm_tests"]),
+                    inline=False,
+                )
+            )
+        else:
+            s.note("no run stored per-example gradient norms (instrument_examples.parquet); no test of the categories.")
+        if figs.get("grad_norms"):
+            s.blocks.append(
+                FigureItem(
+                    "grad_norms",
+                    figs["grad_norms"],
+                    "Per-example gradient norm by entropy category over training (study figure 4), one panel per "
+                    "condition: the category mean of the sampled examples' norms, mean over seeds; band: 95% t "
+                    "interval over seeds. Panels do not share the y axis (full FT's norms are far larger).",
+                )
+            )
+    sections.append(s)
+
+    s = Section("13b. Drift over training and the contested examples' Delta L")
+    if "drift" not in t:
+        s.note(_not_computed(study, "drift"))
+    else:
+        d = t["drift"]
+        s.text(
+            "Beyond the study (the tracker's drift instrument): per layer the mean attention entropy (nats) and "
+            "the linear CKA of the layer's representations against the initial model (1: unchanged), per module "
+            "the norm of the weight update since the start, and its total. Per run the layer mean of attention "
+            "entropy and CKA; mean ± sd and 95% t interval over seeds per condition, so per method and learning "
+            "rate. " + _instrument_settings_text(study, "drift") + " Runs with different drift settings (sample "
+            "size, attention implementation) are never pooled."
+        )
+        for n in I.instrument_notes(study.runs, "drift"):
+            s.note(n)
+        s.blocks.append(
+            _table(
+                "drift",
+                "Drift per condition and tracking step",
+                t,
+                "Shown: each quantity at the last tracking point (mean ± sd over seeds); the CSV has every step.",
+                display=_at_ends(d, _settings_column(d), "quantity", "value", list(I.DRIFT_QUANTITIES)),
+            )
+        )
+        s.blocks.append(
+            _table(
+                "drift_layers",
+                "Drift per layer and module at the last point",
+                t,
+                "final: the value at each run's last instrument point; change: final minus the first point's; "
+                "mean ± sd over seeds.",
+                display=_instrument_display(t["drift_layers"]),
+                inline=False,
+            )
+        )
+        if figs.get("drift"):
+            s.blocks.append(
+                FigureItem(
+                    "drift",
+                    figs["drift"],
+                    "Drift over training by method (line colour and style) at each learning rate (one row per "
+                    "model, dataset and learning rate, main setting): layer-mean attention entropy, layer-mean CKA "
+                    "against the initial model and total weight-update norm; mean over seeds, band: 95% t interval "
+                    "over seeds.",
+                )
+            )
+        if "drift_delta" in t:
+            measures = "; ".join(f"{k}: {v}" for k, v in I.DRIFT_MEASURES.items())
+            s.text(
+                "Does a run that drifts more un-learn its contested examples more? Per run, its final drift "
+                f"({measures}) against the mean ΔL of its contested train examples (loss at the last tracking "
+                "point minus the first, as in section 3). Spearman rho over runs (scipy.stats.spearmanr, "
+                "two-sided p) within each instrument setting, over all runs and within each method (methods "
+                "differ in both, so the pooled rho mostly compares methods); needs three runs."
+            )
+            s.blocks.append(
+                _table(
+                    "drift_delta",
+                    "Drift vs contested ΔL: Spearman rho over runs",
+                    t,
+                    display=_instrument_display(t["drift_delta"]),
+                )
+            )
+            s.blocks.append(
+                _table(
+                    "drift_delta_runs",
+                    "Drift and contested ΔL per run",
+                    t,
+                    display=_instrument_display(t["drift_delta_runs"]),
+                    inline=False,
+                )
+            )
+            if figs.get("drift_delta"):
+                s.blocks.append(
+                    FigureItem(
+                        "drift_delta",
+                        figs["drift_delta"],
+                        "Each run's final drift against its contested examples' mean ΔL (> 0: un-learning), "
+                        "coloured by method; title: Spearman rho over all runs.",
+                    )
+                )
+    sections.append(s)
     return sections
 
 
