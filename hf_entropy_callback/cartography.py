@@ -311,6 +311,8 @@ def train_cartography(dynamics, *, epochs: Optional[Iterable[int]] = None):
     import pandas as pd
 
     frame = _check_frame(dynamics)
+    if frame.empty:
+        raise ValueError("train_cartography: no records")
     k = sum(1 for c in frame.columns if re.fullmatch(r"logprob_\d+", str(c)))
     if epochs is None:
         done = sorted(frame.loc[frame["epoch_complete"].astype(bool), "epoch"].unique())

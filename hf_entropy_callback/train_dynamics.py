@@ -74,7 +74,7 @@ def add_example_index(dataset, column: str = EXAMPLE_INDEX_COLUMN):
 
     Example:
         >>> import datasets
-        >>> add_example_index(datasets.Dataset.from_dict({"x": ["a", "b"]}))["example_index"]
+        >>> list(add_example_index(datasets.Dataset.from_dict({"x": ["a", "b"]}))["example_index"])
         [0, 1]
     """
     if column in dataset.column_names:
@@ -175,7 +175,9 @@ class _Recorder:
             sorted_index, ids = self.ids
             pos = np.clip(np.searchsorted(sorted_index, ints[:, 0]), 0, max(len(sorted_index) - 1, 0))
             found = sorted_index[pos] == ints[:, 0] if len(sorted_index) else np.zeros(len(ints), bool)
-            records["example_id"] = [ids[p] if ok else None for p, ok in zip(pos, found)]
+            named = ids[pos] if len(ids) else np.full(len(ints), None, dtype=object)
+            named[~found] = None  # an index the id list does not cover
+            records["example_id"] = named
         return records, dropped
 
     def meta(self, epoch: int, complete: bool, dropped: int) -> Dict[str, Any]:
@@ -239,9 +241,13 @@ class _Recorder:
             ids = [str(v) for v in ds[arg]]
         else:
             ids = [str(v) for v in arg]
+            if hasattr(ds, "__len__") and len(ids) != len(ds):
+                raise ValueError(
+                    f"record_train_dynamics: example_ids has {len(ids)} entries, the training set {len(ds)} examples"
+                )
             index = np.arange(len(ids), dtype=np.int64)  # a sequence: example_ids[i] names the example of index i
         order = np.argsort(index, kind="stable")
-        self.ids = (index[order], [ids[i] for i in order])
+        self.ids = (index[order], np.asarray(ids, dtype=object)[order])
 
     def restore(self, checkpoint: Optional[str], global_step: int) -> bool:
         """Pick up the records of the epoch in progress saved with `checkpoint` (process zero); False when it has none."""

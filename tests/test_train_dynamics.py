@@ -217,9 +217,12 @@ def test_resume_without_the_partial_epoch_says_so(tmp_path):
 def test_files_say_train_mode_and_bad_files_are_named(tmp_path):
     tok, model, _, train = setup("bert", n=16)
     ClassWeightedTrainer(
-        model=model, args=args(tmp_path, num_train_epochs=1), train_dataset=train, processing_class=tok,
+        model=model,
+        args=args(tmp_path, num_train_epochs=1),
+        train_dataset=train,
+        processing_class=tok,
         record_train_dynamics=True,
-    ).train()  # fmt: skip
+    ).train()
     path = tmp_path / "train_dynamics" / "epoch-0001.parquet"
     import pyarrow.parquet as pq
 
@@ -246,9 +249,12 @@ def test_files_say_train_mode_and_bad_files_are_named(tmp_path):
 def test_cartography_of_the_whole_training_set(tmp_path):
     tok, model, _, train = setup("bert", n=40)
     ClassWeightedTrainer(
-        model=model, args=args(tmp_path, num_train_epochs=3), train_dataset=train, processing_class=tok,
+        model=model,
+        args=args(tmp_path, num_train_epochs=3),
+        train_dataset=train,
+        processing_class=tok,
         record_train_dynamics=True,
-    ).train()  # fmt: skip
+    ).train()
     frame = load_train_dynamics(str(tmp_path))
     carto = train_cartography(frame)
     assert carto["example_index"].tolist() == list(range(40)) and (carto["n_epochs"] == 3).all()
@@ -291,6 +297,23 @@ def test_mixin_on_a_plain_trainer_with_a_torch_dataset(tmp_path):
     logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     for step, loss in logged.items():  # the model's own (unweighted) loss
         assert rec.loc[rec["step"] == step, "loss"].mean() == pytest.approx(loss, rel=1e-5)
+
+    twice = datasets.concatenate_datasets([indexed, indexed])  # an index that no longer names one example
+    dup = RecordingTrainer(
+        model=model, args=args(tmp_path / "dup"), train_dataset=twice, processing_class=tok, record_train_dynamics=True
+    )
+    with pytest.raises(ValueError, match="repeated values"):
+        dup.train()
+    short_ids = RecordingTrainer(
+        model=model,
+        args=args(tmp_path / "ids"),
+        train_dataset=train,
+        processing_class=tok,
+        record_train_dynamics=True,
+        example_ids=["a", "b"],
+    )
+    with pytest.raises(ValueError, match="example_ids has 2 entries, the training set 24"):
+        short_ids.train()
 
     plain = RecordingTrainer(model=model, args=args(tmp_path / "x"), train_dataset=train, record_train_dynamics=True)
     no_index = [{k: v for k, v in r.items() if k != "example_index"} for r in rows]
