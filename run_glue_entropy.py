@@ -235,6 +235,14 @@ class EntropyArguments:
         default=100, metadata={"help": "Track every N optimizer steps (plus step 0 and epoch ends)."}
     )
     tracking_batch_size: int = field(default=64, metadata={"help": "Batch size of the tracking forward passes."})
+    record_train_dynamics: bool = field(
+        default=False,
+        metadata={
+            "help": "Also keep every training example's loss and log-probabilities from the training forward "
+            "(train mode, whole training set, bulk included) and write them per epoch to "
+            "<output_dir>/train_dynamics/ (hf_entropy_callback.train_dynamics)."
+        },
+    )
     preset: Optional[str] = field(
         default=None,
         metadata={"help": "smoke (tiny random model, generated data) or demo (all-MiniLM-L6-v2 on real data, short)."},
@@ -993,7 +1001,12 @@ def build_run_config(model_args, data_args, ent_args, training_args) -> RunConfi
         "run_name": training_args.run_name,
         "preset": ent_args.preset,
     }
-    return RunConfig(**config)
+    run_config = RunConfig(**config)
+    if ent_args.record_train_dynamics:
+        # Recorded (an extra key of run_config.json), only when on, and outside the fingerprint: the records do
+        # not change the run's numbers, so folders of runs without them still resume and count as done.
+        run_config = run_config.replace(record_train_dynamics=True)
+    return run_config
 
 
 def _prepare_folder(training_args, fingerprint: dict, is_main: bool):
@@ -1350,6 +1363,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
             compute_metrics=compute_metrics,
             loss_type=ent_args.loss,
             use_class_weights=ent_args.use_class_weights,
+            record_train_dynamics=ent_args.record_train_dynamics,
+            # train_tok has train's rows in train's order; its example index is the row position.
+            example_ids=list(train["example_id"]) if ent_args.record_train_dynamics else None,
         )
         # Added after the Trainer's progress callback (which the Trainer adds last), so that the step-0
         # tracking metrics, logged in on_train_begin, are printed like the later ones.

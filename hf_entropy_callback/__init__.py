@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING
 
+from .cartography import load_train_dynamics, train_cartography
 from .chaosnli import NLI_LABELS, ChaosNLIFormatError, category_table, load_chaosnli
 from .entropy import (
     CATEGORIES,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ below imports them
     from .callback import AnnotationEntropyCallback
     from .tracker import EntropyTracker
+    from .train_dynamics import TrainDynamicsMixin, add_example_index
     from .trainer import ClassWeightedTrainer
 
 # The Trainer-side classes import torch and transformers; load them on first use so that reading
@@ -30,6 +32,8 @@ _LAZY = {
     "AnnotationEntropyCallback": ".callback",
     "ClassWeightedTrainer": ".trainer",
     "EntropyTracker": ".tracker",
+    "TrainDynamicsMixin": ".train_dynamics",
+    "add_example_index": ".train_dynamics",
 }
 
 
@@ -53,13 +57,17 @@ __all__ = [
     "Run",
     "RunConfig",
     "RunFormatError",
+    "TrainDynamicsMixin",
+    "add_example_index",
     "annotation_entropy",
     "category_thresholds",
     "category_table",
     "entropy_category",
     "load_chaosnli",
     "load_run",
+    "load_train_dynamics",
     "quantile_bins",
     "quartile_bins",
     "tercile_bins",
+    "train_cartography",
 ]

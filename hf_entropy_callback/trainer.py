@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
+
+from .train_dynamics import EXAMPLE_INDEX_COLUMN, TrainDynamicsMixin
 
 LOSS_TYPES = ("ce", "soft_kl")
 #: Dataset column holding each example's annotator label counts (used by `loss_type="soft_kl"`).
@@ -78,7 +80,36 @@ def soft_label_kl(logits: torch.Tensor, counts: torch.Tensor, labels: torch.Tens
     return (qlogq - q * logp).sum(dim=-1).mean()
 
 
-class ClassWeightedTrainer(Trainer):
+class _ClassWeightedLoss(Trainer):
+    """The loss of `ClassWeightedTrainer`, in a base class of its own so that `TrainDynamicsMixin`, which comes
+    before it in `ClassWeightedTrainer`'s bases, wraps it (see `hf_entropy_callback.train_dynamics`)."""
+
+    # The loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps (5.x).
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Weighted CE (or soft KL) of the model's logits; `num_items_in_batch` is not used: the loss
+        is a per-micro-batch mean that the Trainer divides by the accumulation steps."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs.pop("label", None)
+        counts = inputs.pop(SOFT_LABEL_COLUMN, None)
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if labels is None:
+            raise ValueError("ClassWeightedTrainer.compute_loss: the batch has no labels")
+        labels = labels.to(logits.device).long()
+        if self.loss_type == "soft_kl":
+            if counts is None:
+                raise ValueError(f"loss_type='soft_kl' needs a '{SOFT_LABEL_COLUMN}' column in the training data")
+            loss = soft_label_kl(logits, counts, labels)
+        else:
+            loss = weighted_cross_entropy(logits, labels, self.class_weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+class ClassWeightedTrainer(TrainDynamicsMixin, _ClassWeightedLoss):
     """A `transformers.Trainer` that trains sequence classifiers with class-weighted cross-entropy.
 
     The loss is the batch mean of ``w[y] * CE`` with inverse-frequency weights ``w_c = N / (K n_c)``
@@ -96,11 +127,15 @@ class ClassWeightedTrainer(Trainer):
         loss_type (`str`, *optional*, defaults to `"ce"`):
             `"ce"` (class-weighted cross-entropy to the gold label) or `"soft_kl"` (unweighted KL to the
             annotator distribution).
+        record_train_dynamics (`bool`, *optional*, defaults to `False`):
+            Keep every training example's loss and log-probabilities from the training forward, each time it
+            is seen, and write them per epoch to ``<output_dir>/train_dynamics/`` (train mode; see
+            `hf_entropy_callback.train_dynamics`). The stored loss is the unweighted cross-entropy of the
+            label, whatever `use_class_weights` and `loss_type` say. Off: no files and no change to training.
+        train_dynamics_dir, example_index_column, example_ids:
+            as in `hf_entropy_callback.train_dynamics.TrainDynamicsMixin`.
         *args, **kwargs: passed to `transformers.Trainer`.
     """
-
-    # The loss is a per-micro-batch mean: let the Trainer divide by the accumulation steps (5.x).
-    loss_is_scaled_for_ga = False
 
     def __init__(
         self,
@@ -108,11 +143,22 @@ class ClassWeightedTrainer(Trainer):
         class_weights: Optional[Sequence[float]] = None,
         use_class_weights: bool = True,
         loss_type: str = "ce",
+        record_train_dynamics: bool = False,
+        train_dynamics_dir: Optional[str] = None,
+        example_index_column: str = EXAMPLE_INDEX_COLUMN,
+        example_ids: Union[str, Sequence[str], None] = None,
         **kwargs,
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            *args,
+            record_train_dynamics=record_train_dynamics,
+            train_dynamics_dir=train_dynamics_dir,
+            example_index_column=example_index_column,
+            example_ids=example_ids,
+            **kwargs,
+        )
         self.loss_type = loss_type
         # 4.46-4.57 decide the GA division from this flag: False means "divide by GA steps", and it also
         # stops the Trainer from counting num_items_in_batch for a loss it does not compute.
@@ -154,24 +200,3 @@ class ClassWeightedTrainer(Trainer):
         for col in self._extra_columns:
             if col not in self._signature_columns:
                 self._signature_columns.append(col)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Weighted CE (or soft KL) of the model's logits; `num_items_in_batch` is not used: the loss
-        is a per-micro-batch mean that the Trainer divides by the accumulation steps."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            labels = inputs.pop("label", None)
-        counts = inputs.pop(SOFT_LABEL_COLUMN, None)
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if labels is None:
-            raise ValueError("ClassWeightedTrainer.compute_loss: the batch has no labels")
-        labels = labels.to(logits.device).long()
-        if self.loss_type == "soft_kl":
-            if counts is None:
-                raise ValueError(f"loss_type='soft_kl' needs a '{SOFT_LABEL_COLUMN}' column in the training data")
-            loss = soft_label_kl(logits, counts, labels)
-        else:
-            loss = weighted_cross_entropy(logits, labels, self.class_weights)
-        return (loss, outputs) if return_outputs else loss

@@ -30,6 +30,8 @@ MUST_HAVE_EXAMPLES = {
     "hf_entropy_callback.study.instruments",
     "hf_entropy_callback.synthetic_runs",
     "hf_entropy_callback.study.tables",
+    "hf_entropy_callback.cartography",
+    "hf_entropy_callback.train_dynamics",
 }
 # Modules that import torch at the top; skipped, with the reason, only where torch is not installed.
 NEEDS_TORCH = {
@@ -40,6 +42,7 @@ NEEDS_TORCH = {
     "hf_entropy_callback.peft_setup",
     "hf_entropy_callback.testing",
     "hf_entropy_callback.nli_metric",
+    "hf_entropy_callback.train_dynamics",
 }
 # Known failing examples in files outside this change, each with the fix it needs.
 KNOWN_FAILURES: dict = {}

@@ -864,6 +864,89 @@ def compose(
     return sections
 
 
+TRAIN_CARTOGRAPHY_TITLE = "Training-set cartography (train mode, whole training set)"
+#: Runs drawn in the training-set data-map figure (the first ones in the report's order).
+TRAIN_CARTOGRAPHY_MAPS = 4
+
+
+def train_cartography_sections(
+    study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]], folder: str
+) -> List[Section]:
+    """The section on the runs that recorded train dynamics (`record_train_dynamics`); none when no run did.
+
+    Adds the table ``train_cartography`` to `tables` and the figure ``train_cartography`` (written under
+    `folder`/figures) to `figs`.
+    """
+    from matplotlib.figure import Figure
+
+    from hf_entropy_callback import cartography as C
+    from hf_entropy_callback.entropy import CATEGORIES
+    from hf_entropy_callback.runs import RunFormatError
+
+    found, problems = [], []
+    for _, run in study.runs.iterrows():
+        folder_of_run = C.find_train_dynamics(run["path"])  # the tracking folder's sibling train_dynamics/
+        if folder_of_run is None:
+            continue
+        try:
+            carto = C.train_cartography(C.load_train_dynamics(folder_of_run))
+        except (RunFormatError, ValueError) as err:
+            problems.append(f"{run['run_id']}: {err}")
+            continue
+        cats = study.examples.loc[study.examples["run_id"] == run["run_id"]].set_index("example_id")["category"]
+        carto["group"] = carto["example_id"].map(cats).fillna("untracked").astype(str)
+        found.append((run, carto))
+    if not found and not problems:
+        return []
+    s = Section(TRAIN_CARTOGRAPHY_TITLE)
+    s.text(
+        "Beyond the study (Swayamdipta et al., 2020, as in their recipe): every training example, bulk "
+        "included, from the records of the TRAINING forward (train mode: dropout on, the weights before "
+        "each update; run_glue_entropy.py --record_train_dynamics), one record per epoch, over the epochs "
+        "that ran to their end. confidence = mean p(gold) over epochs, variability = its sd, correctness = "
+        "share of epochs predicted right. Not the eval-mode tracked points of the other sections. Groups: the "
+        "tracked examples' entropy categories; untracked = the rest of the training set (the bulk corpus)."
+    )
+    for p in problems:
+        s.note(f"train dynamics not read: {p}")
+    order = list(CATEGORIES) + ["untracked"]
+    rows = []
+    for run, carto in found:
+        summary = C.summarize_cartography(carto, "group")
+        summary["group"] = pd.Categorical(summary["group"], [g for g in order if g in set(summary["group"])])
+        summary = summary.sort_values("group").assign(group=lambda d: d["group"].astype(str))
+        rows.append(summary.assign(run_id=run["run_id"], condition=run.get("condition"), seed=run.get("seed")))
+    if rows:
+        table = pd.concat(rows, ignore_index=True)
+        cols = ["run_id", "condition", "seed", "group", "n", "n_epochs", "confidence", "variability", "correctness"]
+        tables["train_cartography"] = table[cols]
+        s.blocks.append(
+            _table(
+                "train_cartography",
+                "Training-set cartography per run and group (train mode)",
+                tables,
+                "Means over each group's examples.",
+                display=format_table(table[cols], drop_keys=False),
+            )
+        )
+        shown = found[:TRAIN_CARTOGRAPHY_MAPS]
+        fig = Figure(figsize=(4.6 * len(shown), 4.2), layout="constrained")
+        for ax, (run, carto) in zip(np.atleast_1d(fig.subplots(1, len(shown))), shown):
+            # the palette's order: untracked (bulk) examples first, so the tracked ones are drawn on top
+            C.plot_data_map(carto, hue="group", palette={"untracked": "#bbbbbb", **F.CATEGORY_COLORS}, ax=ax)
+            ax.set_title(str(run["run_id"]), fontsize="medium")
+        figs["train_cartography"] = [F.save_figure(fig, os.path.join(folder, "figures", "train_cartography.png"))]
+        s.blocks.append(
+            FigureItem(
+                "train_cartography",
+                figs["train_cartography"],
+                f"Data maps of the training set (train mode) of the first {len(shown)} of {len(found)} runs with "
+                "train dynamics: variability vs confidence per example, coloured by group.",
+            )
+        )
+    return [s]
+
+
 # --------------------------------------------------------------------------------------------
 # Instrument sections (issue 12): analyses 12 and 13, and drift
 # --------------------------------------------------------------------------------------------
@@ -1475,6 +1558,7 @@ def build_report(
         timings["figures"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sections = compose(study, tables, figs, alpha, family, main_ranks)
+        sections += train_cartography_sections(study, tables, figs, tmp)
         _write_tables(sections, tmp)
         n_fig = sum(len(v) for v in figs.values())
         header = (
