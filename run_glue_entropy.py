@@ -1000,13 +1000,10 @@ def build_run_config(model_args, data_args, ent_args, training_args) -> RunConfi
         "library_versions": library_major_versions(),
         "run_name": training_args.run_name,
         "preset": ent_args.preset,
+        # Recorded, not fingerprinted (RunConfig says which): the records do not change the run's numbers.
+        "record_train_dynamics": ent_args.record_train_dynamics or None,
     }
-    run_config = RunConfig(**config)
-    if ent_args.record_train_dynamics:
-        # Recorded (an extra key of run_config.json), only when on, and outside the fingerprint: the records do
-        # not change the run's numbers, so folders of runs without them still resume and count as done.
-        run_config = run_config.replace(record_train_dynamics=True)
-    return run_config
+    return RunConfig(**config)
 
 
 def _prepare_folder(training_args, fingerprint: dict, is_main: bool):

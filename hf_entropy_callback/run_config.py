@@ -96,6 +96,9 @@ class RunConfig:
     thresholds: Optional[List[float]] = field(default=None, metadata=_RECORDED)
     max_length: Optional[int] = field(default=None, metadata=_RECORDED)
     tracked_loss: Optional[str] = field(default=None, metadata=_RECORDED)
+    # Train-mode records of the whole training set (`hf_entropy_callback.train_dynamics`); they do not
+    # change the run's numbers, so they are recorded, not fingerprinted.
+    record_train_dynamics: Optional[bool] = field(default=None, metadata=_RECORDED)
     # -- optimisation (the Trainer's arguments)
     learning_rate: Optional[float] = None
     seed: Optional[int] = None
@@ -287,12 +290,16 @@ def _read_args(args, world_size: int) -> Dict[str, Any]:
 
 
 def _read_trainer(trainer) -> Dict[str, Any]:
-    """The loss of a `ClassWeightedTrainer` (any Trainer with ``loss_type`` / ``class_weights``)."""
+    """The loss of a `ClassWeightedTrainer` (any Trainer with ``loss_type`` / ``class_weights``) and whether it
+    records train-mode dynamics (`TrainDynamicsMixin`)."""
+    out: Dict[str, Any] = {}
+    if getattr(trainer, "record_train_dynamics", False):
+        out["record_train_dynamics"] = True
     loss_type = getattr(trainer, "loss_type", None)
     if not isinstance(loss_type, str):
-        return {}  # another Trainer's loss is not known: what the user gave (or "ce") stays
+        return out  # another Trainer's loss is not known: what the user gave (or "ce") stays
     weights = getattr(trainer, "class_weights", None)
-    out: Dict[str, Any] = {"loss": loss_type, "use_class_weights": weights is not None}
+    out.update(loss=loss_type, use_class_weights=weights is not None)
     if weights is not None:
         out["class_weights"] = [float(w) for w in weights.tolist()]
     return out

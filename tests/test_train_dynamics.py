@@ -384,7 +384,7 @@ def test_script_flag_files_and_report_section(tmp_path):
     assert not (runs / "without" / "train_dynamics").exists()
     run = load_run(str(out))
     assert run.config["record_train_dynamics"] is True
-    assert "record_train_dynamics" not in load_run(str(runs / "without")).config
+    assert not load_run(str(runs / "without")).run_config.record_train_dynamics
     frame = load_train_dynamics(str(out))
     n_train = run.config["n_train"]
     assert sorted(frame["epoch"].unique()) == [1, 2]
