@@ -45,15 +45,15 @@ class InstrumentLoss:
 
     @classmethod
     def coerce(cls, value) -> "InstrumentLoss":
-        """An `InstrumentLoss` from itself, a kind name, or a dict with `kind` (and `class_weights`)."""
+        """An `InstrumentLoss` from itself, a kind name, or a dict with `kind` or `loss` (and `class_weights`)."""
         if value is None:
             return cls()
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
             return cls(value)
-        if isinstance(value, dict):
-            return cls(value.get("kind", "ce"), value.get("class_weights"))
+        if isinstance(value, dict):  # {"kind": ...} or a run config's {"loss": ...} entry
+            return cls(value.get("kind", value.get("loss", "ce")), value.get("class_weights"))
         raise TypeError(f"instrument_loss must be a kind name, a dict or an InstrumentLoss, got {type(value).__name__}")
 
     @classmethod
