@@ -6,7 +6,7 @@ import contextlib
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
@@ -75,10 +75,6 @@ class Instrument:
 
     def measure(self, ctx: "PointContext", out: Measurement) -> None:
         raise NotImplementedError
-
-    def describe(self) -> Dict[str, object]:
-        """What goes into the run config's `"instruments"` entry for this instrument."""
-        return {}
 
 
 @contextlib.contextmanager
@@ -234,15 +230,3 @@ class PointContext:
 def trainable_parameters(model) -> List[Tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of every parameter that is trained (`requires_grad`), in the model's order."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def flat_norm(tensors) -> float:
-    """Euclidean norm of a list of tensors taken as one vector (float64 accumulation)."""
-    total = 0.0
-    for t in tensors:
-        total += float(t.detach().double().pow(2).sum())
-    return math.sqrt(total)
-
-
-def optional_float(value: Optional[float]) -> float:
-    return float("nan") if value is None else float(value)
