@@ -79,6 +79,7 @@ from hf_entropy_callback.data import (
     split_chaosnli,
 )
 from hf_entropy_callback.dynamics import example_dynamics, format_summary, run_summary
+from hf_entropy_callback.instruments import DEFAULT_SAMPLE_PER_CATEGORY, parse_instruments
 from hf_entropy_callback.models import DEFAULT_MODEL, ModelFetchError, default_model_path, is_model_folder
 from hf_entropy_callback.nli_metric import metrics_from_logits
 from hf_entropy_callback.offline import hub_reachable, require_hub
@@ -243,6 +244,21 @@ class EntropyArguments:
             "<output_dir>/train_dynamics/ (hf_entropy_callback.train_dynamics)."
         },
     )
+    instruments: Optional[List[str]] = field(
+        default=None,
+        metadata={
+            "help": "Opt-in instruments at every tracking point: grad_alignment, grad_norms, drift (comma- or "
+            "space-separated); stored in entropy_tracking/instruments.parquet."
+        },
+    )
+    instrument_sample_per_category: int = field(
+        default=DEFAULT_SAMPLE_PER_CATEGORY,
+        metadata={
+            "help": "Tracked ChaosNLI train examples per entropy category the instruments measure (a fixed, seeded, "
+            "stratified sample); 0 = all of them."
+        },
+    )
+    instrument_seed: int = field(default=0, metadata={"help": "Seed of the instruments' sample."})
     preset: Optional[str] = field(
         default=None,
         metadata={"help": "smoke (tiny random model, generated data) or demo (all-MiniLM-L6-v2 on real data, short)."},
@@ -913,6 +929,15 @@ def argument_problems(model_args, data_args, ent_args, training_args) -> List[st
         )
     if ent_args.tracking_batch_size < 1:
         problems.append(f"--tracking_batch_size must be >= 1, got {ent_args.tracking_batch_size}")
+    try:
+        parse_instruments(ent_args.instruments)
+    except (TypeError, ValueError) as err:
+        problems.append(f"--instruments: {err}")
+    if ent_args.instrument_sample_per_category < 0:
+        problems.append(
+            f"--instrument_sample_per_category must be >= 0 (0: the whole tracked set), got "
+            f"{ent_args.instrument_sample_per_category}"
+        )
     if data_args.chaosnli_file is not None:
         found = chaosnli_file_subset(data_args.chaosnli_file)
         if found is not None and found[0] != data_args.task:
@@ -1341,6 +1366,9 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
             batch_size=ent_args.tracking_batch_size,
             max_length=data_args.max_seq_length,
             run_config=run_config,
+            instruments=ent_args.instruments,
+            instrument_sample_per_category=ent_args.instrument_sample_per_category or None,
+            instrument_seed=ent_args.instrument_seed,
         )
 
         def compute_metrics(pred):

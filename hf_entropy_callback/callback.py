@@ -16,13 +16,14 @@ from transformers import TrainerCallback
 from .run_config import RunConfig
 from .runs import TRACKING_DIRNAME, RunFormatError, find_tracking_dir
 from .schedule import tracking_schedule  # noqa: F401  (re-exported: the schedule this callback follows)
-from .tracker import EntropyTracker, distributed_world, unwrap_model
+from .tracker import DEFAULT_SAMPLE_PER_CATEGORY, EntropyTracker, distributed_world, unwrap_model
 
 logger = logging.getLogger(__name__)
 
 _OPTIONS = (
     "tokenizer, trainer, track_every, batch_size, text_columns, label_column, label_names, max_length, preprocess, "
-    "thresholds, output_dir, run_config, log_metrics, nan_policy"
+    "thresholds, output_dir, run_config, log_metrics, nan_policy, instruments, instrument_sample_per_category, "
+    "instrument_seed, instrument_loss"
 )
 
 
@@ -103,6 +104,16 @@ class AnnotationEntropyCallback(TrainerCallback):
             `ClassWeightedTrainer` (`RunConfig.for_training`); a given value that disagrees is replaced,
             with a warning.
         log_metrics (`bool`, *optional*, defaults to `True`): send per-point metrics to the Trainer's log.
+        instruments (`Sequence[str]` or `str`, *optional*):
+            Opt-in instruments measured at every tracking point (`"grad_alignment"`, `"grad_norms"`,
+            `"drift"`; see `hf_entropy_callback.instruments`), saved with the trajectory and its checkpoints.
+        instrument_sample_per_category (`int`, *optional*): examples per entropy category the instruments
+            measure (a fixed, seeded, stratified sample of the first tracked set); default 32; `None` = the
+            whole set.
+        instrument_seed (`int`, *optional*, defaults to 0): seed of that sample.
+        instrument_loss (*optional*): the loss the gradient instruments differentiate (see `EntropyTracker`);
+            by default read from the Trainer: a `ClassWeightedTrainer`'s class-weighted CE or soft-label KL,
+            else the unweighted cross-entropy.
 
     Example:
         ```python
@@ -131,6 +142,10 @@ class AnnotationEntropyCallback(TrainerCallback):
         run_config: Optional[Mapping[str, Any]] = None,
         log_metrics: bool = True,
         nan_policy: str = "record",
+        instruments=None,
+        instrument_sample_per_category: Optional[int] = DEFAULT_SAMPLE_PER_CATEGORY,
+        instrument_seed: int = 0,
+        instrument_loss=None,
     ):
         if positional:
             raise TypeError(
@@ -150,6 +165,10 @@ class AnnotationEntropyCallback(TrainerCallback):
             thresholds=thresholds,
             run_config=None,
             nan_policy=nan_policy,
+            instruments=instruments,
+            instrument_sample_per_category=instrument_sample_per_category,
+            instrument_seed=instrument_seed,
+            instrument_loss=instrument_loss,
         )
         self.trainer = trainer
         self.output_dir = output_dir
@@ -206,6 +225,11 @@ class AnnotationEntropyCallback(TrainerCallback):
             raise ValueError("AnnotationEntropyCallback: the Trainer passed no model to on_train_begin")
         if self.trainer is None:
             self.trainer = _find_trainer()
+        suite = self.tracker.instruments
+        if suite is not None and not suite.loss_given:
+            from .instruments import InstrumentLoss
+
+            suite.set_loss(InstrumentLoss.from_trainer(self.trainer))
         self.tracker.prepare(model, self.tracker.tokenizer or processing_class or kwargs.get("tokenizer"))
         self.tracker.reset()
         self.tracker.config = self._collect_config(args, model)
@@ -285,7 +309,10 @@ class AnnotationEntropyCallback(TrainerCallback):
             else:
                 self._track(args, state, control, model, "final")
         if state.is_world_process_zero:
-            self.tracker.save(os.path.join(self.output_dir or args.output_dir, TRACKING_DIRNAME))
+            # The instruments' reference (for resuming) stays in the checkpoints: a finished run needs none.
+            self.tracker.save(
+                os.path.join(self.output_dir or args.output_dir, TRACKING_DIRNAME), instrument_reference=False
+            )
 
     # ---- configuration and resume ------------------------------------------------------------
 
@@ -312,6 +339,13 @@ class AnnotationEntropyCallback(TrainerCallback):
                 continue
             self.tracker.load(tdir, up_to_step=state.global_step)
             return
+        suite = self.tracker.instruments
+        if suite is not None and "drift" in suite.names:
+            raise RunFormatError(
+                f"Resuming at step {state.global_step} without a saved trajectory (looked in {candidates}): the drift "
+                "instrument's reference (the model at the first tracking point) cannot be recovered from the resumed "
+                "model; resume without the drift instrument, or start the run again"
+            )
         warnings.warn(
             f"Resuming at step {state.global_step} but no saved trajectory was found in {candidates}: tracking "
             "starts here, and the run lacks the earlier points (AULC and Delta L will not cover the whole run; the "

@@ -99,6 +99,9 @@ class RunConfig:
     # Train-mode records of the whole training set (`hf_entropy_callback.train_dynamics`); they do not
     # change the run's numbers, so they are recorded, not fingerprinted.
     record_train_dynamics: Optional[bool] = field(default=None, metadata=_RECORDED)
+    # The instruments measured at tracking points and how (`hf_entropy_callback.instruments`): names,
+    # sample per category, seed, loss, attention. Recorded, not fingerprinted: they do not change training.
+    instruments: Optional[Dict[str, Any]] = field(default=None, metadata=_RECORDED)
     # -- optimisation (the Trainer's arguments)
     learning_rate: Optional[float] = None
     seed: Optional[int] = None

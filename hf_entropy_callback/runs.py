@@ -13,6 +13,20 @@ Layout of ``<output_dir>/entropy_tracking/`` (format version 2)::
     instruments.parquet          optional (runs with instruments): `INSTRUMENT_COLUMNS`
     instrument_examples.parquet  optional: per-example instrument values, `INSTRUMENT_EXAMPLE_COLUMNS`
 
+Only when instruments were on (`hf_entropy_callback.instruments`; the run config's ``"instruments"`` key
+says which), one tidy row per value per point::
+
+    instruments.parquet          point (index into points.parquet), step, instrument ("grad_alignment",
+                                 "grad_norms", "drift"), quantity, group ("" if n/a), component ("" if
+                                 n/a), value (float64)
+    instrument_examples.parquet  per-example values: point, step, instrument, quantity, set, index
+                                 (position in its set), example_id, value
+    instrument_reference.npz     the drift instrument's reference (initial hidden states of the sample,
+                                 initial trainable non-LoRA weights), needed to resume; written into
+                                 checkpoints, not into the final run directory
+
+These files are optional additions to format version 2: older readers ignore them.
+
 Version 1 (before ``original_label``) is still read: `load_run` sets ``original_label := label`` and
 ``Run.original_label_known`` False when a version-1 run has noised examples (their label before the
 noise is unknown; a noise-free version-1 run loses nothing). `write_run` fills a missing
@@ -62,9 +76,15 @@ EXAMPLE_COLUMNS = (
 #: The example columns of format version 1 (no ``original_label``).
 EXAMPLE_COLUMNS_V1 = EXAMPLE_COLUMNS[:-1]
 POINT_COLUMNS = ("point", "step", "epoch", "reason")
-#: Optional files of a run with instruments (issue 12): one row per value per point, and per-example values.
+#: Columns of ``instruments.parquet`` (one row per value per tracking point).
 INSTRUMENT_COLUMNS = ("point", "step", "instrument", "quantity", "group", "component", "value")
+#: Columns of ``instrument_examples.parquet`` (one row per example per value per tracking point).
 INSTRUMENT_EXAMPLE_COLUMNS = ("point", "step", "instrument", "quantity", "set", "index", "example_id", "value")
+INSTRUMENTS_FILE = "instruments.parquet"
+INSTRUMENT_EXAMPLES_FILE = "instrument_examples.parquet"
+INSTRUMENT_REFERENCE_FILE = "instrument_reference.npz"
+_INT_COLUMNS = ("point", "step", "index")
+_FLOAT_COLUMNS = ("value",)
 
 
 class RunFormatError(ValueError):
@@ -197,12 +217,65 @@ def write_json_atomic(path: str, data: Any, *, sort_keys: bool = False) -> None:
         raise
 
 
+def instrument_frame(data, columns=INSTRUMENT_COLUMNS):
+    """A table of instrument values with `columns` in their fixed dtypes (int64 / str / float64).
+
+    Args:
+        data: `None` (an empty table), a `pandas.DataFrame`, or a list of row tuples in `columns` order.
+        columns (`Sequence[str]`): `INSTRUMENT_COLUMNS` or `INSTRUMENT_EXAMPLE_COLUMNS`.
+
+    Returns:
+        `pandas.DataFrame` with exactly `columns`.
+    """
+    import pandas as pd
+
+    if data is None:
+        frame = pd.DataFrame({c: [] for c in columns})
+    elif isinstance(data, pd.DataFrame):
+        missing = [c for c in columns if c not in data.columns]
+        if missing:
+            raise RunFormatError(f"instrument table lacks columns {missing}")
+        frame = data.loc[:, list(columns)].reset_index(drop=True)
+    else:
+        frame = pd.DataFrame.from_records(list(data), columns=list(columns))
+    out = {}
+    for c in columns:
+        if c in _INT_COLUMNS:
+            out[c] = frame[c].astype(np.int64)
+        elif c in _FLOAT_COLUMNS:
+            out[c] = frame[c].astype(np.float64)
+        else:
+            out[c] = frame[c].astype(str).astype(object)
+    return pd.DataFrame(out, columns=list(columns))
+
+
+def _check_instrument_points(frame, points, name: str) -> None:
+    """Every row's point exists and carries that point's step."""
+    if not len(frame):
+        return
+    point = frame["point"].to_numpy()
+    bad = (point < 0) | (point >= len(points))
+    if bad.any():
+        raise RunFormatError(f"{name}: point {int(point[bad][0])} is not one of the run's {len(points)} points")
+    steps = points["step"].to_numpy()[point]
+    off = steps != frame["step"].to_numpy()
+    if off.any():
+        i = int(np.flatnonzero(off)[0])
+        raise RunFormatError(
+            f"{name}: row {i} has step {int(frame['step'].iloc[i])} but point {int(point[i])} is step {int(steps[i])}"
+        )
+
+
 def write_run(
     path: str,
     config: Mapping[str, Any],
     examples,
     points,
     logprobs: Mapping[str, np.ndarray],
+    *,
+    instruments=None,
+    instrument_examples=None,
+    instrument_reference: Optional[Mapping[str, np.ndarray]] = None,
 ) -> str:
     """Write a run's tracking data to `path` (the tracking directory itself), atomically.
 
@@ -213,6 +286,10 @@ def write_run(
         examples (`pandas.DataFrame`): one row per tracked example with `EXAMPLE_COLUMNS`.
         points (`pandas.DataFrame`): one row per tracking point with `POINT_COLUMNS`.
         logprobs (`Mapping[str, np.ndarray]`): per set, an array (points, examples of the set, classes).
+        instruments (`pandas.DataFrame`, *optional*): `INSTRUMENT_COLUMNS` rows; with `instrument_examples`
+            (`INSTRUMENT_EXAMPLE_COLUMNS`), written only when either is given (instruments were on).
+        instrument_reference (`Mapping[str, np.ndarray]`, *optional*): arrays written to
+            ``instrument_reference.npz`` (what resuming the drift instrument needs).
 
     Returns:
         `str`: the path written.
@@ -236,6 +313,12 @@ def write_run(
             raise RunFormatError(
                 f"write_run: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n_set}, classes)"
             )
+    with_instruments = instruments is not None or instrument_examples is not None
+    if with_instruments:
+        instruments = instrument_frame(instruments, INSTRUMENT_COLUMNS)
+        instrument_examples = instrument_frame(instrument_examples, INSTRUMENT_EXAMPLE_COLUMNS)
+        _check_instrument_points(instruments, points, f"write_run: {INSTRUMENTS_FILE}")
+        _check_instrument_points(instrument_examples, points, f"write_run: {INSTRUMENT_EXAMPLES_FILE}")
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -256,6 +339,14 @@ def write_run(
             os.path.join(tmp, "points.parquet"), index=False, write_page_checksum=True
         )
         np.savez(os.path.join(tmp, "logprobs.npz"), **{k: np.asarray(v, dtype=np.float32) for k, v in logprobs.items()})
+        if with_instruments:
+            for name, frame in ((INSTRUMENTS_FILE, instruments), (INSTRUMENT_EXAMPLES_FILE, instrument_examples)):
+                frame.to_parquet(os.path.join(tmp, name), index=False, write_page_checksum=True)
+        if instrument_reference is not None:
+            np.savez(
+                os.path.join(tmp, INSTRUMENT_REFERENCE_FILE),
+                **{k: np.asarray(v) for k, v in instrument_reference.items()},
+            )
         # Swap in: the old copy moves aside first so `path` is never a half-written directory.
         old = None
         if os.path.exists(path):
@@ -283,9 +374,9 @@ class Run:
         points (`pandas.DataFrame`): the tracking points (`POINT_COLUMNS`), in order.
         logprobs (`Dict[str, np.ndarray]`): per set, float32 (points, examples, classes).
         format_version (`int`): the format version the run was written in.
-        instruments (`pandas.DataFrame`): instrument values (`INSTRUMENT_COLUMNS`); empty without instruments.
+        instruments (`pandas.DataFrame`): instrument values (`INSTRUMENT_COLUMNS`); empty when none were on.
         instrument_examples (`pandas.DataFrame`): per-example instrument values (`INSTRUMENT_EXAMPLE_COLUMNS`);
-            empty without them.
+            empty when none were on.
     """
 
     path: str
@@ -295,8 +386,12 @@ class Run:
     points: Any
     logprobs: Dict[str, np.ndarray] = field(repr=False)
     format_version: int = RUN_FORMAT_VERSION
-    instruments: Any = field(default_factory=lambda: _empty_frame(INSTRUMENT_COLUMNS), repr=False)
-    instrument_examples: Any = field(default_factory=lambda: _empty_frame(INSTRUMENT_EXAMPLE_COLUMNS), repr=False)
+    instruments: Any = field(default=None, repr=False)
+    instrument_examples: Any = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.instruments = instrument_frame(self.instruments, INSTRUMENT_COLUMNS)
+        self.instrument_examples = instrument_frame(self.instrument_examples, INSTRUMENT_EXAMPLE_COLUMNS)
 
     @property
     def run_config(self):
@@ -403,17 +498,9 @@ def load_run(path: str) -> Run:
         # Version 1: exact where nothing was noised; `Run.original_label_known` flags the rest.
         examples = examples.assign(original_label=examples["label"])
     logprobs = _read_file(tdir, "logprobs.npz", _load_npz)
-    run = Run(tdir, meta.get("config", {}), meta.get("versions", {}), examples, points, logprobs, int(version))
-    for attr, name, cols in (
-        ("instruments", "instruments.parquet", INSTRUMENT_COLUMNS),
-        ("instrument_examples", "instrument_examples.parquet", INSTRUMENT_EXAMPLE_COLUMNS),
-    ):
-        if os.path.isfile(os.path.join(tdir, name)):
-            frame = _read_file(tdir, name, _load_parquet)
-            missing = [c for c in cols if c not in frame.columns]
-            if missing:
-                raise RunFormatError(f"{tdir}: {name} lacks columns {missing}")
-            setattr(run, attr, frame)
+    config = meta.get("config", {})
+    tables = _load_instrument_tables(tdir, config, points)
+    run = Run(tdir, config, meta.get("versions", {}), examples, points, logprobs, int(version), *tables)
     for name, arr in logprobs.items():
         n = int((examples["set"] == name).sum())
         if arr.shape[:2] != (len(points), n):
@@ -421,6 +508,53 @@ def load_run(path: str) -> Run:
                 f"{tdir}: logprobs.npz: logprobs[{name!r}] has shape {arr.shape}, expected ({len(points)}, {n}, K)"
             )
     return run
+
+
+def _load_instrument_tables(tdir: str, config: Mapping[str, Any], points) -> tuple:
+    """(instruments, instrument_examples) of a run; (None, None) for a run without instruments."""
+    described = config.get("instruments") if isinstance(config, Mapping) else None
+    names = described.get("names") if isinstance(described, Mapping) else None
+    present = [os.path.isfile(os.path.join(tdir, n)) for n in (INSTRUMENTS_FILE, INSTRUMENT_EXAMPLES_FILE)]
+    if not any(present) and not names:
+        return None, None
+    tables = []
+    for name, columns, here in (
+        (INSTRUMENTS_FILE, INSTRUMENT_COLUMNS, present[0]),
+        (INSTRUMENT_EXAMPLES_FILE, INSTRUMENT_EXAMPLE_COLUMNS, present[1]),
+    ):
+        if not here:
+            raise RunFormatError(f"{tdir}: incomplete run, {name} is missing (the run config lists instruments)")
+        frame = _read_file(tdir, name, _load_parquet)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise RunFormatError(f"{tdir}: {name} lacks columns {missing}")
+        try:
+            frame = instrument_frame(frame, columns)
+        except (TypeError, ValueError) as err:
+            raise RunFormatError(f"{tdir}: {name} is corrupt ({type(err).__name__}: {str(err)[:200]})") from None
+        _check_instrument_points(frame, points, f"{tdir}: {name}")
+        tables.append(frame)
+    return tuple(tables)
+
+
+def load_instrument_reference(path: str) -> Optional[Dict[str, np.ndarray]]:
+    """The arrays of a run's ``instrument_reference.npz``, or None when it has none.
+
+    Args:
+        path (`str`): a run directory (see `find_tracking_dir`).
+
+    Raises:
+        RunFormatError: when the file is damaged (the message names the run and the file).
+    """
+    tdir = find_tracking_dir(path)
+    if not os.path.isfile(os.path.join(tdir, INSTRUMENT_REFERENCE_FILE)):
+        return None
+    return _read_file(tdir, INSTRUMENT_REFERENCE_FILE, _load_reference_npz)
+
+
+def _load_reference_npz(path: str) -> Dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
 
 
 def _load_json(path: str):

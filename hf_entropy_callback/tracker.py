@@ -45,6 +45,9 @@ _ENTROPY_ATOL = 1e-6
 UNLEARNING_MARGIN = 0.02
 #: Padding a tracking batch may carry, as a share of its tokens (see `EntropyTracker._shard_batches`).
 PADDING_SLACK = 0.05
+#: Default examples per entropy category the instruments measure: all three instruments then add less than
+#: the plain tracking point at the study's settings (benchmarks/bench_instruments.py).
+DEFAULT_SAMPLE_PER_CATEGORY = 32
 
 
 @dataclass
@@ -155,6 +158,16 @@ class EntropyTracker:
         nan_policy (`str`, *optional*, defaults to `"record"`):
             `"record"` stores NaN losses and warns once per set; `"raise"` raises `FloatingPointError`.
         metric_prefix (`str`, *optional*, defaults to `"entropy/"`): prefix of the metric names.
+        instruments (`Sequence[str]` or `str`, *optional*):
+            Opt-in instruments measured at every tracking point: `"grad_alignment"`, `"grad_norms"`, `"drift"`
+            (see `hf_entropy_callback.instruments`); stored in the run directory and its checkpoints.
+        instrument_sample_per_category (`int`, *optional*):
+            Examples per entropy category of the first tracked set that the instruments measure (a fixed,
+            seeded, stratified sample); default `DEFAULT_SAMPLE_PER_CATEGORY` (32); `None` = the whole set.
+        instrument_seed (`int`, *optional*, defaults to 0): seed of that sample.
+        instrument_loss (`str`, `dict` or `InstrumentLoss`, *optional*):
+            The loss as trained, which the gradient instruments differentiate: `"ce"` (default),
+            `"soft_kl"`, or `{"kind": "class_weighted_ce", "class_weights": [...]}` (model's class order).
 
     Example:
         ```python
@@ -181,6 +194,10 @@ class EntropyTracker:
         run_config: Optional[Mapping[str, Any]] = None,
         nan_policy: str = "record",
         metric_prefix: str = "entropy/",
+        instruments: Optional[Sequence[str]] = None,
+        instrument_sample_per_category: Optional[int] = DEFAULT_SAMPLE_PER_CATEGORY,
+        instrument_seed: int = 0,
+        instrument_loss=None,
     ):
         if not isinstance(tracked, Mapping):
             tracked = {"train": tracked}
@@ -225,6 +242,16 @@ class EntropyTracker:
         self._batches: Dict[Tuple[str, int, int, str], list] = {}
         for name, ds in self.raw_sets.items():
             self._check_columns(name, ds)
+        self.instruments = None
+        if instruments:
+            from .instruments import InstrumentSuite  # the instruments build on this module
+
+            self.instruments = InstrumentSuite(
+                instruments,
+                sample_per_category=instrument_sample_per_category,
+                seed=instrument_seed,
+                loss=instrument_loss,
+            )
         self.reset()
 
     # ---- preparation -------------------------------------------------------------------------
@@ -238,6 +265,8 @@ class EntropyTracker:
         self._first_loss: Dict[str, np.ndarray] = {}
         self._warned_unlearning = False
         self._nan_warned: set = set()
+        if self.instruments is not None:
+            self.instruments.reset()
 
     @property
     def prepared(self) -> bool:
@@ -335,6 +364,8 @@ class EntropyTracker:
         self.config.setdefault("tracked_loss", "unweighted cross-entropy of the gold label")
         # The model's own adaptation (method, rank, ...) and size, so a custom loop's run is never "unknown".
         self.config = RunConfig.for_training(model=model, given=self.config).to_dict()
+        if self.instruments is not None:
+            self.instruments.prepare(self, model)
         return self
 
     def _tokenizer_max_length(self) -> Optional[int]:
@@ -613,8 +644,11 @@ class EntropyTracker:
         wrapped = unwrap_model(model)
         was_training = wrapped.training
         wrapped.eval()
+        measured = None
         try:
             current = {name: self.compute_logprobs(wrapped, name) for name in self.sets}
+            if self.instruments is not None:
+                measured = self.instruments.measure(wrapped, self, len(self.steps), step)
         finally:
             if was_training:
                 wrapped.train()
@@ -625,6 +659,9 @@ class EntropyTracker:
             self.logprobs[name].append(lp)
         self._check_nan(step, current)
         metrics = self.point_metrics(-1)
+        if measured is not None:
+            self.instruments.commit(measured)
+            metrics.update(self.instruments.metrics(measured, self.prefix))
         self._warn_unlearning(metrics)
         return metrics
 
@@ -729,6 +766,7 @@ class EntropyTracker:
             "example_ids": {name: list(t.example_ids) for name, t in self.sets.items()},
             "logprobs": {name: (np.stack(v) if v else None) for name, v in self.logprobs.items()},
             "config": dict(self.config),
+            "instruments": self.instruments.state_dict() if self.instruments is not None else None,
         }
 
     def load_state_dict(
@@ -756,6 +794,10 @@ class EntropyTracker:
         for name in self.sets:
             arr = state["logprobs"][name]
             self.logprobs[name] = [] if arr is None else list(np.asarray(arr)[keep])
+        if self.instruments is not None:
+            self.instruments.load_state_dict(
+                state.get("instruments"), up_to_step=up_to_step, where=where, points=len(self.steps)
+            )
 
     def load(self, path: str, *, up_to_step: Optional[int] = None) -> None:
         """Continue from a run directory written by `save` (e.g. in a checkpoint)."""
@@ -767,6 +809,8 @@ class EntropyTracker:
             "example_ids": {name: run.set_examples(name)["example_id"].tolist() for name in run.logprobs},
             "logprobs": dict(run.logprobs),
         }
+        if self.instruments is not None:
+            state["instruments"] = self.instruments.state_from_run(run)
         self.load_state_dict(state, up_to_step=up_to_step, where=run.path)
 
     def examples_table(self):
@@ -806,9 +850,31 @@ class EntropyTracker:
             raise RuntimeError("EntropyTracker: nothing recorded yet")
         # Stored float32 already: stack once, no second copy (a study-size trajectory is 100s of MB).
         lp = {name: np.stack(v).astype(np.float32, copy=False) for name, v in self.logprobs.items()}
-        return Run(path, dict(self.config), {}, self.examples_table(), self.points_table(), lp)
+        tables = self.instruments.tables() if self.instruments is not None else (None, None)
+        return Run(
+            path,
+            dict(self.config),
+            {},
+            self.examples_table(),
+            self.points_table(),
+            lp,
+            instruments=tables[0],
+            instrument_examples=tables[1],
+        )
 
-    def save(self, path: str) -> str:
-        """Write the run directory to `path` (atomically; see `hf_entropy_callback.runs`)."""
+    def save(self, path: str, *, instrument_reference: bool = True) -> str:
+        """Write the run directory to `path` (atomically; see `hf_entropy_callback.runs`).
+
+        With instruments on, their tables go with it, and with `instrument_reference` the drift instrument's
+        first-point reference (``instrument_reference.npz``, needed to resume from `path`; for full
+        fine-tuning it holds a copy of the initial trainable weights).
+        """
         run = self.to_run(path)
-        return write_run(path, run.config, run.examples, run.points, run.logprobs)
+        extra = {}
+        if self.instruments is not None:
+            extra = dict(
+                instruments=run.instruments,
+                instrument_examples=run.instrument_examples,
+                instrument_reference=self.instruments.reference_arrays() if instrument_reference else None,
+            )
+        return write_run(path, run.config, run.examples, run.points, run.logprobs, **extra)

@@ -58,10 +58,17 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: 
         >>> round(float(weighted_cross_entropy(logits, labels, torch.tensor([1.0, 3.0]))), 4)
         0.2539
     """
+    return weighted_cross_entropy_terms(logits, labels, weights).mean()
+
+
+def weighted_cross_entropy_terms(
+    logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Per-example ``w[y_i] * CE_i``, shape (batch,): the terms `weighted_cross_entropy` averages."""
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     if weights is not None:
         ce = ce * weights.to(ce.device)[labels]
-    return ce.mean()
+    return ce
 
 
 def soft_label_kl(logits: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,6 +77,11 @@ def soft_label_kl(logits: torch.Tensor, counts: torch.Tensor, labels: torch.Tens
     Examples whose counts are all zero (no annotator distribution, e.g. bulk examples) use the one-hot
     distribution of their label, for which the KL equals the cross-entropy.
     """
+    return soft_label_kl_terms(logits, counts, labels).mean()
+
+
+def soft_label_kl_terms(logits: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(q_i || p_i), shape (batch,): the terms `soft_label_kl` averages."""
     logp = F.log_softmax(logits.float(), dim=-1)
     counts = counts.to(logp.device, torch.float32)
     total = counts.sum(dim=-1, keepdim=True)
@@ -77,7 +89,7 @@ def soft_label_kl(logits: torch.Tensor, counts: torch.Tensor, labels: torch.Tens
     q = torch.where(total > 0, counts / total.clamp_min(1e-12), onehot)
     # q log q with 0 log 0 = 0
     qlogq = torch.where(q > 0, q * torch.log(q.clamp_min(1e-30)), torch.zeros_like(q))
-    return (qlogq - q * logp).sum(dim=-1).mean()
+    return (qlogq - q * logp).sum(dim=-1)
 
 
 class _ClassWeightedLoss(Trainer):

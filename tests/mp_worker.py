@@ -28,7 +28,14 @@ def main(out, per_device_batch, n_tracked):
     tok, model, raw, train = setup("bert", n=50)
     # an odd-sized tracked set, so a distributed sampler would have to pad it
     val = validation_copy(raw, n_tracked)
-    cb = AnnotationEntropyCallback({"train": raw, "validation": val}, track_every=2, batch_size=4)
+    # All instruments on a sample of 5 per category (15 examples: shards of 8 and 7 under two processes).
+    cb = AnnotationEntropyCallback(
+        {"train": raw, "validation": val},
+        track_every=2,
+        batch_size=4,
+        instruments=["grad_alignment", "grad_norms", "drift"],
+        instrument_sample_per_category=5,
+    )
     trainer = ClassWeightedTrainer(
         model=no_dropout(model),
         args=args(out, per_device_train_batch_size=per_device_batch, num_train_epochs=2, max_grad_norm=0.0),

@@ -277,6 +277,8 @@ def _snli_like_chaosnli(path):
         (dict(max_tracked_samples=0), "--max_tracked_samples must be >= 1 when given, got 0"),
         (dict(track_every=-1), "--track_every must be >= 0"),
         (dict(tracking_batch_size=0), "--tracking_batch_size must be >= 1, got 0"),
+        (dict(instruments=["grad_alignment,gradnorms"]), r"--instruments: unknown instrument\(s\) \['gradnorms'\]"),
+        (dict(instrument_sample_per_category=-1), "--instrument_sample_per_category must be >= 0"),
         ("snli_file_as_mnli", r"holds ChaosNLI SNLI examples \(line 1: uid '1000.jpg#0r1e'\) but --task is mnli"),
     ],
 )

@@ -278,3 +278,18 @@ def test_two_process_script_run(inputs, tmp_path):
 def test_lora_r_alias():
     assert run_glue_entropy.parse_args(["--lora_r", "16", "--output_dir", "x"])[2].r == 16
     assert run_glue_entropy.parse_args(["--r", "4", "--output_dir", "x"])[2].r == 4
+
+
+def test_instrument_flags_reach_the_run(inputs, tmp_path):
+    argv = _argv(inputs, tmp_path, instruments=["grad_alignment,grad_norms", "drift"])
+    argv += ["--instrument_sample_per_category", "2", "--instrument_seed", "3"]
+    run_glue_entropy.main(argv)
+    run = load_run(str(tmp_path))
+    described = run.config["instruments"]
+    assert described["names"] == ["grad_alignment", "grad_norms", "drift"]
+    assert (described["sample_per_category"], described["seed"], described["sample_size"]) == (2, 3, 6)
+    assert described["loss"] == "class_weighted_ce"  # read from the script's ClassWeightedTrainer
+    np.testing.assert_allclose(described["class_weights"], run.config["class_weights"])
+    assert set(run.instruments["point"]) == set(range(len(HAND_SCHEDULE)))
+    assert set(run.instruments["instrument"]) == {"grad_alignment", "grad_norms", "drift"}
+    assert len(run.instrument_examples) == 6 * len(HAND_SCHEDULE)

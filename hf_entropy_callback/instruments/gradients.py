@@ -1,0 +1,271 @@
+"""Gradient instruments: alignment of the categories' gradients, and per-example gradient norms.
+
+Both take gradients of the loss as trained (`InstrumentLoss`) with respect to the trainable
+parameters only (`requires_grad`), so a LoRA run measures its adapter (and head) update space and a
+full fine-tuning run all of its weights. Gradients come from `torch.autograd.grad` or `torch.func`,
+never from `.backward()`: nothing is written into any parameter's `.grad`. The model is in eval mode
+(no dropout), so a gradient is that of the deterministic network.
+
+- ``grad_alignment``: per category c the summed gradient ``G_c = sum_i grad l_i`` over the sample's
+  examples of c (summed over processes); rows ``cosine`` (group ``clean~contested``,
+  ``clean~ambiguous``, ``ambiguous~contested``) = cos(G_a, G_b), and ``group_grad_norm`` (group = the
+  category) = ``|G_c| / n_c``, the norm of the category's MEAN gradient, so that categories of
+  different sizes compare. NaN where a category has no example or a zero gradient.
+- ``grad_norms``: ``|grad l_i|`` per example (rows of ``instrument_examples.parquet``, quantity
+  ``grad_norm``), and per category ``grad_norm_mean`` / ``grad_norm_median``.
+
+Per-example gradients are vectorised with ``torch.func.vmap(grad(...))`` over a chunk of padded
+examples. transformers builds its attention masks with data-dependent Python checks that vmap
+cannot trace, so the chunk's mask is handed over already built (4-D, additive: 0 where a token may
+attend, the dtype's minimum elsewhere; causal for decoders), which transformers passes through; a
+model that reads a 2-D mask itself (DeBERTa-v2) gets the 2-D one. At the first point the strategy is
+checked against single-example backward passes on two examples of the first chunk (the longest and
+the most padded) and the first that agrees is kept (`"vmap_4d_mask"`, `"vmap_2d_mask"`); a model
+that fails both gets a plain per-example loop (`"loop"`; one unpadded forward and backward each).
+The chosen strategy is in the run config (`instruments.per_example_gradients`). The per-example pass
+runs with eager attention (switched and restored as for the drift instrument, see `drift.py`):
+torch.func has no batching rule for the SDPA kernels and would loop over the chunk inside them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..entropy import CATEGORIES
+from ..tracker import _logits_of
+from .base import INSTRUMENT_BATCH_SIZE, Instrument, Measurement, PointContext, trainable_parameters
+from .drift import eager_attention
+
+logger = logging.getLogger(__name__)
+
+#: Pairs of categories whose gradients are compared, as (a, b) -> group "a~b".
+ALIGNMENT_PAIRS = (("clean", "contested"), ("clean", "ambiguous"), ("ambiguous", "contested"))
+#: Memory (bytes) the per-example gradients of one vmap chunk may take; the chunk shrinks to fit.
+PER_EXAMPLE_MEMORY = 1 << 30
+#: Strategies for per-example gradients, tried in this order (see the module docstring).
+STRATEGIES = ("vmap_4d_mask", "vmap_2d_mask", "loop")
+#: Agreement a vmap strategy must show with single-example backward passes (relative).
+_CHECK_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6}
+
+
+@dataclass
+class GradientResult:
+    """Gradients of one point over the whole sample (every process holds the same)."""
+
+    sums: Dict[str, torch.Tensor]  # category -> flat float32 summed gradient over the trainable parameters
+    counts: Dict[str, int]  # category -> examples
+    norms: Optional[np.ndarray]  # per-example gradient norm in sample order (None without grad_norms)
+    strategy: str
+
+
+def additive_mask(attention_mask: torch.Tensor, decoder: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, T, T) additive mask: 0 where a query may attend a key, the dtype's minimum elsewhere.
+
+    Keys that are padding are masked; for a decoder also keys after the query (causal).
+    """
+    keep = attention_mask[:, None, None, :].bool()
+    if decoder:
+        t = attention_mask.shape[1]
+        keep = keep & torch.tril(torch.ones(t, t, dtype=torch.bool, device=attention_mask.device))[None, None]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(keep, zero, torch.finfo(dtype).min)
+
+
+class _Flat:
+    """Offsets of the trainable parameters in one flat vector."""
+
+    def __init__(self, params: List[Tuple[str, torch.nn.Parameter]]):
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        self.sizes = [p.numel() for p in self.params]
+        self.total = sum(self.sizes)
+
+    def zeros(self, device) -> torch.Tensor:
+        return torch.zeros(self.total, dtype=torch.float32, device=device)
+
+    def cat(self, grads) -> torch.Tensor:
+        """Flat float32 vector of per-parameter gradients (None = unused parameter = zeros)."""
+        return torch.cat(
+            [
+                (g.reshape(-1).float() if g is not None else torch.zeros(n, device=p.device))
+                for g, n, p in zip(grads, self.sizes, self.params)
+            ]
+        )
+
+
+def _loss_of(ctx: PointContext, batch, idx) -> torch.Tensor:
+    logits = _logits_of(ctx.model(**ctx.model_inputs(batch)), "instrument pass")
+    return ctx.loss.per_example(logits, ctx.labels(idx), ctx.counts(idx))
+
+
+def _single_grads(ctx: PointContext, flat: _Flat, i) -> torch.Tensor:
+    """Flat gradient of one example's loss, from an unpadded forward and `autograd.grad`."""
+    batch = ctx.batch([i])
+    loss = _loss_of(ctx, batch, [i]).sum()
+    return flat.cat(torch.autograd.grad(loss, flat.params, allow_unused=True))
+
+
+def _vmap_grads(ctx: PointContext, flat: _Flat, idx, mask_kind: str) -> torch.Tensor:
+    """(chunk, P) flat per-example gradients of a padded chunk by `vmap(grad(...))`."""
+    from torch.func import functional_call, grad, vmap
+
+    batch = ctx.batch(idx)
+    inputs = ctx.model_inputs(batch)
+    inputs.pop("attention_mask", None)
+    am = batch["attention_mask"]
+    mask = additive_mask(am, ctx.decoder, ctx.dtype) if mask_kind == "4d" else am
+    pass_mask = ctx.accepted is None or "attention_mask" in ctx.accepted
+    params = {n: p.detach() for n, p in zip(flat.names, flat.params)}
+    model, loss = ctx.model, ctx.loss
+
+    def one(p, inp, m, y, q):
+        kw = {k: v.unsqueeze(0) for k, v in inp.items()}
+        if pass_mask:
+            kw["attention_mask"] = m.unsqueeze(0)
+        logits = _logits_of(functional_call(model, p, args=(), kwargs=kw), "instrument pass")
+        return loss.per_example(logits, y.unsqueeze(0), q.unsqueeze(0))[0]
+
+    # randomness="error": in eval mode nothing may draw random numbers; a model that does fails here
+    # (and is measured by the loop) rather than drawing different numbers than the training would.
+    g = vmap(grad(one), in_dims=(None, 0, 0, 0, 0), randomness="error")(
+        params, inputs, mask, ctx.labels(idx), ctx.counts(idx)
+    )
+    return torch.cat([g[n].reshape(len(idx), -1).float() for n in flat.names], dim=1)
+
+
+def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional[torch.Tensor]]:
+    """The first vmap strategy whose norms agree with single-example passes on this chunk, else "loop"."""
+    probe = [0, len(idx) - 1] if len(idx) > 1 else [0]
+    reference = np.array([float(_single_grads(ctx, flat, idx[k]).double().norm()) for k in probe])
+    rtol = _CHECK_RTOL.get(ctx.dtype, 5e-2)
+    problems = []
+    for strategy, kind in (("vmap_4d_mask", "4d"), ("vmap_2d_mask", "2d")):
+        try:
+            grads = _vmap_grads(ctx, flat, idx, kind)
+        except Exception as err:  # vmap cannot trace this model (data-dependent control flow, .item(), ...)
+            problems.append(f"{strategy}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            continue
+        got = grads[probe].double().norm(dim=1).cpu().numpy()
+        if np.all(np.isfinite(got)) and np.allclose(got, reference, rtol=rtol, atol=1e-8):
+            return strategy, grads
+        problems.append(f"{strategy}: norms {got.tolist()} vs single-example {reference.tolist()}")
+    logger.info("Per-example gradients by a loop (vmap not usable for this model: %s)", "; ".join(problems))
+    return "loop", None
+
+
+def _per_example_pass(ctx, flat, cats, sums, local_norms, size, strategy) -> str:
+    """Per-example gradients of this process's shard: norms into `local_norms`, sums into `sums`."""
+    pos = 0
+    for idx in ctx.chunks(ctx.mine, size):
+        grads = None
+        if strategy is None:
+            strategy, grads = _choose_strategy(ctx, flat, idx)
+            ctx.cache["per_example_strategy"] = strategy
+        if strategy == "loop":
+            for k, i in enumerate(idx):
+                g = _single_grads(ctx, flat, i)
+                local_norms[pos + k] = float(g.double().norm())
+                sums[cats[pos + k]] += g
+        else:
+            if grads is None:
+                grads = _vmap_grads(ctx, flat, idx, "4d" if strategy == "vmap_4d_mask" else "2d")
+            local_norms[pos : pos + len(idx)] = grads.double().norm(dim=1).cpu().numpy()
+            for c in CATEGORIES:
+                sel = torch.as_tensor(cats[pos : pos + len(idx)] == c, device=grads.device)
+                if bool(sel.any()):
+                    sums[c] += grads[sel].sum(0)
+            del grads
+        pos += len(idx)
+    return strategy
+
+
+def gradient_pass(ctx: PointContext, per_example: bool) -> GradientResult:
+    """Category gradient sums (and per-example norms) over the sample, once per point.
+
+    Without per-example norms, each category's gradient comes from batched backward passes of the
+    summed loss; with them, from the per-example gradients (summed).
+    """
+    key = ("gradients", per_example)
+    if key in ctx.shared:
+        return ctx.shared[key]
+    flat = _Flat(trainable_parameters(ctx.model))
+    if not flat.total:
+        raise ValueError("gradient instruments: the model has no trainable parameters (requires_grad)")
+    cats = ctx.categories(ctx.mine)
+    sums = {c: flat.zeros(ctx.device) for c in CATEGORIES}
+    local_norms = np.full(len(ctx.mine), np.nan, dtype=np.float64)
+    strategy = "batched" if not per_example else ctx.cache.get("per_example_strategy")
+    # Inference mode (a caller's) would make every tensor non-differentiable; grad mode is switched on
+    # here only, and the model's parameters keep their requires_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        if not per_example:
+            for c in CATEGORIES:
+                for idx in ctx.chunks(ctx.mine[cats == c]):
+                    loss = _loss_of(ctx, ctx.batch(idx), idx).sum()
+                    sums[c] += flat.cat(torch.autograd.grad(loss, flat.params, allow_unused=True))
+        else:
+            bytes_per_example = 4 * flat.total * 2  # the per-example gradients and their float32 copy
+            size = max(1, min(INSTRUMENT_BATCH_SIZE, PER_EXAMPLE_MEMORY // bytes_per_example))
+            with eager_attention(ctx.model):
+                # torch.func has no batching rule for the SDPA kernels (it would loop over the chunk); eager
+                # attention's matmul and softmax vectorise. The model's own implementation is restored after.
+                strategy = _per_example_pass(ctx, flat, cats, sums, local_norms, size, strategy)
+    # Every process takes part in the same collectives in the same order, shard empty or not.
+    sums = {c: ctx.all_reduce_sum(s) for c, s in sums.items()}
+    counts = {c: int((ctx.categories(np.arange(len(ctx.sample))) == c).sum()) for c in CATEGORIES}
+    norms = ctx.gather(local_norms) if per_example else None
+    result = GradientResult(sums, counts, norms, strategy or "none")
+    ctx.shared[key] = result
+    return result
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """cos(a, b) in float64; NaN when either is zero."""
+    na, nb = float(a.double().norm()), float(b.double().norm())
+    if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
+        return float("nan")
+    return float(torch.dot(a.double(), b.double())) / (na * nb)
+
+
+class GradAlignment(Instrument):
+    """Cosine similarity of the categories' summed gradients, and each category's mean-gradient norm."""
+
+    name = "grad_alignment"
+
+    def __init__(self, per_example: bool = False):
+        self.per_example = per_example  # share the per-example pass when grad_norms runs too
+
+    def measure(self, ctx: PointContext, out: Measurement) -> None:
+        res = gradient_pass(ctx, self.per_example)
+        for a, b in ALIGNMENT_PAIRS:
+            ok = res.counts[a] > 0 and res.counts[b] > 0
+            out.add(self.name, "cosine", cosine(res.sums[a], res.sums[b]) if ok else float("nan"), group=f"{a}~{b}")
+        for c in CATEGORIES:
+            n = res.counts[c]
+            out.add(
+                self.name, "group_grad_norm", float(res.sums[c].double().norm()) / n if n else float("nan"), group=c
+            )
+
+
+class GradNorms(Instrument):
+    """Per-example gradient norms, and their mean and median per category."""
+
+    name = "grad_norms"
+
+    def measure(self, ctx: PointContext, out: Measurement) -> None:
+        res = gradient_pass(ctx, True)
+        norms = res.norms.astype(np.float64)
+        cats = ctx.categories(np.arange(len(ctx.sample)))
+        for c in CATEGORIES:
+            vals = norms[cats == c]
+            out.add(self.name, "grad_norm_mean", float(np.mean(vals)) if len(vals) else float("nan"), group=c)
+            out.add(self.name, "grad_norm_median", float(np.median(vals)) if len(vals) else float("nan"), group=c)
+        ids = ctx.example_ids(range(len(ctx.sample)))
+        for k, (pos, ex_id) in enumerate(zip(ctx.sample, ids)):
+            out.examples.append((self.name, "grad_norm", ctx.tset.name, int(pos), ex_id, float(norms[k])))
