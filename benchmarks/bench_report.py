@@ -1,20 +1,26 @@
-"""Benchmark: build the full report from 54 synthetic runs of the study's size.
+"""Benchmark: build the full report from synthetic runs of the study's size (54 runs, and 10x that).
 
-    python benchmarks/bench_report.py [--runs-dir DIR] [--keep] [--cli]
+    python benchmarks/bench_report.py [--replicas 1 10] [--runs-dir DIR] [--reuse] [--keep] [--cli]
 
 Each run has 1,211 tracked train and 303 validation examples (ChaosNLI-SNLI split 80/20), 3
 classes, and the tracking points of a 5-epoch run at batch size 32 over 21,211 training examples
 with track_every = 100 (step 0, every 100 steps, every epoch end at 663-step epochs, the final
-step). The 54 runs follow `hf_entropy_callback.synthetic_runs.study_configs` (main matrix, rank sweep, IA3, label
-noise, soft labels, compositions). The report runs with its defaults (1,000 bootstrap resamples
-per run for the rho and ECE intervals, agreement metrics at every tracking point). Prints the
-seconds spent generating, loading, computing the tables, drawing the figures and writing, and
-the process's peak RSS. Target: report under 60 s.
+step): 39 points. The runs follow `hf_entropy_callback.synthetic_runs.study_configs(replicas)`:
+``replicas`` copies of the 54-run matrix (main matrix, rank sweep, IA3, label noise, soft labels,
+compositions), copy j with seed s + 1000 j for each seed s of the matrix, so 10 replicas are 540
+runs in the same 22 conditions with ten times the seeds (30 per main-matrix cell).
+
+The report runs with its defaults (1,000 bootstrap resamples per run for the rho and ECE
+intervals, agreement metrics at every tracking point) in a fresh child process per size, so the
+peak RSS printed is the report's own (imports included, generation excluded). Prints the seconds
+spent loading, computing the tables, drawing the figures and writing, the report's total, and the
+child's peak RSS. Target: 540 runs under 60 s and 2 GB.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -23,7 +29,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from hf_entropy_callback.synthetic_runs import (  # noqa: E402
     STUDY_TRACKED_TRAIN,
@@ -34,6 +41,19 @@ from hf_entropy_callback.synthetic_runs import (  # noqa: E402
     write_runs,
 )
 
+# Runs in the child: build the report and print its timings as one JSON line.
+_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from hf_entropy_callback.study.report import build_report
+t_import = time.perf_counter() - t0
+t0 = time.perf_counter()
+report = build_report([sys.argv[1]], sys.argv[2], progress=False)
+total = time.perf_counter() - t0
+print(json.dumps({"import": t_import, "total": total, "n_figures": sum(len(v) for v in report.figures.values()),
+                  "n_runs": len(report.tables["runs"]), **report.timings}))
+"""
+
 
 def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
@@ -41,51 +61,66 @@ def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss * scale / 2**20
 
 
+def run_report(runs_dir: str, report_dir: str):
+    """Build the report in a child process; (timings dict, the child's peak RSS in MiB)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, runs_dir, report_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"report failed (exit {proc.returncode})")
+    scale = 1 if sys.platform == "darwin" else 1024
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * scale / 2**20
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--replicas", type=int, nargs="+", default=[1, 10], help="sizes, in copies of the 54-run matrix"
+    )
     parser.add_argument("--runs-dir", help="where to write the runs (default: a temporary folder)")
-    parser.add_argument("--keep", action="store_true", help="keep the runs and the report")
+    parser.add_argument("--reuse", action="store_true", help="reuse runs already written under --runs-dir")
+    parser.add_argument("--keep", action="store_true", help="keep the runs and the reports")
     parser.add_argument("--cli", action="store_true", help="also time `python -m analysis` end to end (subprocess)")
     args = parser.parse_args(argv)
 
     work = args.runs_dir or tempfile.mkdtemp(prefix="bench_report_")
-    runs_dir, report_dir = os.path.join(work, "runs"), os.path.join(work, "report")
     points = tracking_points(STUDY_TRAIN_SIZE, batch_size=32, num_epochs=5, track_every=100)
-    configs = study_configs()
     print(
-        f"{len(configs)} runs x {STUDY_TRACKED_TRAIN} train + {STUDY_TRACKED_VALIDATION} validation examples, "
-        f"{len(points)} tracking points (steps {points.step.iloc[0]}..{points.step.iloc[-1]}), 3 classes"
+        f"runs of {STUDY_TRACKED_TRAIN} train + {STUDY_TRACKED_VALIDATION} validation examples, "
+        f"{len(points)} tracking points (steps {points.step.iloc[0]}..{points.step.iloc[-1]}), 3 classes; "
+        f"{os.cpu_count()} CPUs"
     )
     try:
-        t0 = time.perf_counter()
-        write_runs(runs_dir, configs, steps=points["step"].tolist())
-        t_gen = time.perf_counter() - t0
-        rss_gen = peak_rss_mib()
-        print(f"generate runs:  {t_gen:6.1f} s  (peak RSS so far {rss_gen:.0f} MiB)")
-
-        from hf_entropy_callback.study.report import build_report
-
-        t0 = time.perf_counter()
-        report = build_report([runs_dir], report_dir, progress=False)
-        t_report = time.perf_counter() - t0
-        tm = report.timings
-        print(f"load runs:      {tm['load']:6.1f} s")
-        print(f"tables:         {tm['tables']:6.1f} s")
-        print(f"figures:        {tm['figures']:6.1f} s  ({sum(len(v) for v in report.figures.values())} files)")
-        print(f"write:          {tm['write']:6.1f} s")
-        print(f"report total:   {t_report:6.1f} s  (target < 60 s)")
-        print(f"peak RSS:       {peak_rss_mib():6.0f} MiB (whole process, generation included)")
-        if args.cli:
-            t0 = time.perf_counter()
-            subprocess.run(
-                [sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"],
-                check=True,
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            )
-            print(
-                f"CLI end to end: {time.perf_counter() - t0:6.1f} s  (imports included; "
-                f"peak RSS {peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB)"
-            )
+        for replicas in args.replicas:
+            configs = study_configs(replicas)
+            runs_dir = os.path.join(work, f"runs_x{replicas}")
+            report_dir = os.path.join(work, f"report_x{replicas}")
+            print(f"\n== {len(configs)} runs ({replicas} x the 54-run matrix) ==")
+            if args.reuse and os.path.isdir(runs_dir) and len(os.listdir(runs_dir)) == len(configs):
+                print(f"generate runs:  reused {runs_dir}")
+            else:
+                t0 = time.perf_counter()
+                write_runs(runs_dir, configs, steps=points["step"].tolist())
+                print(f"generate runs:  {time.perf_counter() - t0:6.1f} s")
+            tm, rss = run_report(runs_dir, report_dir)
+            print(f"load runs:      {tm['load']:6.1f} s")
+            print(f"tables:         {tm['tables']:6.1f} s")
+            print(f"figures:        {tm['figures']:6.1f} s  ({tm['n_figures']} files)")
+            print(f"write:          {tm['write']:6.1f} s")
+            print(f"report total:   {tm['total']:6.1f} s  (imports {tm['import']:.1f} s more; target < 60 s)")
+            print(f"peak RSS:       {rss:6.0f} MiB (the report's process; target < 2048 MiB)")
+            if args.cli:
+                t0 = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"],
+                    check=True,
+                    cwd=ROOT,
+                )
+                print(f"CLI end to end: {time.perf_counter() - t0:6.1f} s  (imports included)")
         if args.keep:
             print(f"kept: {work}")
     finally:
