@@ -47,7 +47,7 @@ import pandas as pd
 from hf_entropy_callback.agreement import agreement_table
 from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
 from hf_entropy_callback.entropy import CATEGORIES
-from hf_entropy_callback.inference import percentile_interval, spearman_bootstrap
+from hf_entropy_callback.inference import BootstrapResampler, percentile_interval
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
 from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
@@ -113,53 +113,64 @@ class Study:
 
 def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarray, cats: np.ndarray) -> pd.DataFrame:
     progress = steps / steps[-1]
-    frames = []
-    for cat in [c for c in CATEGORIES if (cats == c).any()] + ["all"]:
+    names = [c for c in CATEGORIES if (cats == c).any()] + ["all"]
+    means, sds, ns = [], [], []
+    for cat in names:
         sub = losses[:, cats == cat] if cat != "all" else losses
-        n = np.isfinite(sub).sum(axis=1)
+        ns.append(np.isfinite(sub).sum(axis=1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN points of a diverged run
-            mean, sd = np.nanmean(sub, axis=1), np.nanstd(sub, axis=1, ddof=1)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "run_id": run_id,
-                    "point": np.arange(len(steps)),
-                    "step": steps,
-                    "progress": progress,
-                    "epoch": epochs,
-                    "category": cat,
-                    "mean": mean,
-                    "sd": sd,
-                    "n": n,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+            means.append(np.nanmean(sub, axis=1))
+            sds.append(np.nanstd(sub, axis=1, ddof=1))
+    # One frame for all categories (category-major, points in order), built once.
+    k, n_pts = len(names), len(steps)
+    return pd.DataFrame(
+        {
+            "run_id": np.full(k * n_pts, run_id, dtype=object),
+            "point": np.tile(np.arange(n_pts), k),
+            "step": np.tile(steps, k),
+            "progress": np.tile(progress, k),
+            "epoch": np.tile(epochs, k),
+            "category": np.repeat(np.array(names, dtype=object), n_pts),
+            "mean": np.concatenate(means),
+            "sd": np.concatenate(sds),
+            "n": np.concatenate(ns),
+        }
+    )
 
 
 def _agreement(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
     """Per set, point and category the mean agreement metrics (`hf_entropy_callback.agreement`)."""
-    frames = []
+    parts, names = [], []
     steps = run.steps.astype(np.float64)
     for name in sets:
         if name not in run.logprobs:
             continue
         ex = run.set_examples(name)
-        t = agreement_table(
-            run.logprobs[name],
-            np.array(ex["label_counts"].tolist(), dtype=np.float64),
-            ex["category"].to_numpy(),
-            majority=ex["original_label"].to_numpy(),
-            steps=run.steps,
+        parts.append(
+            agreement_table(
+                run.logprobs[name],
+                np.array(ex["label_counts"].tolist(), dtype=np.float64),
+                ex["category"].to_numpy(),
+                majority=ex["original_label"].to_numpy(),
+                steps=run.steps,
+            )
         )
-        t["progress"] = t["step"] / steps[-1]
-        t["epoch"] = run.points["epoch"].to_numpy(np.float64)[t["point"].to_numpy()]
-        frames.append(t.assign(run_id=run_id, set=name))
-    return pd.concat(frames, ignore_index=True) if frames else None
+        names.append(name)
+    if not parts:
+        return None
+    t = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    cols = {c: t[c].to_numpy() for c in t.columns}
+    cols["progress"] = cols["step"] / steps[-1]
+    cols["epoch"] = run.points["epoch"].to_numpy(np.float64)[cols["point"]]
+    cols["run_id"] = np.full(len(t), run_id, dtype=object)
+    cols["set"] = np.repeat(np.array(names, dtype=object), [len(p) for p in parts])
+    return pd.DataFrame(cols)
 
 
-def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Options] = None) -> Optional[pd.DataFrame]:
+def _calibration(
+    run, run_id: str, sets: Sequence[str], options: Optional[Options] = None, resampler=None
+) -> Optional[pd.DataFrame]:
     frames = []
     for name in sets:
         if name not in run.logprobs:
@@ -170,10 +181,40 @@ def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Option
         ex = run.set_examples(name)
         o = options or Options()
         cal = calibration(
-            final, ex["label"].to_numpy(), ex["category"].to_numpy(), o.ece_bins, n_boot=o.n_boot, seed=o.boot_seed
+            final,
+            ex["label"].to_numpy(),
+            ex["category"].to_numpy(),
+            o.ece_bins,
+            n_boot=o.n_boot,
+            seed=o.boot_seed,
+            resampler=resampler,
         )
         frames.append(cal.assign(run_id=run_id, set=name))
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+class _SummarizedRun:
+    """A loaded `Run` whose per-set examples and losses are computed once while it is summarised
+    (`summarize_run` and the `hf_entropy_callback.dynamics` functions it calls ask for them several
+    times); everything else is the run's own. Each call returns a copy, as `Run`'s methods do."""
+
+    def __init__(self, run):
+        self._run = run
+        self._examples: Dict[str, pd.DataFrame] = {}
+        self._losses: Dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def set_examples(self, name: str = "train") -> pd.DataFrame:
+        if name not in self._examples:
+            self._examples[name] = self._run.set_examples(name)
+        return self._examples[name].copy()
+
+    def losses(self, name: str = "train") -> np.ndarray:
+        if name not in self._losses:
+            self._losses[name] = self._run.losses(name)
+        return self._losses[name].copy()
 
 
 def summarize_run(
@@ -182,6 +223,8 @@ def summarize_run(
     train_set: str = "train",
     validation_set: Optional[str] = "validation",
     options: Optional[Options] = None,
+    *,
+    resampler: Optional[BootstrapResampler] = None,
 ):
     """Derive one run's row and tables (see the module docstring) from a loaded `Run`.
 
@@ -189,7 +232,9 @@ def summarize_run(
     (alternative rho > 0, scipy) and, with ``options.n_boot`` > 0, ``rho_ci_low`` /
     ``rho_ci_high``: the 95% percentile bootstrap interval of rho over ``n_boot`` resamples of the
     examples (sorted by example id, so runs with the same tracked set and seed resample the same
-    examples). The replicates come back in ``tables["boot"]``.
+    examples). The replicates come back in ``tables["boot"]``. A `resampler` (with ``options.n_boot``
+    and ``options.boot_seed``) shared by the runs of a study draws those resamples once
+    (`hf_entropy_callback.inference.BootstrapResampler`; the same numbers).
 
     Returns
     -------
@@ -201,6 +246,9 @@ def summarize_run(
     if train_set not in run.logprobs:
         raise RunFormatError(f"{run.path}: no tracked set {train_set!r} (it has {run.sets})")
     options = options or Options()
+    run = run if isinstance(run, _SummarizedRun) else _SummarizedRun(run)
+    if resampler is None:
+        resampler = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed, max_cells=0)
     ex = run.set_examples(train_set)
     losses = run.losses(train_set)
     steps = run.steps.astype(np.float64)
@@ -219,9 +267,7 @@ def summarize_run(
             else math.nan
         )
     by_id = dyn.sort_values("example_id", kind="stable")
-    boot = spearman_bootstrap(
-        by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float), n_boot=options.n_boot, seed=options.boot_seed
-    )
+    boot = resampler.spearman(by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float))
     rho_lo, rho_hi = percentile_interval(boot)
     bound = loss_bound(run.logprobs[train_set].shape[2])
     with warnings.catch_warnings():
@@ -281,7 +327,9 @@ def summarize_run(
     tables = {
         "examples": dyn.assign(run_id=run_id),
         "curves": _curves(run_id, losses, steps, run.points["epoch"].to_numpy(np.float64), ex["category"].to_numpy()),
-        "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else []), options),
+        "calibration": _calibration(
+            run, run_id, [train_set] + ([validation_set] if validation_set else []), options, resampler
+        ),
         "agreement": _agreement(run, run_id, [train_set] + ([validation_set] if validation_set else [])),
         "boot": boot,
     }
@@ -351,6 +399,8 @@ def load_study(
     dirs, notes = discover_runs(paths)
     ids = run_ids(dirs)
     options = options or Options()
+    # One resampler for every run: the runs of a tracked set share their bootstrap resamples.
+    resampler = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed)
     rows, configs, parts = [], {}, {"examples": [], "curves": [], "calibration": [], "agreement": []}
     boots: Dict[str, np.ndarray] = {}
     entropy: Dict[str, pd.DataFrame] = {}
@@ -358,7 +408,7 @@ def load_study(
     for tdir, run_id in tqdm(list(zip(dirs, ids)), desc="loading runs", unit="run", disable=disable):
         try:
             run = load_run(tdir)
-            row, tables = summarize_run(run, run_id, train_set, validation_set, options)
+            row, tables = summarize_run(run, run_id, train_set, validation_set, options, resampler=resampler)
         except (RunFormatError, ValueError, KeyError, OSError) as err:
             if not skip_invalid:
                 if isinstance(err, RunFormatError):
