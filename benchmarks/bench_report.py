@@ -62,7 +62,7 @@ def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
 
 
 def run_report(runs_dir: str, report_dir: str):
-    """Build the report in a child process; (timings dict, the child's peak RSS in MiB)."""
+    """Build the report in a child process; (timings dict, the child's peak RSS in MiB, its CPU seconds)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, runs_dir, report_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
@@ -73,7 +73,8 @@ def run_report(runs_dir: str, report_dir: str):
     if proc.returncode:
         raise SystemExit(f"report failed (exit {proc.returncode})")
     scale = 1 if sys.platform == "darwin" else 1024
-    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * scale / 2**20
+    cpu = usage.ru_utime + usage.ru_stime
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * scale / 2**20, cpu
 
 
 def main(argv=None) -> int:
@@ -106,12 +107,17 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 write_runs(runs_dir, configs, steps=points["step"].tolist())
                 print(f"generate runs:  {time.perf_counter() - t0:6.1f} s")
-            tm, rss = run_report(runs_dir, report_dir)
+            load0 = os.getloadavg()[0]
+            tm, rss, cpu = run_report(runs_dir, report_dir)
             print(f"load runs:      {tm['load']:6.1f} s")
             print(f"tables:         {tm['tables']:6.1f} s")
             print(f"figures:        {tm['figures']:6.1f} s  ({tm['n_figures']} files)")
             print(f"write:          {tm['write']:6.1f} s")
             print(f"report total:   {tm['total']:6.1f} s  (imports {tm['import']:.1f} s more; target < 60 s)")
+            print(
+                f"CPU time:       {cpu:6.1f} s  (the report's process, imports included; load average "
+                f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after)"
+            )
             print(f"peak RSS:       {rss:6.0f} MiB (the report's process; target < 2048 MiB)")
             if args.cli:
                 t0 = time.perf_counter()
