@@ -45,13 +45,30 @@ from hf_entropy_callback.synthetic_runs import (  # noqa: E402
 _CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
-from hf_entropy_callback.study.report import build_report
+from hf_entropy_callback.study import report as R
 t_import = time.perf_counter() - t0
-t0 = time.perf_counter()
-report = build_report([sys.argv[1]], sys.argv[2], progress=False)
-total = time.perf_counter() - t0
+import resource
+cpu, rss = {}, {}
+def timed(name, f):  # CPU seconds of this process in each phase, and its peak RSS (KiB on Linux) by the end of it
+    def g(*a, **k):
+        c = time.process_time()
+        try:
+            return f(*a, **k)
+        finally:
+            cpu[name] = cpu.get(name, 0.0) + time.process_time() - c
+            rss[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return g
+R.load_study, R.compute_tables = timed("load", R.load_study), timed("tables", R.compute_tables)
+R.F.all_figures, R._write_tables = timed("figures", R.F.all_figures), timed("write", R._write_tables)
+t0, c0 = time.perf_counter(), time.process_time()
+report = R.build_report([sys.argv[1]], sys.argv[2], progress=False, workers=int(sys.argv[3]))
+total, cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
+from hf_entropy_callback.study.loading import _worker_count
+n_runs = len(report.tables["runs"])
+kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker processes, if any
 print(json.dumps({"import": t_import, "total": total, "n_figures": sum(len(v) for v in report.figures.values()),
-                  "n_runs": len(report.tables["runs"]), **report.timings}))
+                  "n_runs": n_runs, "cpu": cpu, "rss": rss, **report.timings, "workers": _worker_count(int(sys.argv[3]), n_runs),
+                  "workers_cpu": kids.ru_utime + kids.ru_stime, "workers_maxrss_kib": kids.ru_maxrss}))
 """
 
 
@@ -61,11 +78,15 @@ def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss * scale / 2**20
 
 
-def run_report(runs_dir: str, report_dir: str):
+def run_report(runs_dir: str, report_dir: str, workers: int):
     """Build the report in a child process; (timings dict, the child's peak RSS in MiB, its CPU seconds)."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, runs_dir, report_dir], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _CHILD, runs_dir, report_dir, str(workers)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -86,6 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="reuse runs already written under --runs-dir")
     parser.add_argument("--keep", action="store_true", help="keep the runs and the reports")
     parser.add_argument("--cli", action="store_true", help="also time `python -m analysis` end to end (subprocess)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="load processes, as the CLI's --workers (default 0: one per CPU)"
+    )
     args = parser.parse_args(argv)
 
     work = args.runs_dir or tempfile.mkdtemp(prefix="bench_report_")
@@ -108,21 +132,45 @@ def main(argv=None) -> int:
                 write_runs(runs_dir, configs, steps=points["step"].tolist())
                 print(f"generate runs:  {time.perf_counter() - t0:6.1f} s")
             load0 = os.getloadavg()[0]
-            tm, rss, cpu = run_report(runs_dir, report_dir)
-            print(f"load runs:      {tm['load']:6.1f} s")
-            print(f"tables:         {tm['tables']:6.1f} s")
-            print(f"figures:        {tm['figures']:6.1f} s  ({tm['n_figures']} files)")
-            print(f"write:          {tm['write']:6.1f} s")
-            print(f"report total:   {tm['total']:6.1f} s  (imports {tm['import']:.1f} s more; target < 60 s)")
+            tm, rss, cpu = run_report(runs_dir, report_dir, args.workers)
+            c = tm["cpu"]
+            mib = {k: v * (1 if sys.platform == "darwin" else 1024) / 2**20 for k, v in tm["rss"].items()}
             print(
-                f"CPU time:       {cpu:6.1f} s  (the report's process, imports included; load average "
-                f"{load0:.1f} before, {os.getloadavg()[0]:.1f} after)"
+                f"load runs:      {tm['load']:6.1f} s  (CPU {c['load']:.1f} s; peak RSS by then {mib['load']:.0f} MiB)"
             )
-            print(f"peak RSS:       {rss:6.0f} MiB (the report's process; target < 2048 MiB)")
+            print(f"tables:         {tm['tables']:6.1f} s  (CPU {c['tables']:.1f} s; {mib['tables']:.0f} MiB)")
+            print(
+                f"figures:        {tm['figures']:6.1f} s  (CPU {c['figures']:.1f} s; {mib['figures']:.0f} MiB; "
+                f"{tm['n_figures']} files)"
+            )
+            print(
+                f"write:          {tm['write']:6.1f} s  (CPU {c['write']:.1f} s in the table files; {mib['write']:.0f} MiB)"
+            )
+            print(
+                f"report total:   {tm['total']:6.1f} s  (CPU {c['total']:.1f} s; imports {tm['import']:.1f} s more; "
+                "target < 60 s)"
+            )
+            print(
+                f"process CPU:    {cpu:6.1f} s  (imports included; load average {load0:.1f} before, "
+                f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs)"
+            )
+            if tm["workers"] > 1:
+                wrss = tm["workers_maxrss_kib"] * (1 if sys.platform == "darwin" else 1024) / 2**20
+                print(
+                    f"load workers:   {tm['workers']} processes, CPU {tm['workers_cpu']:.1f} s, peak RSS "
+                    f"{wrss:.0f} MiB the largest (the report process's own figures are above and below)"
+                )
+                print(
+                    f"peak RSS:       {rss:6.0f} MiB the report's process; with its workers at most "
+                    f"{rss + tm['workers'] * wrss:.0f} MiB (target < 2048 MiB)"
+                )
+            else:
+                print(f"peak RSS:       {rss:6.0f} MiB (the report's process; target < 2048 MiB)")
             if args.cli:
                 t0 = time.perf_counter()
                 subprocess.run(
-                    [sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"],
+                    [sys.executable, "-m", "analysis", runs_dir, "--out", report_dir + "_cli", "--quiet"]
+                    + ["--workers", str(args.workers)],
                     check=True,
                     cwd=ROOT,
                 )

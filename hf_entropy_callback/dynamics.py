@@ -190,10 +190,13 @@ def ece_bootstrap(
             f"not {n_boot} with seed {seed}"
         )
     idx = resampler.indices(n)
-    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount.
-    cell = bins[idx]
+    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount
+    # (into the resampler's work arrays: no fresh arrays of resamples x examples per call).
+    cell, _, weight, _ = resampler.work_arrays(idx.shape)
+    np.take(bins.astype(np.int64, copy=False), idx, out=cell, mode="clip")
     cell += np.arange(n_boot)[:, None] * n_bins
-    sums = np.bincount(cell.ravel(), weights=diff[idx].ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
+    np.take(diff, idx, out=weight, mode="clip")
+    sums = np.bincount(cell.ravel(), weights=weight.ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
     return np.abs(sums).sum(axis=1) / n
 
 

@@ -14,7 +14,7 @@ from scipy import stats
 
 from hf_entropy_callback.dynamics import ece_bootstrap, expected_calibration_error
 from hf_entropy_callback.inference import BootstrapResampler, spearman_bootstrap
-from hf_entropy_callback.runs import load_run
+from hf_entropy_callback.runs import RunFormatError, load_run
 from hf_entropy_callback.study.loading import Options, load_study, summarize_run
 from hf_entropy_callback.study.report import _column_formatter, _fmt_number, format_table
 from hf_entropy_callback.synthetic_runs import write_synthetic_run
@@ -197,3 +197,123 @@ def test_a_study_with_shared_resamples_equals_each_run_summarised_on_its_own(tmp
         assert cal.equals(alone["calibration"].reset_index(drop=True))
         ex = study.examples[study.examples["run_id"] == run_id].reset_index(drop=True)
         assert ex.equals(alone["examples"].reset_index(drop=True))
+
+
+def test_loading_in_worker_processes_gives_the_same_study(tmp_path):
+    steps = [0, 40, 80]
+    for seed in (1, 2, 3):
+        write_synthetic_run(str(tmp_path / f"lora_s{seed}"), {"seed": seed}, n_train=60, n_val=20, steps=steps)
+    write_synthetic_run(str(tmp_path / "full_s1"), {"seed": 1, "method": "full"}, n_train=60, n_val=20, steps=steps)
+    broken = write_synthetic_run(str(tmp_path / "broken"), {"seed": 9}, n_train=60, n_val=20, steps=steps)
+    os.remove(os.path.join(broken, "logprobs.npz"))  # an incomplete run: skipped with a note, or an error
+    options = Options(n_boot=100, boot_seed=3)
+    with pytest.raises(RunFormatError, match="logprobs.npz is missing"):
+        load_study([str(tmp_path)], progress=False, options=options, workers=2)
+    alone = load_study([str(tmp_path)], progress=False, options=options, skip_invalid=True)
+    pooled = load_study([str(tmp_path)], progress=False, options=options, skip_invalid=True, workers=2)
+    assert any("broken" in note and "skipped" in note for note in pooled.notes)
+    for name in ("runs", "examples", "curves", "calibration", "entropy", "agreement"):
+        assert getattr(pooled, name).equals(getattr(alone, name)), name
+    assert pooled.notes == alone.notes and pooled.configs == alone.configs
+    assert set(pooled.boot) == set(alone.boot)
+    assert all(np.array_equal(pooled.boot[r], alone.boot[r]) for r in alone.boot)
+
+
+def test_worker_count():
+    from hf_entropy_callback.study.loading import RUNS_PER_WORKER, _worker_count
+
+    assert _worker_count(1, 540) == 1 and _worker_count(3, 2) == 2  # as asked, at most one per run
+    assert _worker_count(0, RUNS_PER_WORKER - 1) == 1  # too few runs to pay for a worker's start
+    assert _worker_count(None, 540) == min(os.cpu_count() or 1, 540 // RUNS_PER_WORKER)
+
+
+# ------------------------------------------------------------------------------------------------
+# Frames built in one go equal the frames built piece by piece before (the code they replaced)
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_agreement_table(logprobs, label_counts, categories, majority, steps):
+    import pandas as pd
+
+    from hf_entropy_callback.agreement import METRICS, agreement_metrics
+    from hf_entropy_callback.entropy import CATEGORIES
+
+    lp = np.asarray(logprobs, dtype=np.float64)
+    met = agreement_metrics(lp, label_counts, majority)
+    cats = np.asarray(categories).astype(str)
+    names = [c for c in CATEGORIES if (cats == c).any()] + sorted(set(cats) - set(CATEGORIES)) + ["all"]
+    frames = []
+    for cat in names:
+        sel = np.ones(len(cats), bool) if cat == "all" else cats == cat
+        ok = np.isfinite(met["kl"][:, sel])
+        n = ok.sum(axis=1)
+        row = {"point": np.arange(lp.shape[0]), "step": steps, "category": cat, "n": n}
+        for k in METRICS:
+            v = met[k][:, sel]
+            with np.errstate(invalid="ignore"):
+                row[k] = np.where(n > 0, np.nansum(np.where(ok, v, 0.0), axis=1) / np.maximum(n, 1), np.nan)
+        frames.append(pd.DataFrame(row))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _reference_curves(run_id, losses, steps, epochs, cats):
+    import warnings
+
+    import pandas as pd
+
+    from hf_entropy_callback.entropy import CATEGORIES
+
+    frames = []
+    for cat in [c for c in CATEGORIES if (cats == c).any()] + ["all"]:
+        sub = losses[:, cats == cat] if cat != "all" else losses
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, sd = np.nanmean(sub, axis=1), np.nanstd(sub, axis=1, ddof=1)
+        frame = {"run_id": run_id, "point": np.arange(len(steps)), "step": steps, "progress": steps / steps[-1]}
+        frame.update(epoch=epochs, category=cat, mean=mean, sd=sd, n=np.isfinite(sub).sum(axis=1))
+        frames.append(pd.DataFrame(frame))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_one_frame_builders_equal_the_piecewise_frames(tmp_path):
+    import pandas as pd
+
+    from hf_entropy_callback.agreement import agreement_table
+    from hf_entropy_callback.dynamics import example_dynamics
+    from hf_entropy_callback.study.loading import _curves
+    from hf_entropy_callback.synthetic_runs import Dynamics
+
+    path = write_synthetic_run(
+        str(tmp_path / "r"), {"seed": 4, "label_noise": 0.3}, n_train=1200, n_val=300, steps=[0, 30, 60, 90, 120]
+    )
+    diverging = write_synthetic_run(
+        str(tmp_path / "d"), {"seed": 5}, n_train=80, n_val=20, steps=[0, 30, 60, 90], dynamics=Dynamics(diverge_at=0.6)
+    )
+    for p in (path, diverging):
+        run = load_run(p)
+        for name in ("train", "validation"):
+            ex = run.set_examples(name)
+            args = (
+                run.logprobs[name],
+                np.array(ex["label_counts"].tolist(), dtype=np.float64),
+                ex["category"].to_numpy(),
+                ex["original_label"].to_numpy(),
+                run.steps,
+            )
+            got = agreement_table(*args[:3], majority=args[3], steps=args[4])
+            pd.testing.assert_frame_equal(got, _reference_agreement_table(*args), check_exact=True)
+        losses, steps = run.losses("train"), run.steps.astype(np.float64)
+        epochs, cats = run.points["epoch"].to_numpy(np.float64), run.set_examples("train")["category"].to_numpy()
+        pd.testing.assert_frame_equal(
+            _curves("r", losses, steps, epochs, cats),
+            _reference_curves("r", losses, steps, epochs, cats),
+            check_exact=True,
+        )
+        # Example dynamics: the examples with each derived column, as assigning them one by one gives.
+        dyn = example_dynamics(run, "train")
+        ex = run.set_examples("train")
+        assert list(dyn.columns[: len(ex.columns)]) == list(ex.columns)
+        pd.testing.assert_frame_equal(dyn[list(ex.columns)], ex, check_exact=True)
+        assert dyn["aulc"].to_numpy() == pytest.approx(
+            ((losses[1:] + losses[:-1]) / 2 * np.diff(steps / steps[-1])[:, None]).sum(axis=0), nan_ok=True
+        )

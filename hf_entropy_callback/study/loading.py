@@ -37,6 +37,7 @@ every aggregate, comparison and figure, with a note.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -336,6 +337,57 @@ def summarize_run(
     return row, tables
 
 
+#: Runs per worker process: `load_study` with ``workers=0`` starts no more workers than runs / this
+#: (a worker's start, importing the analysis, costs about as much as loading 20 runs).
+RUNS_PER_WORKER = 32
+# A worker process's bootstrap resampler (set by `_start_worker`); always empty in the main process.
+_WORKER: Dict[str, BootstrapResampler] = {}
+
+
+def _start_worker(options: Options) -> None:
+    _WORKER["resampler"] = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed)
+
+
+def _load_one(tdir: str, run_id: str, train_set, validation_set, options: Options, resampler=None):
+    """Load and summarise one run: ``((row, tables, config, examples' entropy columns), None)`` or ``(None, error)``.
+
+    Runs in the main process (with its `resampler`) or in a worker process (with the worker's own)."""
+    try:
+        run = load_run(tdir)
+        row, tables = summarize_run(
+            run, run_id, train_set, validation_set, options, resampler=resampler or _WORKER.get("resampler")
+        )
+    except (RunFormatError, ValueError, KeyError, OSError) as err:
+        return None, err
+    return (row, tables, dict(run.config), run.examples[["example_id", "set", "entropy", "category"]]), None
+
+
+def _add_run(run_id: str, loaded, rows, configs, boots, parts, entropy) -> None:
+    """File one summarised run (`_load_one`) into `load_study`'s collections."""
+    row, tables, config, examples = loaded
+    desc = describe_run(config)
+    rows.append({"run_id": run_id, **desc, **row})
+    configs[run_id] = config
+    boots[run_id] = tables.pop("boot")
+    for key, frame in tables.items():
+        if frame is not None:
+            parts[key].append(frame)
+    # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
+    ds = desc["dataset"]
+    frame = examples.assign(dataset=ds)
+    entropy[ds] = (
+        frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(["dataset", "example_id"])
+    )
+
+
+def _worker_count(workers: Optional[int], n_runs: int) -> int:
+    """Processes to load `n_runs` with: `workers` as asked (at most one per run), or with 0 / None one per
+    CPU up to ``n_runs // RUNS_PER_WORKER``; 1 means this process alone."""
+    if workers is None or workers < 1:
+        workers = min(os.cpu_count() or 1, n_runs // RUNS_PER_WORKER)
+    return max(1, min(int(workers), n_runs))
+
+
 def load_study(
     paths: Sequence[str],
     train_set: str = "train",
@@ -344,6 +396,7 @@ def load_study(
     skip_invalid: bool = False,
     options: Optional[Options] = None,
     main_ranks: Optional[Sequence[float]] = None,
+    workers: Optional[int] = 1,
 ) -> Study:
     """Discover, load and summarise every run below `paths`.
 
@@ -364,6 +417,11 @@ def load_study(
     main_ranks : sequence of float, optional
         LoRA ranks of the main matrix (`hf_entropy_callback.study.conditions.MAIN_RANKS` by default); sets the
         ``in_main_family`` column.
+    workers : int or None
+        Processes that load and summarise the runs: 1 (default) this process alone; 0 or None one per
+        CPU, at most one per `RUNS_PER_WORKER` runs. Workers are started with "spawn", so a script that
+        asks for them must guard its entry point (``if __name__ == "__main__":``). The numbers do not
+        depend on it (each run is summarised on its own; see `summarize_run`).
 
     Conditions come from `hf_entropy_callback.study.conditions.assign_conditions`: a duplicate run (same
     condition and seed as an earlier run id) gets status "duplicate" and is excluded.
@@ -405,33 +463,42 @@ def load_study(
     boots: Dict[str, np.ndarray] = {}
     entropy: Dict[str, pd.DataFrame] = {}
     disable = None if progress is None else not progress
-    for tdir, run_id in tqdm(list(zip(dirs, ids)), desc="loading runs", unit="run", disable=disable):
-        try:
-            run = load_run(tdir)
-            row, tables = summarize_run(run, run_id, train_set, validation_set, options, resampler=resampler)
-        except (RunFormatError, ValueError, KeyError, OSError) as err:
-            if not skip_invalid:
-                if isinstance(err, RunFormatError):
-                    raise
-                raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
-            text = str(err)
-            text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
-            notes.append(f"{tdir}: skipped, {text}")
-            continue
-        desc = describe_run(run.config)
-        rows.append({"run_id": run_id, **desc, **row})
-        configs[run_id] = dict(run.config)
-        boots[run_id] = tables.pop("boot")
-        for key, frame in tables.items():
-            if frame is not None:
-                parts[key].append(frame)
-        # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
-        ds = desc["dataset"]
-        frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
-        entropy[ds] = (
-            frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(["dataset", "example_id"])
+    jobs = list(zip(dirs, ids))
+    n_workers = _worker_count(workers, len(jobs))
+    pool = None
+    if n_workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(
+            n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(options,)
         )
-        del run
+        results = pool.map(
+            _load_one,
+            dirs,
+            ids,
+            *([x] * len(jobs) for x in (train_set, validation_set, options)),
+            chunksize=max(1, min(8, len(jobs) // (4 * n_workers))),
+        )
+    else:
+        results = (_load_one(tdir, run_id, train_set, validation_set, options, resampler) for tdir, run_id in jobs)
+    try:
+        for (tdir, run_id), (loaded, err) in tqdm(
+            zip(jobs, results), total=len(jobs), desc="loading runs", unit="run", disable=disable
+        ):
+            if err is not None:
+                if not skip_invalid:
+                    if isinstance(err, RunFormatError):
+                        raise err
+                    raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
+                text = str(err)
+                text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
+                notes.append(f"{tdir}: skipped, {text}")
+                continue
+            _add_run(run_id, loaded, rows, configs, boots, parts, entropy)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if not rows:
         from .conditions import NoRunsFoundError
 

@@ -1188,6 +1188,7 @@ def build_report(
     options: Optional[Options] = None,
     family: str = "main",
     main_ranks=MAIN_RANKS,
+    workers: Optional[int] = 1,
 ) -> Report:
     """Load every run below `paths` and write the full report to `out_dir`.
 
@@ -1214,6 +1215,9 @@ def build_report(
         Correction family of the condition test (`hf_entropy_callback.study.tables.rho_by_condition`).
     main_ranks : sequence of int
         LoRA ranks of the main matrix (for ``family="main"``).
+    workers : int or None
+        Processes that load the runs (`hf_entropy_callback.study.loading.load_study`): 1 (default) none,
+        0 or None one per CPU for large studies. The report does not depend on it.
 
     Returns
     -------
@@ -1242,6 +1246,7 @@ def build_report(
         skip_invalid=skip_invalid,
         options=options,
         main_ranks=main_ranks,
+        workers=workers,
     )
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
