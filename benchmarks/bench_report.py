@@ -1,6 +1,6 @@
 """Benchmark: build the full report from synthetic runs of the study's size (54 runs, and 10x that).
 
-    python benchmarks/bench_report.py [--replicas 1 10] [--runs-dir DIR] [--reuse] [--keep] [--cli]
+    python benchmarks/bench_report.py [--replicas 1 10] [--workers N] [--runs-dir DIR] [--reuse] [--keep] [--cli]
 
 Each run has 1,211 tracked train and 303 validation examples (ChaosNLI-SNLI split 80/20), 3
 classes, and the tracking points of a 5-epoch run at batch size 32 over 21,211 training examples
@@ -11,10 +11,12 @@ compositions), copy j with seed s + 1000 j for each seed s of the matrix, so 10 
 runs in the same 22 conditions with ten times the seeds (30 per main-matrix cell).
 
 The report runs with its defaults (1,000 bootstrap resamples per run for the rho and ECE
-intervals, agreement metrics at every tracking point) in a fresh child process per size, so the
-peak RSS printed is the report's own (imports included, generation excluded). Prints the seconds
-spent loading, computing the tables, drawing the figures and writing, the report's total, and the
-child's peak RSS. Target: 540 runs under 60 s and 2 GB.
+intervals, agreement metrics at every tracking point; `--workers` as the CLI's, default 0: load
+worker processes for 32+ runs each) in a fresh child process per size. Prints, per phase (loading,
+tables, figures, table files), the wall seconds, the CPU seconds of the report's process and its
+peak RSS by the end of the phase; the total; the load workers' CPU seconds and peak RSS when
+there are workers; and the load average, since wall times on a shared machine depend on it.
+Target: 540 runs under 60 s and 2 GB.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ Per run, everything the report needs is derived right after loading, with
   predicted with the human distribution (`hf_entropy_callback.agreement`);
 - ``boot``: per run, the bootstrap replicates of its rho (`Options.n_boot`, seeded; examples
   sorted by id so the seeds of one condition, which track the same examples, share resamples).
+  One `hf_entropy_callback.inference.BootstrapResampler` per study (per worker process) draws those
+  resamples once per tracked set; the replicates are the same as drawing them run by run.
+
+Runs are loaded one at a time, in this process or (``workers``) in worker processes that each
+summarise a run and send back its row and tables; the study is the same either way.
 
 Conditions and duplicates: `hf_entropy_callback.study.conditions.assign_conditions`. A duplicate run (same
 condition and seed as a run with a smaller id) has status "duplicate" and is excluded.
