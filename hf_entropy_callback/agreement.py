@@ -136,15 +136,23 @@ def agreement_table(
     cats = np.asarray(categories).astype(str)
     steps = np.arange(lp.shape[0]) if steps is None else np.asarray(steps)
     names = [c for c in CATEGORIES if (cats == c).any()] + sorted(set(cats) - set(CATEGORIES)) + ["all"]
-    frames = []
+    n_pts = lp.shape[0]
+    ns, means = [], {k: [] for k in METRICS}
     for cat in names:
         sel = np.ones(len(cats), bool) if cat == "all" else cats == cat
         ok = np.isfinite(met["kl"][:, sel])
         n = ok.sum(axis=1)
-        row = {"point": np.arange(lp.shape[0]), "step": steps, "category": cat, "n": n}
+        ns.append(n)
         for k in METRICS:
             v = met[k][:, sel]
             with np.errstate(invalid="ignore"):
-                row[k] = np.where(n > 0, np.nansum(np.where(ok, v, 0.0), axis=1) / np.maximum(n, 1), np.nan)
-        frames.append(pd.DataFrame(row))
-    return pd.concat(frames, ignore_index=True)
+                means[k].append(np.where(n > 0, np.nansum(np.where(ok, v, 0.0), axis=1) / np.maximum(n, 1), np.nan))
+    # One frame, category-major with the points in order within each category.
+    out = {
+        "point": np.tile(np.arange(n_pts), len(names)),
+        "step": np.tile(steps, len(names)),
+        "category": np.repeat(np.array(names, dtype=object), n_pts),
+        "n": np.concatenate(ns),
+    }
+    out.update({k: np.concatenate(means[k]) for k in METRICS})
+    return pd.DataFrame(out)

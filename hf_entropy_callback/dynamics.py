@@ -22,13 +22,14 @@ def gold_loss(logprobs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     Returns:
         `np.ndarray` of shape `(points, examples)`, float64.
     """
-    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.asarray(logprobs)
     y = np.asarray(labels, dtype=np.int64)
     if lp.ndim != 3 or lp.shape[1] != y.shape[0]:
         raise ValueError(f"gold_loss: logprobs {lp.shape} do not match {y.shape[0]} labels")
     if y.size and (y.min() < 0 or y.max() >= lp.shape[2]):
         raise ValueError(f"gold_loss: labels must be in 0..{lp.shape[2] - 1}")
-    return -np.take_along_axis(lp, y[None, :, None], axis=2)[..., 0]
+    # Pick the gold column first, then widen (float32 -> float64 is exact): the same numbers, a third of the work.
+    return -np.take_along_axis(lp, y[None, :, None], axis=2)[..., 0].astype(np.float64)
 
 
 def progress(steps: Sequence[int]) -> np.ndarray:
@@ -117,12 +118,13 @@ def cartography(
     """
     import pandas as pd
 
-    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.asarray(logprobs)
     if losses is None:
         losses = gold_loss(lp, labels)
     if points is not None:
         points = np.asarray(points, dtype=np.intp)
         lp, losses = lp[points], np.asarray(losses)[points]
+    lp = lp.astype(np.float64)  # after picking the points (exact widening: the same argmax)
     p_gold = np.exp(-losses)
     correct = lp.argmax(axis=2) == np.asarray(labels)[None, :]
     return pd.DataFrame(
@@ -149,12 +151,20 @@ def expected_calibration_error(probs: np.ndarray, labels: Sequence[int], n_bins:
 
 
 def ece_bootstrap(
-    probs: np.ndarray, labels: Sequence[int], n_bins: int = 10, *, n_boot: int = 1000, seed: int = 0
+    probs: np.ndarray,
+    labels: Sequence[int],
+    n_bins: int = 10,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    resampler=None,
 ) -> np.ndarray:
     """`expected_calibration_error` on `n_boot` resamples of the examples (with replacement), vectorised.
 
     ECE = (1/n) sum_b |sum_{i in b} (correct_i - confidence_i)|, so all resamples' bin sums are one
-    weighted `numpy.bincount`.
+    weighted `numpy.bincount`. The resamples are ``default_rng(seed).integers(0, n, size=(n_boot, n))``;
+    a `hf_entropy_callback.inference.BootstrapResampler` (with the same `n_boot` and `seed`) passed as
+    `resampler` draws them once per number of examples and reuses them (same replicates).
 
     Example:
         >>> p = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.55, 0.45]])
@@ -170,11 +180,23 @@ def ece_bootstrap(
     conf = p.max(axis=1)
     diff = (p.argmax(axis=1) == y).astype(np.float64) - conf
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount.
-    cell = (np.arange(n_boot)[:, None] * n_bins + bins[idx]).ravel()
-    sums = np.bincount(cell, weights=diff[idx].ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
+    if resampler is None:
+        from .inference import BootstrapResampler
+
+        resampler = BootstrapResampler(n_boot=n_boot, seed=seed, max_cells=0)
+    elif (resampler.n_boot, resampler.seed) != (n_boot, seed):
+        raise ValueError(
+            f"ece_bootstrap: the resampler draws {resampler.n_boot} resamples with seed {resampler.seed}, "
+            f"not {n_boot} with seed {seed}"
+        )
+    idx = resampler.indices(n)
+    # Per resample and bin, the sum of (correct - confidence) over its draws: one weighted bincount
+    # (into the resampler's work arrays: no fresh arrays of resamples x examples per call).
+    cell, _, weight, _ = resampler.work_arrays(idx.shape)
+    np.take(bins.astype(np.int64, copy=False), idx, out=cell, mode="clip")
+    cell += np.arange(n_boot)[:, None] * n_bins
+    np.take(diff, idx, out=weight, mode="clip")
+    sums = np.bincount(cell.ravel(), weights=weight.ravel(), minlength=n_boot * n_bins).reshape(n_boot, n_bins)
     return np.abs(sums).sum(axis=1) / n
 
 
@@ -186,6 +208,7 @@ def calibration(
     *,
     n_boot: int = 0,
     seed: int = 0,
+    resampler=None,
 ):
     """Calibration per entropy category at one tracking point.
 
@@ -196,6 +219,7 @@ def calibration(
         n_bins (`int`, *optional*, defaults to 10): ECE bins (equal width).
         n_boot (`int`, *optional*, defaults to 0): bootstrap resamples for the ECE interval (0: none).
         seed (`int`, *optional*, defaults to 0): bootstrap seed.
+        resampler (`BootstrapResampler`, *optional*): reuses its resamples across calls (`ece_bootstrap`).
 
     Returns:
         `pandas.DataFrame` with one row per category (and "all"): `n`, `n_nan` (examples with
@@ -242,7 +266,7 @@ def calibration(
             )
             continue
         lo, hi = (
-            percentile_interval(ece_bootstrap(probs[m], y[m], n_bins, n_boot=n_boot, seed=seed))
+            percentile_interval(ece_bootstrap(probs[m], y[m], n_bins, n_boot=n_boot, seed=seed, resampler=resampler))
             if n_boot
             else (float("nan"), float("nan"))
         )
@@ -288,32 +312,34 @@ def example_dynamics(run, name: str = "train", *, cartography_points_: str = "ep
     Returns:
         `pandas.DataFrame`
     """
+    import pandas as pd
+
     ex = run.set_examples(name)
     loss = run.losses(name)
-    out = ex.copy()
-    out["loss_first"] = loss[0]
-    out["loss_last"] = loss[-1]
-    out["aulc"] = aulc(loss, run.steps)
-    out["delta_loss"] = delta_loss(loss)
-    if "original_label" not in out:
-        out["original_label"] = out["label"]
-    # 1.0 / 0.0, NaN where unknown (a noised example of a version-1 run).
-    out["label_changed"] = (out["label"].to_numpy() != out["original_label"].to_numpy()).astype(np.float64)
-    if (out["original_label"] == out["label"]).all():
-        out["aulc_original"], out["delta_loss_original"] = out["aulc"], out["delta_loss"]
+    # The new columns are built as arrays and joined to the examples once.
+    cols = {"loss_first": loss[0], "loss_last": loss[-1], "aulc": aulc(loss, run.steps), "delta_loss": delta_loss(loss)}
+    label = ex["label"].to_numpy()
+    if "original_label" in ex:
+        original = ex["original_label"].to_numpy()
     else:
-        loss_o = gold_loss(run.logprobs[name], out["original_label"].to_numpy())
-        out["aulc_original"] = aulc(loss_o, run.steps)
-        out["delta_loss_original"] = delta_loss(loss_o)
+        original = cols["original_label"] = label.copy()
+    # 1.0 / 0.0, NaN where unknown (a noised example of a version-1 run).
+    cols["label_changed"] = (label != original).astype(np.float64)
+    if (original == label).all():
+        cols["aulc_original"], cols["delta_loss_original"] = cols["aulc"].copy(), cols["delta_loss"].copy()
+    else:
+        loss_o = gold_loss(run.logprobs[name], original)
+        cols["aulc_original"] = aulc(loss_o, run.steps)
+        cols["delta_loss_original"] = delta_loss(loss_o)
     if not getattr(run, "original_label_known", True):
-        unknown = out["noised"].astype(bool).to_numpy()
-        out.loc[unknown, ["aulc_original", "delta_loss_original"]] = np.nan
-        out.loc[unknown, "label_changed"] = np.nan
+        unknown = ex["noised"].astype(bool).to_numpy()
+        for col in ("aulc_original", "delta_loss_original", "label_changed"):
+            cols[col] = np.where(unknown, np.nan, cols[col])
     pts = cartography_points(run.points["reason"].tolist(), cartography_points_) if hasattr(run, "points") else None
-    carto = cartography(run.logprobs[name], ex["label"].to_numpy(), losses=loss, points=pts)
+    carto = cartography(run.logprobs[name], label, losses=loss, points=pts)
     for col in carto.columns:
-        out[col] = carto[col].to_numpy()
-    return out
+        cols[col] = carto[col].to_numpy()
+    return pd.concat([ex, pd.DataFrame(cols, index=ex.index)], axis=1)
 
 
 def correlation_table(x: np.ndarray, ys, x_name: str = "entropy"):

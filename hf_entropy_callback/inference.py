@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "rank_rows",
     "spearman_rows",
     "spearman_bootstrap",
+    "BootstrapResampler",
     "percentile_interval",
     "directional_test",
     "spearman_permutation_test",
@@ -81,7 +83,9 @@ def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def spearman_bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """Spearman's rho of `x` vs `y` on `n_boot` resamples of the pairs (with replacement), vectorised.
 
-    Non-finite pairs are dropped first. A resample whose `x` or `y` is constant gives NaN.
+    Non-finite pairs are dropped first. A resample whose `x` or `y` is constant gives NaN. To
+    bootstrap many `y` against the same `x` (the seeds of one condition), `BootstrapResampler.spearman`
+    returns the same replicates, drawing and ranking the resamples of `x` only once.
 
     Args:
         x, y (`Sequence[float]`): paired values.
@@ -98,36 +102,151 @@ def spearman_bootstrap(x: Sequence[float], y: Sequence[float], *, n_boot: int = 
         >>> reps.shape, bool(0.5 < np.median(reps) < 0.8)
         ((500,), True)
     """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    n = len(x)
-    if n_boot <= 0 or n < 3:
-        return np.full(max(int(n_boot), 0), np.nan)
-    rng = np.random.default_rng(seed)
-    # Work in x's sorted order, so x's tie groups are contiguous and need no reordering per resample.
-    perm = np.argsort(x, kind="stable")
-    inv = np.empty(n, dtype=np.intp)
-    inv[perm] = np.arange(n)
-    x, y = x[perm], y[perm]
-    gx, gy = _tie_groups(x), _tie_groups(y)
-    out = np.empty(n_boot)
-    chunk = max(1, min(n_boot, 2_000_000 // max(n, 1)))  # bound memory: ~2M cells at a time
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        idx = rng.integers(0, n, size=(b, n))
-        # How often each example is drawn, per resample; ranks then follow from counts (no sort per resample).
-        # Draws index the examples in the caller's order; map them to the sorted order used here.
-        counts = np.bincount((inv[idx] + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n).reshape(b, n)
-        rx, ry = _resample_ranks(counts, *gx), _resample_ranks(counts, *gy)
+    return BootstrapResampler(n_boot=n_boot, seed=seed, max_cells=0).spearman(x, y)
+
+
+class BootstrapResampler:
+    """Bootstrap resamples drawn once and reused for every sample that shares them.
+
+    The runs of one condition track the same examples and are resampled with the same seed, so
+    their resamples are the same index draws; this object draws them (and, for Spearman, ranks the
+    resampled `x`) once per distinct sample and keeps them for the next call, up to `max_cells`
+    resample cells (``n_boot`` x examples; least recently used dropped first). One object per
+    analysis, no module state.
+
+    - `spearman` returns exactly (bit for bit) what `spearman_bootstrap` returns: the same draws
+      (``default_rng(seed).integers`` in the same chunks), the same ranks, and sums that are exact
+      (every term is a multiple of 1/4 below 2**51 for fewer than ~200,000 examples), so their
+      order does not matter.
+    - `indices` gives the index draws of `n` examples, ``default_rng(seed).integers(0, n, size=(n_boot, n))``
+      (what `hf_entropy_callback.dynamics.ece_bootstrap` resamples with).
+
+    Args:
+        n_boot (`int`, *optional*, defaults to 1000): resamples per sample.
+        seed (`int`, *optional*, defaults to 0): seed of ``numpy.random.default_rng`` (every sample
+            starts from it).
+        max_cells (`int`, *optional*, defaults to 32,000,000): resample cells kept between calls
+            (about 16 bytes each for Spearman, 8 for `indices`); 0 keeps nothing.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> x = rng.normal(size=300)
+        >>> boot = BootstrapResampler(n_boot=200, seed=5)
+        >>> ys = [x + rng.normal(size=300) for _ in range(3)]
+        >>> all(np.array_equal(boot.spearman(x, y), spearman_bootstrap(x, y, n_boot=200, seed=5)) for y in ys)
+        True
+    """
+
+    def __init__(self, *, n_boot: int = 1000, seed: int = 0, max_cells: int = 32_000_000):
+        self.n_boot = int(n_boot)
+        self.seed = seed
+        self.max_cells = int(max_cells)
+        self._cache: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self._cells = 0
+        self._work: tuple = ()
+
+    def work_arrays(self, shape):
+        """Two int64 and two float64 work arrays of `shape` for the bootstrap functions, views of flat buffers
+        kept between calls (overwritten by the next call): fresh arrays of resamples x examples would cost
+        a page fault per 4 KiB on every call, a third of the time."""
+        cells = int(np.prod(shape))
+        if not self._work or self._work[0].size < cells:
+            self._work = (np.empty(cells, np.int64), np.empty(cells, np.int64), np.empty(cells), np.empty(cells))
+        return [w[:cells].reshape(shape) for w in self._work]
+
+    def _cached(self, key, cells: int, make):
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        value = make()
+        if 0 < cells <= self.max_cells:
+            while self._cache and self._cells + cells > self.max_cells:
+                _, (old_cells, _) = self._cache.popitem(last=False)
+                self._cells -= old_cells
+            self._cache[key] = (cells, value)
+            self._cells += cells
+            return (cells, value)
+        return (cells, value)
+
+    def indices(self, n: int) -> np.ndarray:
+        """``default_rng(seed).integers(0, n, size=(n_boot, n))``: resample b draws examples ``indices[b]``.
+
+        Drawn once per `n` and kept (read-only), so every sample of `n` examples gets the same resamples.
+        """
+        n = int(n)
+
+        def make():
+            idx = np.random.default_rng(self.seed).integers(0, n, size=(self.n_boot, n))
+            idx.flags.writeable = False
+            return idx
+
+        return self._cached(("indices", n), self.n_boot * n, make)[1]
+
+    def _spearman_x(self, x: np.ndarray):
+        """The resamples of `x` (finite, in the caller's order): its sorting, and per chunk of resamples the
+        draw counts (x-sorted order), counts * (rank - mean rank) and sum(counts * (rank - mean rank)^2)."""
+        n = len(x)
+        perm = np.argsort(x, kind="stable")
+        inv = np.empty(n, dtype=np.intp)
+        inv[perm] = np.arange(n)
+        gx = _tie_groups(x[perm])
+        rng = np.random.default_rng(self.seed)
         mid = (n + 1) / 2.0  # the mean of the ranks 1..n, ties or not
-        dx, dy = rx - mid, ry - mid
-        num = (counts * dx * dy).sum(axis=1)
-        den = np.sqrt((counts * dx * dx).sum(axis=1) * (counts * dy * dy).sum(axis=1))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start : start + b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-    return out
+        chunks = []
+        chunk = max(1, min(self.n_boot, 2_000_000 // max(n, 1)))  # bound memory: ~2M cells at a time
+        for start in range(0, self.n_boot, chunk):
+            b = min(chunk, self.n_boot - start)
+            idx = rng.integers(0, n, size=(b, n))
+            # How often each example is drawn, per resample; ranks then follow from counts (no sort per resample).
+            # Draws index the examples in the caller's order; map them to the sorted order used here.
+            counts = np.bincount((inv[idx] + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n).reshape(b, n)
+            dx = _resample_ranks(counts, *gx) - mid
+            cdx = counts * dx
+            chunks.append((counts, cdx, (cdx * dx).sum(axis=1)))
+        return perm, chunks
+
+    def spearman(self, x: Sequence[float], y: Sequence[float]) -> np.ndarray:
+        """`spearman_bootstrap(x, y, n_boot=self.n_boot, seed=self.seed)`, reusing the resamples of an `x` seen before."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        n = len(x)
+        if self.n_boot <= 0 or n < 3:
+            return np.full(max(self.n_boot, 0), np.nan)
+        x = np.ascontiguousarray(x)
+        perm, chunks = self._cached(("spearman", x.tobytes()), self.n_boot * n, lambda: self._spearman_x(x))[1]
+        # Work in y's sorted order: a resample's rank of each y follows from the running count of draws.
+        order, starts, group = _tie_groups(y[perm])
+        ties = len(starts) < n
+        out = np.empty(self.n_boot)
+        start = 0
+        for counts, cdx, sxx in chunks:
+            b = len(counts)
+            c, dy2, fy2, g = self.work_arrays(counts.shape)
+            np.take(counts, order, axis=1, out=c, mode="clip")  # the draw counts in y's sorted order
+            per = np.add.reduceat(c, starts, axis=1) if ties else c
+            # Twice the rank minus twice the mean rank, an integer: 2 cum - (c - 1) - (n + 1), in place.
+            if ties:
+                dy2 = np.cumsum(per, axis=1)
+            else:
+                np.cumsum(per, axis=1, out=dy2)
+            dy2 *= 2
+            dy2 -= per
+            dy2 -= n
+            if ties:
+                dy2 = dy2[:, group[order]]
+            np.copyto(fy2, dy2, casting="unsafe")
+            np.take(cdx, order, axis=1, out=g, mode="clip")
+            num = np.einsum("ij,ij->i", g, fy2) / 2.0
+            dy2 *= dy2
+            syy = np.einsum("ij,ij->i", c, dy2).astype(np.float64) / 4.0
+            den = np.sqrt(sxx * syy)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[start : start + b] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+            start += b
+        return out
 
 
 def _tie_groups(v: np.ndarray):

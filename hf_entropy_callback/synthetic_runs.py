@@ -686,7 +686,7 @@ def write_synthetic_run(
     return tdir
 
 
-def study_configs() -> List[Dict[str, Any]]:
+def study_configs(replicas: int = 1) -> List[Dict[str, Any]]:
     """A 54-run matrix shaped like the study's, for the benchmark and end-to-end checks.
 
     RoBERTa and BERT on SNLI and MNLI with LoRA r=8, r=64 and full fine-tuning (3 seeds: 36 runs);
@@ -695,12 +695,30 @@ def study_configs() -> List[Dict[str, Any]]:
     30% / 60% (seeds 42, 123: 4); soft-label training (seed 42: 1); and the low / high
     compositions (seed 42: 2).
 
+    Parameters
+    ----------
+    replicas : int
+        Copies of the 54-run matrix, for a study ``replicas`` times the size: copy ``j`` (0-based)
+        uses seed ``s + 1000 * j`` wherever the matrix uses seed ``s``, so every condition keeps
+        its shape (same conditions, ``replicas`` times the seeds; noisy and soft-label runs keep
+        their noise-free twin of the same seed) and run names stay unique.
+
     Examples
     --------
-    >>> len(study_configs())
-    54
+    >>> len(study_configs()), len(study_configs(10))
+    (54, 540)
+    >>> sorted({c["seed"] for c in study_configs(2)})
+    [42, 123, 456, 1042, 1123, 1456]
     """
-    seeds = (42, 123, 456)
+    if replicas < 1:
+        raise ValueError(f"study_configs: replicas must be at least 1, got {replicas}")
+    if replicas > 1:
+        return [c for j in range(replicas) for c in _study_matrix(tuple(s + 1000 * j for s in (42, 123, 456)))]
+    return _study_matrix((42, 123, 456))
+
+
+def _study_matrix(seeds) -> List[Dict[str, Any]]:
+    """`study_configs`'s matrix with the three main seeds `seeds` (the single-seed parts use the first)."""
     models = {
         "roberta-base": ("roberta", "encoder"),
         "bert-base-uncased": ("bert", "encoder"),
@@ -734,10 +752,10 @@ def study_configs() -> List[Dict[str, Any]]:
                 out += [cfg(model, method, rank, dataset, s) for s in seeds]
     out += [cfg("Qwen/Qwen2.5-1.5B", "lora", r, "snli", s) for r in (8, 64) for s in seeds]
     out += [cfg("roberta-base", "ia3", 0, "snli", s) for s in seeds]
-    out += [cfg("roberta-base", "lora", r, "snli", 42) for r in (16, 32)]
-    out += [cfg("roberta-base", "lora", 8, "snli", s, label_noise=q) for q in (0.3, 0.6) for s in (42, 123)]
-    out += [cfg("roberta-base", "lora", 8, "snli", 42, loss="soft_kl")]
-    out += [cfg("roberta-base", "lora", 8, "snli", 42, composition=c) for c in ("low", "high")]
+    out += [cfg("roberta-base", "lora", r, "snli", seeds[0]) for r in (16, 32)]
+    out += [cfg("roberta-base", "lora", 8, "snli", s, label_noise=q) for q in (0.3, 0.6) for s in seeds[:2]]
+    out += [cfg("roberta-base", "lora", 8, "snli", seeds[0], loss="soft_kl")]
+    out += [cfg("roberta-base", "lora", 8, "snli", seeds[0], composition=c) for c in ("low", "high")]
     return out
 
 

@@ -83,9 +83,17 @@ def main(argv=None, prog: str = "hf-entropy-report") -> int:
         default=DEFAULT_CARTOGRAPHY_POINTS,
         help="tracking points of Dataset Cartography: one per epoch end, as Swayamdipta et al. (default), or all",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes that load the runs: 0 one per CPU for large studies (at least 32 runs each), 1 none "
+        "(default %(default)s; the numbers do not depend on it)",
+    )
     args = parser.parse_args(argv)
-    if args.bootstrap < 0 or args.ece_bins < 1:
-        parser.error("--bootstrap must be >= 0 and --ece-bins >= 1")
+    if args.bootstrap < 0 or args.ece_bins < 1 or args.workers < 0:
+        parser.error("--bootstrap and --workers must be >= 0 and --ece-bins >= 1")
     try:
         main_ranks = tuple(int(r) for r in args.main_ranks.split(",") if r.strip())
     except ValueError:
@@ -110,6 +118,7 @@ def main(argv=None, prog: str = "hf-entropy-report") -> int:
             options=options,
             family=args.family,
             main_ranks=main_ranks,
+            workers=args.workers,
         )
     except (NoRunsFoundError, RunFormatError, OSError) as err:
         # OSError covers the refused REPORT_DIR (ReportFolderError), missing inputs, and a folder that cannot

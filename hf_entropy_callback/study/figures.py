@@ -170,14 +170,24 @@ def condition_curves(curves: pd.DataFrame, run_ids: Sequence[str]) -> pd.DataFra
     )
     grid = first[first["category"] == first["category"].iloc[0]].sort_values("point")
     prog, xs = grid["progress"].to_numpy(float), grid[xcol].to_numpy(float)
+    # Each (category, run) curve by positions into plain arrays (categories and, within each, runs in
+    # order of appearance), sorted by point: no frame per run.
+    point, progress = sub["point"].to_numpy(), sub["progress"].to_numpy(float)
+    mean, sd, n = sub["mean"].to_numpy(float), sub["sd"].to_numpy(float), sub["n"].to_numpy(float)
+    cat_code, cat_names = pd.factorize(sub["category"].to_numpy())  # codes in order of first appearance
+    run_code, _ = pd.factorize(sub["run_id"].to_numpy())
     rows = []
-    for cat, cgrp in sub.groupby("category", sort=False):
+    for c, cat in enumerate(cat_names):
+        in_cat = np.flatnonzero(cat_code == c)
         means, halves = [], []
-        for _, r in cgrp.groupby("run_id", sort=False):
-            r = r.sort_values("point")
-            p = r["progress"].to_numpy(float)
-            means.append(np.interp(prog, p, r["mean"].to_numpy(float)))
-            half = 1.96 * r["sd"].to_numpy(float) / np.sqrt(np.maximum(r["n"].to_numpy(float), 1))
+        for r in pd.unique(run_code[in_cat]):
+            if r < 0:
+                continue  # a missing run id (grouping leaves those out too)
+            idx = in_cat[run_code[in_cat] == r]
+            idx = idx[np.argsort(point[idx])]
+            p = progress[idx]
+            means.append(np.interp(prog, p, mean[idx]))
+            half = 1.96 * sd[idx] / np.sqrt(np.maximum(n[idx], 1))
             halves.append(np.interp(prog, p, np.nan_to_num(half)))
         rows.append(
             pd.DataFrame(
@@ -316,7 +326,11 @@ def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool)
         row_keys, col_key = ["dataset", "model"], "_col"
     if keep.empty or curves.empty:
         return None
-    keep = order_conditions(keep.assign(_col=[_method_column(r) for _, r in keep.iterrows()]))
+    keep = order_conditions(
+        keep.assign(
+            _col=[method_label(m, float(r) if pd.notna(r) else math.nan) for m, r in zip(keep["method"], keep["rank"])]
+        )
+    )
     keep["_row"] = [tuple(r) for r in keep[row_keys].astype(str).itertuples(index=False)]
     if variants:
         cols = ["base"] + sorted(set(keep[col_key]) - {"base"})
@@ -673,7 +687,8 @@ def cartography_panel(
     """
     ax = ax if ax is not None else _new_axes(4.4, 4.0)
     rid = _one(examples, "run_id", run_id, "cartography_panel")
-    ex = examples[examples["run_id"] == rid] if rid is not None else examples
+    cols = ["variability", "confidence", "category"]
+    ex = examples.loc[examples["run_id"] == rid, cols] if rid is not None else examples[cols]
     # Contested drawn last (on top): the category the study is about stays visible in the crowd.
     for cat in CATEGORIES:
         d = ex[ex["category"] == cat]
@@ -757,7 +772,8 @@ def entropy_aulc_panel(
     into the panel. Returns the axes drawn into.
     """
     ax = ax if ax is not None else _new_axes(3.6, 3.2)
-    ex = examples[examples["run_id"].isin(list(run_ids))]
+    # Only the columns drawn: the rows of a condition with every column would be a large copy at scale.
+    ex = examples.loc[examples["run_id"].isin(list(run_ids)), ["example_id", "entropy", "aulc", "category"]]
     ex = ex[np.isfinite(ex["aulc"].to_numpy(float))]
     per = ex.groupby("example_id", sort=False).agg(
         entropy=("entropy", "first"), aulc=("aulc", "mean"), category=("category", "first")

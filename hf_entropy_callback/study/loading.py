@@ -13,9 +13,14 @@ Per run, everything the report needs is derived right after loading, with
 - ``agreement``: per (run, tracked set, tracking point, category) the mean agreement of the
   predicted with the human distribution (`hf_entropy_callback.agreement`);
 - ``boot``: per run, the bootstrap replicates of its rho (`Options.n_boot`, seeded; examples
-  sorted by id so the seeds of one condition, which track the same examples, share resamples);
+  sorted by id so the seeds of one condition, which track the same examples, share resamples; one
+  `hf_entropy_callback.inference.BootstrapResampler` per study (per worker process) draws those
+  resamples once per tracked set, the replicates the same as drawing them run by run);
 - ``instruments``, ``instrument_examples``: the rows of runs with instruments (issue 12) and their
   per-example gradient norms at the last point (`hf_entropy_callback.study.instruments.run_instruments`).
+
+Runs are loaded one at a time, in this process or (``workers``) in worker processes that each
+summarise a run and send back its row and tables; the study is the same either way.
 
 Conditions and duplicates: `hf_entropy_callback.study.conditions.assign_conditions`. A duplicate run (same
 condition and seed as a run with a smaller id) has status "duplicate" and is excluded.
@@ -39,6 +44,7 @@ every aggregate, comparison and figure, with a note.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -49,7 +55,7 @@ import pandas as pd
 from hf_entropy_callback.agreement import agreement_table
 from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
 from hf_entropy_callback.entropy import CATEGORIES
-from hf_entropy_callback.inference import percentile_interval, spearman_bootstrap
+from hf_entropy_callback.inference import BootstrapResampler, percentile_interval
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
 
 from .conditions import assign_conditions, describe_run, discover_runs, is_main_matrix, run_ids
@@ -118,53 +124,64 @@ class Study:
 
 def _curves(run_id: str, losses: np.ndarray, steps: np.ndarray, epochs: np.ndarray, cats: np.ndarray) -> pd.DataFrame:
     progress = steps / steps[-1]
-    frames = []
-    for cat in [c for c in CATEGORIES if (cats == c).any()] + ["all"]:
+    names = [c for c in CATEGORIES if (cats == c).any()] + ["all"]
+    means, sds, ns = [], [], []
+    for cat in names:
         sub = losses[:, cats == cat] if cat != "all" else losses
-        n = np.isfinite(sub).sum(axis=1)
+        ns.append(np.isfinite(sub).sum(axis=1))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN points of a diverged run
-            mean, sd = np.nanmean(sub, axis=1), np.nanstd(sub, axis=1, ddof=1)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "run_id": run_id,
-                    "point": np.arange(len(steps)),
-                    "step": steps,
-                    "progress": progress,
-                    "epoch": epochs,
-                    "category": cat,
-                    "mean": mean,
-                    "sd": sd,
-                    "n": n,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+            means.append(np.nanmean(sub, axis=1))
+            sds.append(np.nanstd(sub, axis=1, ddof=1))
+    # One frame for all categories (category-major, points in order), built once.
+    k, n_pts = len(names), len(steps)
+    return pd.DataFrame(
+        {
+            "run_id": np.full(k * n_pts, run_id, dtype=object),
+            "point": np.tile(np.arange(n_pts), k),
+            "step": np.tile(steps, k),
+            "progress": np.tile(progress, k),
+            "epoch": np.tile(epochs, k),
+            "category": np.repeat(np.array(names, dtype=object), n_pts),
+            "mean": np.concatenate(means),
+            "sd": np.concatenate(sds),
+            "n": np.concatenate(ns),
+        }
+    )
 
 
 def _agreement(run, run_id: str, sets: Sequence[str]) -> Optional[pd.DataFrame]:
     """Per set, point and category the mean agreement metrics (`hf_entropy_callback.agreement`)."""
-    frames = []
+    parts, names = [], []
     steps = run.steps.astype(np.float64)
     for name in sets:
         if name not in run.logprobs:
             continue
         ex = run.set_examples(name)
-        t = agreement_table(
-            run.logprobs[name],
-            np.array(ex["label_counts"].tolist(), dtype=np.float64),
-            ex["category"].to_numpy(),
-            majority=ex["original_label"].to_numpy(),
-            steps=run.steps,
+        parts.append(
+            agreement_table(
+                run.logprobs[name],
+                np.array(ex["label_counts"].tolist(), dtype=np.float64),
+                ex["category"].to_numpy(),
+                majority=ex["original_label"].to_numpy(),
+                steps=run.steps,
+            )
         )
-        t["progress"] = t["step"] / steps[-1]
-        t["epoch"] = run.points["epoch"].to_numpy(np.float64)[t["point"].to_numpy()]
-        frames.append(t.assign(run_id=run_id, set=name))
-    return pd.concat(frames, ignore_index=True) if frames else None
+        names.append(name)
+    if not parts:
+        return None
+    t = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    cols = {c: t[c].to_numpy() for c in t.columns}
+    cols["progress"] = cols["step"] / steps[-1]
+    cols["epoch"] = run.points["epoch"].to_numpy(np.float64)[cols["point"]]
+    cols["run_id"] = np.full(len(t), run_id, dtype=object)
+    cols["set"] = np.repeat(np.array(names, dtype=object), [len(p) for p in parts])
+    return pd.DataFrame(cols)
 
 
-def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Options] = None) -> Optional[pd.DataFrame]:
+def _calibration(
+    run, run_id: str, sets: Sequence[str], options: Optional[Options] = None, resampler=None
+) -> Optional[pd.DataFrame]:
     frames = []
     for name in sets:
         if name not in run.logprobs:
@@ -175,10 +192,40 @@ def _calibration(run, run_id: str, sets: Sequence[str], options: Optional[Option
         ex = run.set_examples(name)
         o = options or Options()
         cal = calibration(
-            final, ex["label"].to_numpy(), ex["category"].to_numpy(), o.ece_bins, n_boot=o.n_boot, seed=o.boot_seed
+            final,
+            ex["label"].to_numpy(),
+            ex["category"].to_numpy(),
+            o.ece_bins,
+            n_boot=o.n_boot,
+            seed=o.boot_seed,
+            resampler=resampler,
         )
         frames.append(cal.assign(run_id=run_id, set=name))
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+class _SummarizedRun:
+    """A loaded `Run` whose per-set examples and losses are computed once while it is summarised
+    (`summarize_run` and the `hf_entropy_callback.dynamics` functions it calls ask for them several
+    times); everything else is the run's own. Each call returns a copy, as `Run`'s methods do."""
+
+    def __init__(self, run):
+        self._run = run
+        self._examples: Dict[str, pd.DataFrame] = {}
+        self._losses: Dict[str, np.ndarray] = {}
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def set_examples(self, name: str = "train") -> pd.DataFrame:
+        if name not in self._examples:
+            self._examples[name] = self._run.set_examples(name)
+        return self._examples[name].copy()
+
+    def losses(self, name: str = "train") -> np.ndarray:
+        if name not in self._losses:
+            self._losses[name] = self._run.losses(name)
+        return self._losses[name].copy()
 
 
 def summarize_run(
@@ -187,6 +234,8 @@ def summarize_run(
     train_set: str = "train",
     validation_set: Optional[str] = "validation",
     options: Optional[Options] = None,
+    *,
+    resampler: Optional[BootstrapResampler] = None,
 ):
     """Derive one run's row and tables (see the module docstring) from a loaded `Run`.
 
@@ -194,7 +243,9 @@ def summarize_run(
     (alternative rho > 0, scipy) and, with ``options.n_boot`` > 0, ``rho_ci_low`` /
     ``rho_ci_high``: the 95% percentile bootstrap interval of rho over ``n_boot`` resamples of the
     examples (sorted by example id, so runs with the same tracked set and seed resample the same
-    examples). The replicates come back in ``tables["boot"]``.
+    examples). The replicates come back in ``tables["boot"]``. A `resampler` (with ``options.n_boot``
+    and ``options.boot_seed``) shared by the runs of a study draws those resamples once
+    (`hf_entropy_callback.inference.BootstrapResampler`; the same numbers).
 
     Returns
     -------
@@ -206,6 +257,9 @@ def summarize_run(
     if train_set not in run.logprobs:
         raise RunFormatError(f"{run.path}: no tracked set {train_set!r} (it has {run.sets})")
     options = options or Options()
+    run = run if isinstance(run, _SummarizedRun) else _SummarizedRun(run)
+    if resampler is None:
+        resampler = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed, max_cells=0)
     ex = run.set_examples(train_set)
     losses = run.losses(train_set)
     steps = run.steps.astype(np.float64)
@@ -224,9 +278,7 @@ def summarize_run(
             else math.nan
         )
     by_id = dyn.sort_values("example_id", kind="stable")
-    boot = spearman_bootstrap(
-        by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float), n_boot=options.n_boot, seed=options.boot_seed
-    )
+    boot = resampler.spearman(by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float))
     rho_lo, rho_hi = percentile_interval(boot)
     bound = loss_bound(run.logprobs[train_set].shape[2])
     with warnings.catch_warnings():
@@ -289,11 +341,64 @@ def summarize_run(
         **instrument_frames,
         "examples": dyn.assign(run_id=run_id),
         "curves": _curves(run_id, losses, steps, run.points["epoch"].to_numpy(np.float64), ex["category"].to_numpy()),
-        "calibration": _calibration(run, run_id, [train_set] + ([validation_set] if validation_set else []), options),
+        "calibration": _calibration(
+            run, run_id, [train_set] + ([validation_set] if validation_set else []), options, resampler
+        ),
         "agreement": _agreement(run, run_id, [train_set] + ([validation_set] if validation_set else [])),
         "boot": boot,
     }
     return row, tables
+
+
+#: Runs per worker process: `load_study` with ``workers=0`` starts no more workers than runs / this
+#: (a worker's start, importing the analysis, costs about as much as loading 20 runs).
+RUNS_PER_WORKER = 32
+# A worker process's bootstrap resampler (set by `_start_worker`); always empty in the main process.
+_WORKER: Dict[str, BootstrapResampler] = {}
+
+
+def _start_worker(options: Options) -> None:
+    _WORKER["resampler"] = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed)
+
+
+def _load_one(tdir: str, run_id: str, train_set, validation_set, options: Options, resampler=None):
+    """Load and summarise one run: ``((row, tables, config, examples' entropy columns), None)`` or ``(None, error)``.
+
+    Runs in the main process (with its `resampler`) or in a worker process (with the worker's own)."""
+    try:
+        run = load_run(tdir)
+        row, tables = summarize_run(
+            run, run_id, train_set, validation_set, options, resampler=resampler or _WORKER.get("resampler")
+        )
+    except (RunFormatError, ValueError, KeyError, OSError) as err:
+        return None, err
+    return (row, tables, run.run_config.to_dict(), run.examples[["example_id", "set", "entropy", "category"]]), None
+
+
+def _add_run(run_id: str, loaded, rows, configs, boots, parts, entropy) -> None:
+    """File one summarised run (`_load_one`) into `load_study`'s collections."""
+    row, tables, config, examples = loaded
+    desc = describe_run(config)
+    rows.append({"run_id": run_id, **desc, **row})
+    configs[run_id] = config
+    boots[run_id] = tables.pop("boot")
+    for key, frame in tables.items():
+        if frame is not None:
+            parts[key].append(frame)
+    # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
+    ds = desc["dataset"]
+    frame = examples.assign(dataset=ds)
+    entropy[ds] = (
+        frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(["dataset", "example_id"])
+    )
+
+
+def _worker_count(workers: Optional[int], n_runs: int) -> int:
+    """Processes to load `n_runs` with: `workers` as asked (at most one per run), or with 0 / None one per
+    CPU up to ``n_runs // RUNS_PER_WORKER``; 1 means this process alone."""
+    if workers is None or workers < 1:
+        workers = min(os.cpu_count() or 1, n_runs // RUNS_PER_WORKER)
+    return max(1, min(int(workers), n_runs))
 
 
 def load_study(
@@ -304,6 +409,7 @@ def load_study(
     skip_invalid: bool = False,
     options: Optional[Options] = None,
     main_ranks: Optional[Sequence[float]] = None,
+    workers: Optional[int] = 1,
 ) -> Study:
     """Discover, load and summarise every run below `paths`.
 
@@ -324,6 +430,11 @@ def load_study(
     main_ranks : sequence of float, optional
         LoRA ranks of the main matrix (`hf_entropy_callback.study.conditions.MAIN_RANKS` by default); sets the
         ``in_main_family`` column.
+    workers : int or None
+        Processes that load and summarise the runs: 1 (default) this process alone; 0 or None one per
+        CPU, at most one per `RUNS_PER_WORKER` runs. Workers are started with "spawn", so a script that
+        asks for them must guard its entry point (``if __name__ == "__main__":``). The numbers do not
+        depend on it (each run is summarised on its own; see `summarize_run`).
 
     Conditions come from `hf_entropy_callback.study.conditions.assign_conditions`: a duplicate run (same
     condition and seed as an earlier run id) gets status "duplicate" and is excluded.
@@ -359,39 +470,49 @@ def load_study(
     dirs, notes = discover_runs(paths)
     ids = run_ids(dirs)
     options = options or Options()
+    # One resampler for every run: the runs of a tracked set share their bootstrap resamples.
+    resampler = BootstrapResampler(n_boot=options.n_boot, seed=options.boot_seed)
     rows, configs = [], {}
     parts = {k: [] for k in ("examples", "curves", "calibration", "agreement", "instruments", "instrument_examples")}
     boots: Dict[str, np.ndarray] = {}
     entropy: Dict[str, pd.DataFrame] = {}
     disable = None if progress is None else not progress
-    for tdir, run_id in tqdm(list(zip(dirs, ids)), desc="loading runs", unit="run", disable=disable):
-        try:
-            run = load_run(tdir)
-            row, tables = summarize_run(run, run_id, train_set, validation_set, options)
-        except (RunFormatError, ValueError, KeyError, OSError) as err:
-            if not skip_invalid:
-                if isinstance(err, RunFormatError):
-                    raise
-                raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
-            text = str(err)
-            text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
-            notes.append(f"{tdir}: skipped, {text}")
-            continue
-        config = run.run_config
-        desc = describe_run(config)
-        rows.append({"run_id": run_id, **desc, **row})
-        configs[run_id] = config.to_dict()
-        boots[run_id] = tables.pop("boot")
-        for key, frame in tables.items():
-            if frame is not None:
-                parts[key].append(frame)
-        # The entropy histogram shows the union of the examples any run of the dataset tracked (each once).
-        ds = desc["dataset"]
-        frame = run.examples[["example_id", "set", "entropy", "category"]].assign(dataset=ds)
-        entropy[ds] = (
-            frame if ds not in entropy else pd.concat([entropy[ds], frame]).drop_duplicates(["dataset", "example_id"])
+    jobs = list(zip(dirs, ids))
+    n_workers = _worker_count(workers, len(jobs))
+    pool = None
+    if n_workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(
+            n_workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(options,)
         )
-        del run
+        results = pool.map(
+            _load_one,
+            dirs,
+            ids,
+            *([x] * len(jobs) for x in (train_set, validation_set, options)),
+            chunksize=max(1, min(8, len(jobs) // (4 * n_workers))),
+        )
+    else:
+        results = (_load_one(tdir, run_id, train_set, validation_set, options, resampler) for tdir, run_id in jobs)
+    try:
+        for (tdir, run_id), (loaded, err) in tqdm(
+            zip(jobs, results), total=len(jobs), desc="loading runs", unit="run", disable=disable
+        ):
+            if err is not None:
+                if not skip_invalid:
+                    if isinstance(err, RunFormatError):
+                        raise err
+                    raise RunFormatError(f"{tdir}: cannot be analysed: {err}") from err
+                text = str(err)
+                text = text[len(tdir) + 2 :] if text.startswith(f"{tdir}: ") else text
+                notes.append(f"{tdir}: skipped, {text}")
+                continue
+            _add_run(run_id, loaded, rows, configs, boots, parts, entropy)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if not rows:
         from .conditions import NoRunsFoundError
 

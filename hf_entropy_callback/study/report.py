@@ -113,6 +113,57 @@ def _fmt_number(col: str, v) -> str:
     return str(v)
 
 
+def _column_formatter(col: str):
+    """``lambda v: _fmt_number(col, v)`` with the column's rule chosen once: Python floats, ints and
+    strings (what a column yields) take a short path to the same text; anything else goes to `_fmt_number`."""
+    if col in _SETTING_COLUMNS:
+
+        def number(v):
+            return f"{v:g}"
+
+    elif col.startswith("p_") or col.endswith("_p_val") or col in ("p_val", "p_max"):
+
+        def number(v):
+            return f"{v:.3g}"
+
+    elif "share" in col or col == "sign_concordance":
+
+        def number(v):
+            return f"{100 * v:.1f}%"
+
+    else:
+        integral = col in (
+            "rank",
+            "seed",
+            "n",
+            "n_examples",
+            "final_step",
+            "first_nonfinite_step",
+            "W",
+        ) or col.startswith("n_")
+
+        def number(v):
+            if integral and v.is_integer():
+                return str(int(v))
+            return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3f}"
+
+    def fmt(v) -> str:
+        kind = type(v)
+        if kind is float:
+            if v != v:
+                return "—"
+            if v == math.inf or v == -math.inf:
+                return "∞" if v > 0 else "−∞"
+            return number(v)
+        if kind is int:
+            return str(v)
+        if kind is str:
+            return v
+        return _fmt_number(col, v)
+
+    return fmt
+
+
 def format_table(frame: pd.DataFrame, drop_keys: bool = True) -> pd.DataFrame:
     """A display copy of a tidy table: ``X_mean``/``X_sd`` pairs merged into "X (mean ± sd)", numbers as text.
 
@@ -141,11 +192,11 @@ def format_table(frame: pd.DataFrame, drop_keys: bool = True) -> pd.DataFrame:
             continue
         if col.endswith("_mean") and f"{col[:-5]}_sd" in df:
             base = col[:-5]
-            out[f"{base} (mean ± sd)"] = [
-                f"{_fmt_number(base, m)} ± {_fmt_number(base, s)}" for m, s in zip(df[col], df[f"{base}_sd"])
-            ]
+            fmt = _column_formatter(base)
+            out[f"{base} (mean ± sd)"] = [f"{fmt(m)} ± {fmt(s)}" for m, s in zip(df[col], df[f"{base}_sd"])]
         else:
-            out[col] = [_fmt_number(col, v) for v in df[col]]
+            fmt = _column_formatter(col)
+            out[col] = [fmt(v) for v in df[col]]
     return pd.DataFrame(out, index=range(len(df)))
 
 
@@ -155,9 +206,19 @@ def markdown_table(display: pd.DataFrame) -> str:
     def cell(v) -> str:
         return str(v).replace("|", "\\|").replace("\n", " ")
 
+    def column(values) -> list:
+        # Formatted tables hold strings: escape only the cells that need it (the same text as `cell`).
+        if all(type(v) is str for v in values):
+            return [v.replace("|", "\\|").replace("\n", " ") if "|" in v or "\n" in v else v for v in values]
+        return [cell(v) for v in values]
+
     header = "| " + " | ".join(cell(c) for c in display.columns) + " |"
     rule = "|" + "|".join("---" for _ in display.columns) + "|"
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in display.itertuples(index=False)]
+    if len(display.columns):
+        columns = [column(display.iloc[:, k].tolist()) for k in range(display.shape[1])]
+        rows = ["| " + " | ".join(row) + " |" for row in zip(*columns)]
+    else:
+        rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in display.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
 
 
@@ -1491,6 +1552,7 @@ def build_report(
     options: Optional[Options] = None,
     family: str = "main",
     main_ranks=MAIN_RANKS,
+    workers: Optional[int] = 1,
 ) -> Report:
     """Load every run below `paths` and write the full report to `out_dir`.
 
@@ -1517,6 +1579,9 @@ def build_report(
         Correction family of the condition test (`hf_entropy_callback.study.tables.rho_by_condition`).
     main_ranks : sequence of int
         LoRA ranks of the main matrix (for ``family="main"``).
+    workers : int or None
+        Processes that load the runs (`hf_entropy_callback.study.loading.load_study`): 1 (default) none,
+        0 or None one per CPU for large studies. The report does not depend on it.
 
     Returns
     -------
@@ -1545,6 +1610,7 @@ def build_report(
         skip_invalid=skip_invalid,
         options=options,
         main_ranks=main_ranks,
+        workers=workers,
     )
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()

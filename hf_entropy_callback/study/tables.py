@@ -330,6 +330,7 @@ def category_means(examples: pd.DataFrame) -> pd.DataFrame:
     1      r  contested  1       0.400   1.5             1.000
     2      r        all  3      -0.367   0.7             0.333
     """
+    examples = examples[[c for c in ("run_id", "category", "delta_loss", "aulc") if c in examples]]
     ex = examples[np.isfinite(examples["aulc"].to_numpy(float))]
     ex = ex.assign(_unlearned=(ex["delta_loss"] > 0).astype(float))
     both = pd.concat([ex, ex.assign(category="all")], ignore_index=True)
@@ -562,7 +563,8 @@ def partial_correlation(runs: pd.DataFrame, examples: pd.DataFrame, covar: str =
     """
     meta = _run_meta(runs)
     rows = []
-    for run_id, ex in examples.groupby("run_id", sort=False):
+    # Only the columns used: grouping the whole examples table copies every column of every run.
+    for run_id, ex in examples[["run_id", "entropy", "aulc", covar]].groupby("run_id", sort=False):
         d = _finite(ex, ["entropy", "aulc", covar])
         row = {"run_id": run_id, "n": len(d), "partial_r": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_val": np.nan}
         if len(d) > 3 and d[covar].nunique() > 1:
@@ -631,7 +633,7 @@ def regression(runs: pd.DataFrame, examples: pd.DataFrame, label_names: Optional
     """
     meta = _run_meta(runs)
     frames = []
-    for run_id, ex in examples.groupby("run_id", sort=False):
+    for run_id, ex in examples[["run_id", "entropy", "aulc", "token_length", "label"]].groupby("run_id", sort=False):
         d = _finite(ex, ["entropy", "aulc", "token_length"])
         X = _design(d, label_names)
         if len(d) <= X.shape[1] + 1:
@@ -888,7 +890,9 @@ def variant_comparison(runs: pd.DataFrame, examples: pd.DataFrame, vary: str, ba
     variants = u[u[vary] != baseline]
     if variants.empty:
         return pd.DataFrame()
-    ex = examples[examples["run_id"].isin(u["run_id"])]
+    used = ["run_id", "category", "delta_loss", "aulc", "aulc_original", "delta_loss_original"]
+    ex = examples[[c for c in used if c in examples]]
+    ex = ex[ex["run_id"].isin(u["run_id"])]
     cm = category_means(ex)
     values = ["delta_loss", "aulc", "rho"]
     if vary == "label_noise" and "aulc_original" in ex:
@@ -1001,14 +1005,18 @@ def noise_tests(runs: pd.DataFrame, examples: pd.DataFrame, subsets: bool = True
     clean_keys = _key_series(clean, others)
     rows = []
     cols = ["example_id", "aulc", "aulc_original", "noised", "label_changed"]
+    # Each run's rows by position, found once (not by scanning every run's examples per noisy run).
+    used = examples[[c for c in cols if c in examples]]
+    by_run = examples.groupby("run_id", sort=False).indices
+    none = np.array([], dtype=np.intp)
     for idx, r in noisy.iterrows():
         key = _key_series(noisy.loc[[idx]], others).iloc[0]
         match = clean[clean_keys == key]
         if match.empty:
             continue
         base_id = match["run_id"].iloc[0]
-        a = examples.loc[examples["run_id"] == base_id, [c for c in cols if c in examples]]
-        b = examples.loc[examples["run_id"] == r["run_id"], [c for c in cols if c in examples]]
+        a = used.iloc[by_run.get(base_id, none)]
+        b = used.iloc[by_run.get(r["run_id"], none)]
         if "aulc_original" not in a:
             a = a.assign(aulc_original=a["aulc"])
             b = b.assign(aulc_original=b["aulc"], label_changed=np.nan)
@@ -1139,7 +1147,7 @@ def cartography_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFram
     """
     meta = _run_meta(runs)
     rows = []
-    for run_id, ex in examples.groupby("run_id", sort=False):
+    for run_id, ex in examples[["run_id", "confidence", "aulc", "entropy"]].groupby("run_id", sort=False):
         d = _finite(ex, ["confidence", "aulc", "entropy"])
         row = {
             "run_id": run_id,
@@ -1241,15 +1249,19 @@ def binning_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame:
     9  T3         4.0      0.864       True
     """
     u = _usable(runs)[["run_id", "condition"]]
-    ex = _finite(examples[examples["run_id"].isin(u["run_id"])], ["entropy", "aulc"])
+    ex = examples[["run_id", "entropy", "aulc", "category"]]
+    ex = _finite(ex[ex["run_id"].isin(u["run_id"])], ["entropy", "aulc"])
     if ex.empty:
         return pd.DataFrame()
     # Bin labels per run (quantiles are a run's own), then one groupby over all runs and schemes.
     parts = []
+    # Columns as arrays once, not once per run (a string column's conversion costs as much as the column is long).
+    entropy, category = ex["entropy"].to_numpy(float), ex["category"].to_numpy()
+    groups = list(ex.groupby("run_id", sort=False).indices.values())
     for scheme in BINNINGS:
         labels = np.empty(len(ex), dtype=object)
-        for idx in ex.groupby("run_id", sort=False).indices.values():
-            labels[idx] = entropy_bins(ex["entropy"].to_numpy(float)[idx], ex["category"].to_numpy()[idx], scheme)
+        for idx in groups:
+            labels[idx] = entropy_bins(entropy[idx], category[idx], scheme)
         parts.append(
             pd.DataFrame(
                 {
