@@ -22,13 +22,16 @@ def gold_loss(logprobs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     Returns:
         `np.ndarray` of shape `(points, examples)`, float64.
     """
-    lp = np.asarray(logprobs, dtype=np.float64)
+    lp = np.asarray(logprobs)
+    if lp.dtype.kind != "f":
+        lp = lp.astype(np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if lp.ndim != 3 or lp.shape[1] != y.shape[0]:
         raise ValueError(f"gold_loss: logprobs {lp.shape} do not match {y.shape[0]} labels")
     if y.size and (y.min() < 0 or y.max() >= lp.shape[2]):
         raise ValueError(f"gold_loss: labels must be in 0..{lp.shape[2] - 1}")
-    return -np.take_along_axis(lp, y[None, :, None], axis=2)[..., 0]
+    # The gold column first, then float64 (exact from float32): no float64 copy of every class's values.
+    return -np.take_along_axis(lp, y[None, :, None], axis=2)[..., 0].astype(np.float64)
 
 
 def progress(steps: Sequence[int]) -> np.ndarray:

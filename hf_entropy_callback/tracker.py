@@ -31,6 +31,7 @@ from .dynamics import accuracy, gold_loss
 from .entropy import CATEGORIES, annotation_entropy, category_thresholds, entropy_category
 from .labels import LabelSpace, model_label_names, normalize_label_name, resolve_label_space
 from .runs import Run, RunFormatError, load_run, write_run
+from .trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +231,9 @@ class EntropyTracker:
         self.steps: List[int] = []
         self.epochs: List[float] = []
         self.reasons: List[str] = []
-        self.logprobs: Dict[str, List[np.ndarray]] = {name: [] for name in self.raw_sets}
+        # Per set, the points recorded so far in one growing array (see `trajectory.py`): recording a
+        # point, its metrics, `state_dict`, `to_run` and `save` never copy the whole history.
+        self._trajectories: Dict[str, Trajectory] = {}
         self._first_loss: Dict[str, np.ndarray] = {}
         self._warned_unlearning = False
         self._nan_warned: set = set()
@@ -238,6 +241,18 @@ class EntropyTracker:
     @property
     def prepared(self) -> bool:
         return bool(self.sets)
+
+    def _trajectory(self, name: str) -> Trajectory:
+        if name not in self._trajectories:
+            self._trajectories[name] = Trajectory(len(self.sets[name].labels), self.num_labels)
+        return self._trajectories[name]
+
+    @property
+    def logprobs(self) -> Dict[str, np.ndarray]:
+        """Per set, the log-probabilities recorded so far: float32 (points, examples, classes), read-only views."""
+        if not self.prepared:
+            return {name: np.zeros((0, 0, 0), np.float32) for name in self.raw_sets}
+        return {name: self._trajectory(name).view() for name in self.sets}
 
     def _check_columns(self, name: str, ds) -> None:
         cols = ds.column_names
@@ -616,7 +631,7 @@ class EntropyTracker:
         self.epochs.append(float(epoch) if epoch is not None else float("nan"))
         self.reasons.append(join_reasons(reason.split("+")))
         for name, lp in current.items():
-            self.logprobs[name].append(lp)
+            self._trajectory(name).append(lp)
         self._check_nan(step, current)
         metrics = self.point_metrics(-1)
         self._warn_unlearning(metrics)
@@ -660,13 +675,11 @@ class EntropyTracker:
 
     def losses(self, name: str = "train") -> np.ndarray:
         """Gold-label cross-entropy so far, shape (points, examples)."""
-        if not self.logprobs[name]:
-            return np.zeros((0, len(self.sets[name].labels)))
-        return gold_loss(np.stack(self.logprobs[name]), self.sets[name].labels)
+        return gold_loss(self._trajectory(name).view(), self.sets[name].labels)
 
     def _point_loss(self, name: str, point: int) -> np.ndarray:
         # One point only: the cost per point does not grow with the history.
-        return gold_loss(self.logprobs[name][point][None], self.sets[name].labels)[0]
+        return gold_loss(self._trajectory(name).point(point)[None], self.sets[name].labels)[0]
 
     def point_metrics(self, point: int = -1) -> Dict[str, float]:
         """Metrics of one tracking point: mean loss per category, accuracy per set, Spearman rho.
@@ -680,7 +693,7 @@ class EntropyTracker:
         metrics: Dict[str, float] = {}
         for k, (name, tset) in enumerate(self.sets.items()):
             loss = self._point_loss(name, point)
-            metrics[f"{p}{name}_accuracy"] = accuracy(self.logprobs[name][point], tset.labels)
+            metrics[f"{p}{name}_accuracy"] = accuracy(self._trajectory(name).point(point), tset.labels)
             metrics[f"{p}{name}_loss"] = float(np.mean(loss))
             if k > 0:
                 continue  # per-category curves and rho for the first (training) set only
@@ -715,13 +728,17 @@ class EntropyTracker:
     # ---- state, saving, loading --------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The trajectory so far, for your own checkpoints (`torch.save` / pickle it)."""
+        """The trajectory so far, for your own checkpoints (`torch.save` / pickle it).
+
+        The log-probabilities are read-only views of the tracker's own arrays, not copies; points recorded
+        later do not change them.
+        """
         return {
             "steps": list(self.steps),
             "epochs": list(self.epochs),
             "reasons": list(self.reasons),
             "example_ids": {name: list(t.example_ids) for name, t in self.sets.items()},
-            "logprobs": {name: (np.stack(v) if v else None) for name, v in self.logprobs.items()},
+            "logprobs": {name: (v if len(v) else None) for name, v in self.logprobs.items()},
             "config": dict(self.config),
         }
 
@@ -743,13 +760,23 @@ class EntropyTracker:
                 raise RunFormatError(
                     f"{where}: the saved trajectory's set {name!r} holds other examples than this run's"
                 )
+            arr = state["logprobs"][name]
+            expected = (len(steps), len(tset.labels), self.num_labels)
+            if (arr is None and len(steps)) or (arr is not None and np.shape(arr) != expected):
+                raise RunFormatError(
+                    f"{where}: the saved log-probabilities of set {name!r} have shape "
+                    f"{None if arr is None else np.shape(arr)}, expected {expected} (points, examples, classes)"
+                )
         self.reset()
         self.steps = steps[keep].astype(int).tolist()
         self.epochs = np.asarray(state["epochs"], dtype=np.float64)[keep].tolist()
         self.reasons = [str(r) for r, k in zip(state["reasons"], keep) if k]
         for name in self.sets:
             arr = state["logprobs"][name]
-            self.logprobs[name] = [] if arr is None else list(np.asarray(arr)[keep])
+            if arr is not None:
+                arr = np.asarray(arr)
+                # Copied into this tracker's own array, once (`state` may hold another tracker's views).
+                self._trajectories[name] = Trajectory.from_array(arr if keep.all() else arr[keep])
 
     def load(self, path: str, *, up_to_step: Optional[int] = None) -> None:
         """Continue from a run directory written by `save` (e.g. in a checkpoint)."""
@@ -795,12 +822,13 @@ class EntropyTracker:
         )
 
     def to_run(self, path: str = "") -> Run:
-        """The trajectory so far as an in-memory `Run` (what `load_run` returns after saving)."""
+        """The trajectory so far as an in-memory `Run` (what `load_run` returns after saving).
+
+        Its `logprobs` are read-only views of the tracker's arrays (no copy: a large trajectory is 100s of MB).
+        """
         if not self.steps:
             raise RuntimeError("EntropyTracker: nothing recorded yet")
-        # Stored float32 already: stack once, no second copy (a study-size trajectory is 100s of MB).
-        lp = {name: np.stack(v).astype(np.float32, copy=False) for name, v in self.logprobs.items()}
-        return Run(path, dict(self.config), {}, self.examples_table(), self.points_table(), lp)
+        return Run(path, dict(self.config), {}, self.examples_table(), self.points_table(), self.logprobs)
 
     def save(self, path: str) -> str:
         """Write the run directory to `path` (atomically; see `hf_entropy_callback.runs`)."""
