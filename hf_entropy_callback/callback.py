@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 _OPTIONS = (
     "tokenizer, trainer, track_every, batch_size, text_columns, label_column, label_names, max_length, preprocess, "
-    "thresholds, output_dir, run_config, log_metrics, nan_policy"
+    "thresholds, output_dir, run_config, log_metrics, nan_policy, autocast"
 )
 
 
@@ -100,6 +100,11 @@ class AnnotationEntropyCallback(TrainerCallback):
             Configuration stored with the run. Without it, the method (full / lora / ia3), rank, alpha and
             target modules are read from the model's `peft_config`, and the rest from `TrainingArguments`.
         log_metrics (`bool`, *optional*, defaults to `True`): send per-point metrics to the Trainer's log.
+        autocast (`bool`, *optional*):
+            Run the tracking forward under bfloat16 autocast (see `EntropyTracker`). Default: the Trainer's
+            `args.bf16`, so a bf16 run tracks its model as it trains it; fp16 and fp32 runs track in the model's
+            own dtype (an fp32 run's values are exactly those of a plain forward). The log-probabilities are
+            float32 either way.
 
     Example:
         ```python
@@ -128,6 +133,7 @@ class AnnotationEntropyCallback(TrainerCallback):
         run_config: Optional[Mapping[str, Any]] = None,
         log_metrics: bool = True,
         nan_policy: str = "record",
+        autocast: Optional[bool] = None,
     ):
         if positional:
             raise TypeError(
@@ -148,6 +154,9 @@ class AnnotationEntropyCallback(TrainerCallback):
             run_config=None,
             nan_policy=nan_policy,
         )
+        if autocast is not None and not isinstance(autocast, bool):
+            raise TypeError(f"AnnotationEntropyCallback: autocast must be None, True or False, got {autocast!r}")
+        self.autocast = autocast
         self.trainer = trainer
         self.output_dir = output_dir
         self.user_config = dict(run_config or {})
@@ -203,6 +212,7 @@ class AnnotationEntropyCallback(TrainerCallback):
             raise ValueError("AnnotationEntropyCallback: the Trainer passed no model to on_train_begin")
         if self.trainer is None:
             self.trainer = _find_trainer()
+        self.tracker.autocast = bool(getattr(args, "bf16", False)) if self.autocast is None else self.autocast
         self.tracker.prepare(model, self.tracker.tokenizer or processing_class or kwargs.get("tokenizer"))
         self.tracker.reset()
         self.tracker.config.update(self._collect_config(args, model))

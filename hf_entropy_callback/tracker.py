@@ -14,6 +14,7 @@ adapter that drives it from Trainer events; a custom loop calls it directly::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -97,6 +98,28 @@ def unwrap_model(model):
             return model
 
 
+@contextlib.contextmanager
+def _without_amp_wrapper(model):
+    """Call `model` without the autocast that accelerate's mixed precision wrapped its forward in, for a while.
+
+    `Accelerator.prepare` (and so the Trainer under `bf16` / `fp16`) replaces `model.forward` with an autocast
+    wrapper and keeps the original as `model._original_forward`, on the model object itself; an outer
+    `torch.autocast(enabled=False)` cannot undo it. The original is put back in place for the pass and the
+    wrapper restored after, as accelerate's own `extract_model_from_parallel(keep_fp32_wrapper=False)` does
+    for good.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapper = model.__dict__.get("forward")
+    if original is None or wrapper is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapper
+
+
 def _forward_parameters(model) -> Optional[set]:
     """The model inputs its forward accepts; None when it takes **kwargs (pass all)."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -154,6 +177,14 @@ class EntropyTracker:
         nan_policy (`str`, *optional*, defaults to `"record"`):
             `"record"` stores NaN losses and warns once per set; `"raise"` raises `FloatingPointError`.
         metric_prefix (`str`, *optional*, defaults to `"entropy/"`): prefix of the metric names.
+        autocast (`bool`, *optional*, defaults to `False`):
+            Run the tracking forward under `torch.autocast(device_type, dtype=torch.bfloat16)`, as bf16 mixed
+            precision training does (the log-probabilities are computed and stored in float32 either way).
+            Turn it on when your training uses bf16 autocast: the pass is faster on hardware with bf16 units and
+            sees the model as training does. Off, the forward runs in the model's own dtype, and the values are
+            exactly those of a plain forward, also when accelerate's mixed precision (`Accelerator.prepare` with
+            `mixed_precision="bf16"`, the Trainer's `bf16=True`) has wrapped the model's forward in autocast: that
+            wrapper is set aside for the pass. The run configuration records it (`tracking_autocast`).
 
     Example:
         ```python
@@ -180,6 +211,7 @@ class EntropyTracker:
         run_config: Optional[Mapping[str, Any]] = None,
         nan_policy: str = "record",
         metric_prefix: str = "entropy/",
+        autocast: bool = False,
     ):
         if not isinstance(tracked, Mapping):
             tracked = {"train": tracked}
@@ -215,6 +247,7 @@ class EntropyTracker:
         self.config: Dict[str, Any] = dict(run_config or {})
         self.nan_policy = nan_policy
         self.prefix = metric_prefix
+        self.autocast = autocast
         self.sets: Dict[str, TrackedSet] = {}
         self.label_space: Optional[LabelSpace] = None
         self.num_labels: Optional[int] = None
@@ -237,6 +270,18 @@ class EntropyTracker:
         self._first_loss: Dict[str, np.ndarray] = {}
         self._warned_unlearning = False
         self._nan_warned: set = set()
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the tracking forward runs under bfloat16 autocast (set it before the first point)."""
+        return self._autocast
+
+    @autocast.setter
+    def autocast(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"EntropyTracker: autocast must be True or False, got {value!r}")
+        self._autocast = value
+        self.config["tracking_autocast"] = "bfloat16" if value else None
 
     @property
     def prepared(self) -> bool:
@@ -562,15 +607,20 @@ class EntropyTracker:
         device = next(model.parameters()).device
         mine, batches = self._shard_batches(tset, _forward_parameters(model), world, rank, device)
         out = []
-        # A bar only for passes that take a while (tqdm's delay), on one process.
-        for batch in tqdm(batches, desc=f"tracking {name!r}", delay=5, leave=False, disable=rank != 0):
-            logits = _logits_of(model(**batch), f"tracked set {name!r}")
-            if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
-                raise ValueError(
-                    f"tracked set {name!r}: the model returned logits of shape {tuple(logits.shape)}, expected "
-                    f"(batch, {self.num_labels})"
-                )
-            out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+        # Autocast off means off: also when accelerate's mixed precision has wrapped the forward in it.
+        with contextlib.nullcontext() if self.autocast else _without_amp_wrapper(model):
+            # A bar only for passes that take a while (tqdm's delay), on one process.
+            for batch in tqdm(batches, desc=f"tracking {name!r}", delay=5, leave=False, disable=rank != 0):
+                # Only the model's forward under autocast: log_softmax runs on float32 logits outside it.
+                with torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+                    output = model(**batch)
+                logits = _logits_of(output, f"tracked set {name!r}")
+                if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
+                    raise ValueError(
+                        f"tracked set {name!r}: the model returned logits of shape {tuple(logits.shape)}, expected "
+                        f"(batch, {self.num_labels})"
+                    )
+                out.append(F.log_softmax(logits.float(), dim=-1).cpu())
         local = torch.cat(out) if out else torch.empty((0, self.num_labels))
         result = np.full((len(tset.labels), self.num_labels), np.nan, dtype=np.float32)
         if world == 1:
