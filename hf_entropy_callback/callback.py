@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 _OPTIONS = (
     "tokenizer, trainer, track_every, batch_size, text_columns, label_column, label_names, max_length, preprocess, "
-    "thresholds, output_dir, run_config, log_metrics, nan_policy, instruments, instrument_sample_per_category, "
-    "instrument_seed, instrument_loss"
+    "thresholds, output_dir, run_config, log_metrics, nan_policy, autocast, instruments, "
+    "instrument_sample_per_category, instrument_seed, instrument_loss"
 )
 
 
@@ -104,6 +104,11 @@ class AnnotationEntropyCallback(TrainerCallback):
             `ClassWeightedTrainer` (`RunConfig.for_training`); a given value that disagrees is replaced,
             with a warning.
         log_metrics (`bool`, *optional*, defaults to `True`): send per-point metrics to the Trainer's log.
+        autocast (`bool`, *optional*):
+            Run the tracking forward under bfloat16 autocast (see `EntropyTracker`). Default: the Trainer's
+            `args.bf16`, so a bf16 run tracks its model as it trains it; fp16 and fp32 runs track in the model's
+            own dtype (an fp32 run's values are exactly those of a plain forward). The log-probabilities are
+            float32 either way.
         instruments (`Sequence[str]` or `str`, *optional*):
             Opt-in instruments measured at every tracking point (`"grad_alignment"`, `"grad_norms"`,
             `"drift"`; see `hf_entropy_callback.instruments`), saved with the trajectory and its checkpoints.
@@ -142,6 +147,7 @@ class AnnotationEntropyCallback(TrainerCallback):
         run_config: Optional[Mapping[str, Any]] = None,
         log_metrics: bool = True,
         nan_policy: str = "record",
+        autocast: Optional[bool] = None,
         instruments=None,
         instrument_sample_per_category: Optional[int] = DEFAULT_SAMPLE_PER_CATEGORY,
         instrument_seed: int = 0,
@@ -170,6 +176,9 @@ class AnnotationEntropyCallback(TrainerCallback):
             instrument_seed=instrument_seed,
             instrument_loss=instrument_loss,
         )
+        if autocast is not None and not isinstance(autocast, bool):
+            raise TypeError(f"AnnotationEntropyCallback: autocast must be None, True or False, got {autocast!r}")
+        self.autocast = autocast
         self.trainer = trainer
         self.output_dir = output_dir
         self.user_config = run_config.to_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
@@ -230,6 +239,7 @@ class AnnotationEntropyCallback(TrainerCallback):
             from .instruments import InstrumentLoss
 
             suite.set_loss(InstrumentLoss.from_trainer(self.trainer))
+        self.tracker.autocast = bool(getattr(args, "bf16", False)) if self.autocast is None else self.autocast
         self.tracker.prepare(model, self.tracker.tokenizer or processing_class or kwargs.get("tokenizer"))
         self.tracker.reset()
         self.tracker.config = self._collect_config(args, model)

@@ -23,6 +23,8 @@ def gold_loss(logprobs: np.ndarray, labels: Sequence[int]) -> np.ndarray:
         `np.ndarray` of shape `(points, examples)`, float64.
     """
     lp = np.asarray(logprobs)
+    if lp.dtype.kind != "f":
+        lp = lp.astype(np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if lp.ndim != 3 or lp.shape[1] != y.shape[0]:
         raise ValueError(f"gold_loss: logprobs {lp.shape} do not match {y.shape[0]} labels")

@@ -14,6 +14,7 @@ adapter that drives it from Trainer events; a custom loop calls it directly::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -32,6 +33,7 @@ from .entropy import CATEGORIES, annotation_entropy, category_thresholds, entrop
 from .labels import LabelSpace, model_label_names, normalize_label_name, resolve_label_space
 from .run_config import RunConfig
 from .runs import Run, RunFormatError, load_run, write_run
+from .trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,28 @@ def unwrap_model(model):
             return model
 
 
+@contextlib.contextmanager
+def _without_amp_wrapper(model):
+    """Call `model` without the autocast that accelerate's mixed precision wrapped its forward in, for a while.
+
+    `Accelerator.prepare` (and so the Trainer under `bf16` / `fp16`) replaces `model.forward` with an autocast
+    wrapper and keeps the original as `model._original_forward`, on the model object itself; an outer
+    `torch.autocast(enabled=False)` cannot undo it. The original is put back in place for the pass and the
+    wrapper restored after, as accelerate's own `extract_model_from_parallel(keep_fp32_wrapper=False)` does
+    for good.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapper = model.__dict__.get("forward")
+    if original is None or wrapper is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapper
+
+
 def _forward_parameters(model) -> Optional[set]:
     """The model inputs its forward accepts; None when it takes **kwargs (pass all)."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -158,6 +182,14 @@ class EntropyTracker:
         nan_policy (`str`, *optional*, defaults to `"record"`):
             `"record"` stores NaN losses and warns once per set; `"raise"` raises `FloatingPointError`.
         metric_prefix (`str`, *optional*, defaults to `"entropy/"`): prefix of the metric names.
+        autocast (`bool`, *optional*, defaults to `False`):
+            Run the tracking forward under `torch.autocast(device_type, dtype=torch.bfloat16)`, as bf16 mixed
+            precision training does (the log-probabilities are computed and stored in float32 either way).
+            Turn it on when your training uses bf16 autocast: the pass is faster on hardware with bf16 units and
+            sees the model as training does. Off, the forward runs in the model's own dtype, and the values are
+            exactly those of a plain forward, also when accelerate's mixed precision (`Accelerator.prepare` with
+            `mixed_precision="bf16"`, the Trainer's `bf16=True`) has wrapped the model's forward in autocast: that
+            wrapper is set aside for the pass. The run configuration records it (`tracking_autocast`).
         instruments (`Sequence[str]` or `str`, *optional*):
             Opt-in instruments measured at every tracking point: `"grad_alignment"`, `"grad_norms"`, `"drift"`
             (see `hf_entropy_callback.instruments`); stored in the run directory and its checkpoints.
@@ -194,6 +226,7 @@ class EntropyTracker:
         run_config: Optional[Mapping[str, Any]] = None,
         nan_policy: str = "record",
         metric_prefix: str = "entropy/",
+        autocast: bool = False,
         instruments: Optional[Sequence[str]] = None,
         instrument_sample_per_category: Optional[int] = DEFAULT_SAMPLE_PER_CATEGORY,
         instrument_seed: int = 0,
@@ -235,6 +268,7 @@ class EntropyTracker:
         )
         self.nan_policy = nan_policy
         self.prefix = metric_prefix
+        self.autocast = autocast
         self.sets: Dict[str, TrackedSet] = {}
         self.label_space: Optional[LabelSpace] = None
         self.num_labels: Optional[int] = None
@@ -261,7 +295,9 @@ class EntropyTracker:
         self.steps: List[int] = []
         self.epochs: List[float] = []
         self.reasons: List[str] = []
-        self.logprobs: Dict[str, List[np.ndarray]] = {name: [] for name in self.raw_sets}
+        # Per set, the points recorded so far in one growing array (see `trajectory.py`): recording a
+        # point, its metrics, `state_dict`, `to_run` and `save` never copy the whole history.
+        self._trajectories: Dict[str, Trajectory] = {}
         self._first_loss: Dict[str, np.ndarray] = {}
         self._warned_unlearning = False
         self._nan_warned: set = set()
@@ -269,8 +305,32 @@ class EntropyTracker:
             self.instruments.reset()
 
     @property
+    def autocast(self) -> bool:
+        """Whether the tracking forward runs under bfloat16 autocast (set it before the first point)."""
+        return self._autocast
+
+    @autocast.setter
+    def autocast(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"EntropyTracker: autocast must be True or False, got {value!r}")
+        self._autocast = value
+        self.config["tracking_autocast"] = "bfloat16" if value else None
+
+    @property
     def prepared(self) -> bool:
         return bool(self.sets)
+
+    def _trajectory(self, name: str) -> Trajectory:
+        if name not in self._trajectories:
+            self._trajectories[name] = Trajectory(len(self.sets[name].labels), self.num_labels)
+        return self._trajectories[name]
+
+    @property
+    def logprobs(self) -> Dict[str, np.ndarray]:
+        """Per set, the log-probabilities recorded so far: float32 (points, examples, classes), read-only views."""
+        if not self.prepared:
+            return {name: np.zeros((0, 0, 0), np.float32) for name in self.raw_sets}
+        return {name: self._trajectory(name).view() for name in self.sets}
 
     def _check_columns(self, name: str, ds) -> None:
         cols = ds.column_names
@@ -584,15 +644,20 @@ class EntropyTracker:
         device = next(model.parameters()).device
         mine, batches = self._shard_batches(tset, _forward_parameters(model), world, rank, device)
         out = []
-        # A bar only for passes that take a while (tqdm's delay), on one process.
-        for batch in tqdm(batches, desc=f"tracking {name!r}", delay=5, leave=False, disable=rank != 0):
-            logits = _logits_of(model(**batch), f"tracked set {name!r}")
-            if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
-                raise ValueError(
-                    f"tracked set {name!r}: the model returned logits of shape {tuple(logits.shape)}, expected "
-                    f"(batch, {self.num_labels})"
-                )
-            out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+        # Autocast off means off: also when accelerate's mixed precision has wrapped the forward in it.
+        with contextlib.nullcontext() if self.autocast else _without_amp_wrapper(model):
+            # A bar only for passes that take a while (tqdm's delay), on one process.
+            for batch in tqdm(batches, desc=f"tracking {name!r}", delay=5, leave=False, disable=rank != 0):
+                # Only the model's forward under autocast: log_softmax runs on float32 logits outside it.
+                with torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+                    output = model(**batch)
+                logits = _logits_of(output, f"tracked set {name!r}")
+                if logits.ndim != 2 or logits.shape[-1] != self.num_labels:
+                    raise ValueError(
+                        f"tracked set {name!r}: the model returned logits of shape {tuple(logits.shape)}, expected "
+                        f"(batch, {self.num_labels})"
+                    )
+                out.append(F.log_softmax(logits.float(), dim=-1).cpu())
         local = torch.cat(out) if out else torch.empty((0, self.num_labels))
         result = np.full((len(tset.labels), self.num_labels), np.nan, dtype=np.float32)
         if world == 1:
@@ -656,7 +721,7 @@ class EntropyTracker:
         self.epochs.append(float(epoch) if epoch is not None else float("nan"))
         self.reasons.append(join_reasons(reason.split("+")))
         for name, lp in current.items():
-            self.logprobs[name].append(lp)
+            self._trajectory(name).append(lp)
         self._check_nan(step, current)
         metrics = self.point_metrics(-1)
         if measured is not None:
@@ -703,13 +768,11 @@ class EntropyTracker:
 
     def losses(self, name: str = "train") -> np.ndarray:
         """Gold-label cross-entropy so far, shape (points, examples)."""
-        if not self.logprobs[name]:
-            return np.zeros((0, len(self.sets[name].labels)))
-        return gold_loss(np.stack(self.logprobs[name]), self.sets[name].labels)
+        return gold_loss(self._trajectory(name).view(), self.sets[name].labels)
 
     def _point_loss(self, name: str, point: int) -> np.ndarray:
         # One point only: the cost per point does not grow with the history.
-        return gold_loss(self.logprobs[name][point][None], self.sets[name].labels)[0]
+        return gold_loss(self._trajectory(name).point(point)[None], self.sets[name].labels)[0]
 
     def point_metrics(self, point: int = -1) -> Dict[str, float]:
         """Metrics of one tracking point: mean loss per category, accuracy per set, Spearman rho.
@@ -723,7 +786,7 @@ class EntropyTracker:
         metrics: Dict[str, float] = {}
         for k, (name, tset) in enumerate(self.sets.items()):
             loss = self._point_loss(name, point)
-            metrics[f"{p}{name}_accuracy"] = accuracy(self.logprobs[name][point], tset.labels)
+            metrics[f"{p}{name}_accuracy"] = accuracy(self._trajectory(name).point(point), tset.labels)
             metrics[f"{p}{name}_loss"] = float(np.mean(loss))
             if k > 0:
                 continue  # per-category curves and rho for the first (training) set only
@@ -758,13 +821,17 @@ class EntropyTracker:
     # ---- state, saving, loading --------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The trajectory so far, for your own checkpoints (`torch.save` / pickle it)."""
+        """The trajectory so far, for your own checkpoints (`torch.save` / pickle it).
+
+        The log-probabilities are read-only views of the tracker's own arrays, not copies; points recorded
+        later do not change them.
+        """
         return {
             "steps": list(self.steps),
             "epochs": list(self.epochs),
             "reasons": list(self.reasons),
             "example_ids": {name: list(t.example_ids) for name, t in self.sets.items()},
-            "logprobs": {name: (np.stack(v) if v else None) for name, v in self.logprobs.items()},
+            "logprobs": {name: (v if len(v) else None) for name, v in self.logprobs.items()},
             "config": dict(self.config),
             "instruments": self.instruments.state_dict() if self.instruments is not None else None,
         }
@@ -787,13 +854,23 @@ class EntropyTracker:
                 raise RunFormatError(
                     f"{where}: the saved trajectory's set {name!r} holds other examples than this run's"
                 )
+            arr = state["logprobs"][name]
+            expected = (len(steps), len(tset.labels), self.num_labels)
+            if (arr is None and len(steps)) or (arr is not None and np.shape(arr) != expected):
+                raise RunFormatError(
+                    f"{where}: the saved log-probabilities of set {name!r} have shape "
+                    f"{None if arr is None else np.shape(arr)}, expected {expected} (points, examples, classes)"
+                )
         self.reset()
         self.steps = steps[keep].astype(int).tolist()
         self.epochs = np.asarray(state["epochs"], dtype=np.float64)[keep].tolist()
         self.reasons = [str(r) for r, k in zip(state["reasons"], keep) if k]
         for name in self.sets:
             arr = state["logprobs"][name]
-            self.logprobs[name] = [] if arr is None else list(np.asarray(arr)[keep])
+            if arr is not None:
+                arr = np.asarray(arr)
+                # Copied into this tracker's own array, once (`state` may hold another tracker's views).
+                self._trajectories[name] = Trajectory.from_array(arr if keep.all() else arr[keep])
         if self.instruments is not None:
             self.instruments.load_state_dict(
                 state.get("instruments"), up_to_step=up_to_step, where=where, points=len(self.steps)
@@ -845,11 +922,12 @@ class EntropyTracker:
         )
 
     def to_run(self, path: str = "") -> Run:
-        """The trajectory so far as an in-memory `Run` (what `load_run` returns after saving)."""
+        """The trajectory so far as an in-memory `Run` (what `load_run` returns after saving).
+
+        Its `logprobs` are read-only views of the tracker's arrays (no copy: a large trajectory is 100s of MB).
+        """
         if not self.steps:
             raise RuntimeError("EntropyTracker: nothing recorded yet")
-        # Stored float32 already: stack once, no second copy (a study-size trajectory is 100s of MB).
-        lp = {name: np.stack(v).astype(np.float32, copy=False) for name, v in self.logprobs.items()}
         tables = self.instruments.tables() if self.instruments is not None else (None, None)
         return Run(
             path,
@@ -857,7 +935,7 @@ class EntropyTracker:
             {},
             self.examples_table(),
             self.points_table(),
-            lp,
+            self.logprobs,
             instruments=tables[0],
             instrument_examples=tables[1],
         )
