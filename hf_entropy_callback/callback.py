@@ -330,7 +330,8 @@ class AnnotationEntropyCallback(TrainerCallback):
         # One builder (RunConfig.for_training) completes what was given from the arguments, the model
         # and the Trainer's loss, so a user's own script is recorded under its real method and rank.
         world, _ = distributed_world()
-        given = {**self.tracker.config, **self.user_config}
+        # A None the user left (every unset RunConfig field is one) must not erase what the tracker recorded.
+        given = {**self.tracker.config, **{k: v for k, v in self.user_config.items() if v is not None}}
         config = RunConfig.for_training(args, unwrap_model(model), trainer=self.trainer, given=given, world_size=world)
         return config.to_dict()
 

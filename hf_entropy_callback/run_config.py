@@ -96,7 +96,7 @@ class RunConfig:
     thresholds: Optional[List[float]] = field(default=None, metadata=_RECORDED)
     max_length: Optional[int] = field(default=None, metadata=_RECORDED)
     tracked_loss: Optional[str] = field(default=None, metadata=_RECORDED)
-    tracking_autocast: Optional[bool] = field(default=None, metadata=_RECORDED)  # bf16 autocast of the tracking pass
+    tracking_autocast: Optional[str] = field(default=None, metadata=_RECORDED)  # "bfloat16" when the pass autocasts
     # Train-mode records of the whole training set (`hf_entropy_callback.train_dynamics`); they do not
     # change the run's numbers, so they are recorded, not fingerprinted.
     record_train_dynamics: Optional[bool] = field(default=None, metadata=_RECORDED)

@@ -139,3 +139,6 @@ def test_the_script_fingerprint_is_the_run_configs_settings(tmp_path):
         if value is not None:  # None = "the default": the callback records what the default was
             assert json.loads(json.dumps(getattr(recorded, key))) == value, key
     assert recorded.target_modules == ["query", "value"] and recorded.model_type == "bert"
+    # What the tracker records (the script passes a RunConfig whose unset fields are None) is kept.
+    assert recorded.label_names == ["entailment", "neutral", "contradiction"] and recorded.num_labels == 3
+    assert recorded.thresholds is not None and recorded.max_length == 32 and recorded.tracked_loss
