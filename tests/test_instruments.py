@@ -481,7 +481,7 @@ def test_run_without_instruments_loads_empty_tables(tmp_path):
     run = load_run(str(tmp_path))
     assert tuple(run.instruments.columns) == INSTRUMENT_COLUMNS and len(run.instruments) == 0
     assert tuple(run.instrument_examples.columns) == INSTRUMENT_EXAMPLE_COLUMNS and len(run.instrument_examples) == 0
-    assert "instruments" not in run.config
+    assert run.run_config.instruments is None
 
 
 def _instrumented_run(tmp_path):
