@@ -46,8 +46,12 @@ logger = logging.getLogger(__name__)
 
 #: Pairs of categories whose gradients are compared, as (a, b) -> group "a~b".
 ALIGNMENT_PAIRS = (("clean", "contested"), ("clean", "ambiguous"), ("ambiguous", "contested"))
-#: Memory (bytes) the per-example gradients of one vmap chunk may take; the chunk shrinks to fit.
-PER_EXAMPLE_MEMORY = 1 << 30
+#: Memory (bytes) one backward chunk may take (its activations, and per-example gradients under vmap): the
+#: chunk shrinks to fit, down to one example (see `memory_chunks`).
+CHUNK_MEMORY = 1 << 30
+#: Activations a vmap(grad) pass keeps per example, relative to a plain backward pass of that example
+#: (measured on CPU: about 1.6x for all-MiniLM-L6-v2, 2.8-3.3x for SmolLM2-135M, with LoRA).
+VMAP_ACTIVATION_FACTOR = 3.5
 #: Strategies for per-example gradients, tried in this order (see the module docstring).
 STRATEGIES = ("vmap_4d_mask", "vmap_2d_mask", "loop")
 #: Agreement a vmap strategy must show with single-example backward passes (relative).
@@ -97,6 +101,34 @@ class _Flat:
                 for g, n, p in zip(grads, self.sizes, self.params)
             ]
         )
+
+
+def activation_bytes_per_token(config, seq_len: int) -> int:
+    """A rough upper estimate of what a backward pass keeps per token: per layer about 12 hidden-size and
+    4 intermediate-size float32 vectors, and the attention row of each head (eager attention keeps it)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 1024
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "hidden_dim", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers", None) or 24
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None) or 16
+    return 4 * layers * (12 * hidden + 4 * inter + 3 * heads * seq_len)
+
+
+def memory_chunks(ctx: PointContext, idx, per_example_bytes: int = 0, activation_factor: float = 1.0):
+    """Chunks of `idx` (longest first) of at most `INSTRUMENT_BATCH_SIZE` examples within `CHUNK_MEMORY`.
+
+    A chunk's cost is its size times (the longest example's activations x `activation_factor` +
+    `per_example_bytes`), so long examples of a large model go one or a few at a time and short ones of
+    a small model sixteen at a time.
+    """
+    idx = np.asarray(idx)
+    config = getattr(ctx.model, "config", None)
+    start = 0
+    while start < len(idx):
+        tokens = int(ctx.tset.token_length[ctx.sample[idx[start]]])
+        each = per_example_bytes + activation_factor * tokens * activation_bytes_per_token(config, tokens)
+        size = int(max(1, min(INSTRUMENT_BATCH_SIZE, CHUNK_MEMORY // max(each, 1))))
+        yield idx[start : start + size]
+        start += size
 
 
 def _loss_of(ctx: PointContext, batch, idx) -> torch.Tensor:
@@ -159,10 +191,12 @@ def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional
     return "loop", None
 
 
-def _per_example_pass(ctx, flat, cats, sums, local_norms, size, strategy) -> str:
+def _per_example_pass(ctx, flat, cats, sums, local_norms, strategy) -> str:
     """Per-example gradients of this process's shard: norms into `local_norms`, sums into `sums`."""
     pos = 0
-    for idx in ctx.chunks(ctx.mine, size):
+    # The per-example gradients (float32) and their flat copy.
+    factor = 1.0 if strategy == "loop" else VMAP_ACTIVATION_FACTOR  # undecided: sized for vmap
+    for idx in memory_chunks(ctx, ctx.mine, 8 * flat.total, factor):
         grads = None
         if strategy is None:
             strategy, grads = _choose_strategy(ctx, flat, idx)
@@ -206,16 +240,14 @@ def gradient_pass(ctx: PointContext, per_example: bool) -> GradientResult:
     with torch.inference_mode(False), torch.enable_grad():
         if not per_example:
             for c in CATEGORIES:
-                for idx in ctx.chunks(ctx.mine[cats == c]):
+                for idx in memory_chunks(ctx, ctx.mine[cats == c]):
                     loss = _loss_of(ctx, ctx.batch(idx), idx).sum()
                     sums[c] += flat.cat(torch.autograd.grad(loss, flat.params, allow_unused=True))
         else:
-            bytes_per_example = 4 * flat.total * 2  # the per-example gradients and their float32 copy
-            size = max(1, min(INSTRUMENT_BATCH_SIZE, PER_EXAMPLE_MEMORY // bytes_per_example))
             with eager_attention(ctx.model):
                 # torch.func has no batching rule for the SDPA kernels (it would loop over the chunk); eager
                 # attention's matmul and softmax vectorise. The model's own implementation is restored after.
-                strategy = _per_example_pass(ctx, flat, cats, sums, local_norms, size, strategy)
+                strategy = _per_example_pass(ctx, flat, cats, sums, local_norms, strategy)
     # Every process takes part in the same collectives in the same order, shard empty or not.
     sums = {c: ctx.all_reduce_sum(s) for c, s in sums.items()}
     counts = {c: int((ctx.categories(np.arange(len(ctx.sample))) == c).sum()) for c in CATEGORIES}
