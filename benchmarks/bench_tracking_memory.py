@@ -1,6 +1,6 @@
 """Memory and time per tracking point over a long trajectory: does the cost stay linear?
 
-    PYTHONPATH=. python benchmarks/bench_tracking_memory.py [--examples 100000] [--points 100] [--threads 1]
+    python benchmarks/bench_tracking_memory.py [--examples 100000] [--points 100] [--threads 1]
 
 A tiny random BERT built from a config (1 layer, 8 wide: the forward need not be realistic, the
 trajectory's bookkeeping is what is measured; one torch thread by default, which on a small shared
