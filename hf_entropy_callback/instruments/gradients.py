@@ -143,8 +143,8 @@ def _single_grads(ctx: PointContext, flat: _Flat, i) -> torch.Tensor:
     return flat.cat(torch.autograd.grad(loss, flat.params, allow_unused=True))
 
 
-def _vmap_grads(ctx: PointContext, flat: _Flat, idx, mask_kind: str) -> torch.Tensor:
-    """(chunk, P) flat per-example gradients of a padded chunk by `vmap(grad(...))`."""
+def _vmap_grads(ctx: PointContext, flat: _Flat, idx, mask_kind: str) -> List[torch.Tensor]:
+    """Per-example gradients of a padded chunk by `vmap(grad(...))`: one (chunk, numel) tensor per parameter."""
     from torch.func import functional_call, grad, vmap
 
     batch = ctx.batch(idx)
@@ -168,13 +168,34 @@ def _vmap_grads(ctx: PointContext, flat: _Flat, idx, mask_kind: str) -> torch.Te
     g = vmap(grad(one), in_dims=(None, 0, 0, 0, 0), randomness="error")(
         params, inputs, mask, ctx.labels(idx), ctx.counts(idx)
     )
-    return torch.cat([g[n].reshape(len(idx), -1).float() for n in flat.names], dim=1)
+    return [g[n].reshape(len(idx), -1) for n in flat.names]
 
 
-def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional[torch.Tensor]]:
+def _chunk_norms(grads: List[torch.Tensor]) -> np.ndarray:
+    """Each example's gradient norm over all parameters (per-parameter norms, combined in float64).
+
+    No (chunk, P) copy is made: for a fully fine-tuned model that copy is the chunk's size times the model's.
+    """
+    squares = sum(torch.linalg.vector_norm(g.float(), dim=1).double().pow(2) for g in grads)
+    return squares.sqrt().cpu().numpy()
+
+
+def _add_chunk_sums(flat: _Flat, grads: List[torch.Tensor], cats: np.ndarray, sums: Dict[str, torch.Tensor]) -> None:
+    """Add each category's per-example gradients of the chunk into its flat sum (a matmul per parameter)."""
+    present = [c for c in CATEGORIES if (cats == c).any()]
+    onehot = torch.as_tensor(np.stack([cats == c for c in present]), dtype=torch.float32, device=grads[0].device)
+    offset = 0
+    for g, n in zip(grads, flat.sizes):
+        part = onehot @ g.float()  # (categories, numel)
+        for k, c in enumerate(present):
+            sums[c][offset : offset + n] += part[k]
+        offset += n
+
+
+def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional[List[torch.Tensor]]]:
     """The first vmap strategy whose norms agree with single-example passes on this chunk, else "loop"."""
     probe = [0, len(idx) - 1] if len(idx) > 1 else [0]
-    reference = np.array([float(_single_grads(ctx, flat, idx[k]).double().norm()) for k in probe])
+    reference = np.array([float(torch.linalg.vector_norm(_single_grads(ctx, flat, idx[k]))) for k in probe])
     rtol = _CHECK_RTOL.get(ctx.dtype, 5e-2)
     problems = []
     for strategy, kind in (("vmap_4d_mask", "4d"), ("vmap_2d_mask", "2d")):
@@ -183,7 +204,7 @@ def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional
         except Exception as err:  # vmap cannot trace this model (data-dependent control flow, .item(), ...)
             problems.append(f"{strategy}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
             continue
-        got = grads[probe].double().norm(dim=1).cpu().numpy()
+        got = _chunk_norms([g[probe] for g in grads])
         if np.all(np.isfinite(got)) and np.allclose(got, reference, rtol=rtol, atol=1e-8):
             return strategy, grads
         problems.append(f"{strategy}: norms {got.tolist()} vs single-example {reference.tolist()}")
@@ -194,7 +215,7 @@ def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional
 def _per_example_pass(ctx, flat, cats, sums, local_norms, strategy) -> str:
     """Per-example gradients of this process's shard: norms into `local_norms`, sums into `sums`."""
     pos = 0
-    # The per-example gradients (float32) and their flat copy.
+    # Per example: its gradients (float32) and room for their float32 copies in the sums.
     factor = 1.0 if strategy == "loop" else VMAP_ACTIVATION_FACTOR  # undecided: sized for vmap
     for idx in memory_chunks(ctx, ctx.mine, 8 * flat.total, factor):
         grads = None
@@ -204,16 +225,13 @@ def _per_example_pass(ctx, flat, cats, sums, local_norms, strategy) -> str:
         if strategy == "loop":
             for k, i in enumerate(idx):
                 g = _single_grads(ctx, flat, i)
-                local_norms[pos + k] = float(g.double().norm())
+                local_norms[pos + k] = float(torch.linalg.vector_norm(g))
                 sums[cats[pos + k]] += g
         else:
             if grads is None:
                 grads = _vmap_grads(ctx, flat, idx, "4d" if strategy == "vmap_4d_mask" else "2d")
-            local_norms[pos : pos + len(idx)] = grads.double().norm(dim=1).cpu().numpy()
-            for c in CATEGORIES:
-                sel = torch.as_tensor(cats[pos : pos + len(idx)] == c, device=grads.device)
-                if bool(sel.any()):
-                    sums[c] += grads[sel].sum(0)
+            local_norms[pos : pos + len(idx)] = _chunk_norms(grads)
+            _add_chunk_sums(flat, grads, cats[pos : pos + len(idx)], sums)
             del grads
         pos += len(idx)
     return strategy
