@@ -114,7 +114,8 @@ def activation_bytes_per_token(config, seq_len: int) -> int:
 
 
 def memory_chunks(ctx: PointContext, idx, per_example_bytes: int = 0, activation_factor: float = 1.0):
-    """Chunks of `idx` (longest first) of at most `INSTRUMENT_BATCH_SIZE` examples within `CHUNK_MEMORY`.
+    """Positions into `idx` (sample entries, longest first) in chunks of at most `INSTRUMENT_BATCH_SIZE`
+    examples within `CHUNK_MEMORY`.
 
     A chunk's cost is its size times (the longest example's activations x `activation_factor` +
     `per_example_bytes`), so long examples of a large model go one or a few at a time and short ones of
@@ -127,7 +128,7 @@ def memory_chunks(ctx: PointContext, idx, per_example_bytes: int = 0, activation
         tokens = int(ctx.tset.token_length[ctx.sample[idx[start]]])
         each = per_example_bytes + activation_factor * tokens * activation_bytes_per_token(config, tokens)
         size = int(max(1, min(INSTRUMENT_BATCH_SIZE, CHUNK_MEMORY // max(each, 1))))
-        yield idx[start : start + size]
+        yield np.arange(start, min(start + size, len(idx)))
         start += size
 
 
@@ -180,15 +181,11 @@ def _chunk_norms(grads: List[torch.Tensor]) -> np.ndarray:
     return squares.sqrt().cpu().numpy()
 
 
-def _add_chunk_sums(flat: _Flat, grads: List[torch.Tensor], cats: np.ndarray, sums: Dict[str, torch.Tensor]) -> None:
-    """Add each category's per-example gradients of the chunk into its flat sum (a matmul per parameter)."""
-    present = [c for c in CATEGORIES if (cats == c).any()]
-    onehot = torch.as_tensor(np.stack([cats == c for c in present]), dtype=torch.float32, device=grads[0].device)
+def _add_chunk_sum(flat: _Flat, grads: List[torch.Tensor], total: torch.Tensor) -> None:
+    """Add the chunk's summed per-example gradients into the flat vector `total`."""
     offset = 0
     for g, n in zip(grads, flat.sizes):
-        part = onehot @ g.float()  # (categories, numel)
-        for k, c in enumerate(present):
-            sums[c][offset : offset + n] += part[k]
+        total[offset : offset + n] += g.sum(0, dtype=torch.float32)
         offset += n
 
 
@@ -214,26 +211,29 @@ def _choose_strategy(ctx: PointContext, flat: _Flat, idx) -> Tuple[str, Optional
 
 def _per_example_pass(ctx, flat, cats, sums, local_norms, strategy) -> str:
     """Per-example gradients of this process's shard: norms into `local_norms`, sums into `sums`."""
-    pos = 0
     # Per example: its gradients (float32) and room for their float32 copies in the sums.
     factor = 1.0 if strategy == "loop" else VMAP_ACTIVATION_FACTOR  # undecided: sized for vmap
-    for idx in memory_chunks(ctx, ctx.mine, 8 * flat.total, factor):
-        grads = None
-        if strategy is None:
-            strategy, grads = _choose_strategy(ctx, flat, idx)
-            ctx.cache["per_example_strategy"] = strategy
-        if strategy == "loop":
-            for k, i in enumerate(idx):
-                g = _single_grads(ctx, flat, i)
-                local_norms[pos + k] = float(torch.linalg.vector_norm(g))
-                sums[cats[pos + k]] += g
-        else:
-            if grads is None:
-                grads = _vmap_grads(ctx, flat, idx, "4d" if strategy == "vmap_4d_mask" else "2d")
-            local_norms[pos : pos + len(idx)] = _chunk_norms(grads)
-            _add_chunk_sums(flat, grads, cats[pos : pos + len(idx)], sums)
-            del grads
-        pos += len(idx)
+    # Chunks of one category each (longest first within it): the category's sum is then one reduction.
+    for c in CATEGORIES:
+        where = np.flatnonzero(cats == c)  # positions in this shard
+        for chunk in memory_chunks(ctx, ctx.mine[where], 8 * flat.total, factor):
+            part = where[chunk]
+            idx = ctx.mine[part]
+            grads = None
+            if strategy is None:
+                strategy, grads = _choose_strategy(ctx, flat, idx)
+                ctx.cache["per_example_strategy"] = strategy
+            if strategy == "loop":
+                for k, i in zip(part, idx):
+                    g = _single_grads(ctx, flat, i)
+                    local_norms[k] = float(torch.linalg.vector_norm(g))
+                    sums[c] += g
+            else:
+                if grads is None:
+                    grads = _vmap_grads(ctx, flat, idx, "4d" if strategy == "vmap_4d_mask" else "2d")
+                local_norms[part] = _chunk_norms(grads)
+                _add_chunk_sum(flat, grads, sums[c])
+                del grads
     return strategy
 
 
@@ -258,7 +258,9 @@ def gradient_pass(ctx: PointContext, per_example: bool) -> GradientResult:
     with torch.inference_mode(False), torch.enable_grad():
         if not per_example:
             for c in CATEGORIES:
-                for idx in memory_chunks(ctx, ctx.mine[cats == c]):
+                members = ctx.mine[cats == c]
+                for chunk in memory_chunks(ctx, members):
+                    idx = members[chunk]
                     loss = _loss_of(ctx, ctx.batch(idx), idx).sum()
                     sums[c] += flat.cat(torch.autograd.grad(loss, flat.params, allow_unused=True))
         else:
@@ -275,12 +277,24 @@ def gradient_pass(ctx: PointContext, per_example: bool) -> GradientResult:
     return result
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(a, b) in float64; NaN when either is zero."""
-    na, nb = float(a.double().norm()), float(b.double().norm())
+def gram(vectors: List[torch.Tensor], segment: int = 1 << 22) -> np.ndarray:
+    """Float64 Gram matrix (all dot products) of equally long vectors, converted segment by segment.
+
+    One pass over the vectors; only a segment of each is held in float64 at a time.
+    """
+    out = np.zeros((len(vectors), len(vectors)))
+    for start in range(0, len(vectors[0]), segment):
+        block = torch.stack([v[start : start + segment] for v in vectors]).double()
+        out += (block @ block.T).cpu().numpy()
+    return out
+
+
+def cosine_from_gram(g: np.ndarray, a: int, b: int) -> float:
+    """cos of vectors a and b from their Gram matrix; NaN when either is zero."""
+    na, nb = math.sqrt(g[a, a]), math.sqrt(g[b, b])
     if na == 0.0 or nb == 0.0 or not (math.isfinite(na) and math.isfinite(nb)):
         return float("nan")
-    return float(torch.dot(a.double(), b.double())) / (na * nb)
+    return float(g[a, b] / (na * nb))
 
 
 class GradAlignment(Instrument):
@@ -293,14 +307,15 @@ class GradAlignment(Instrument):
 
     def measure(self, ctx: PointContext, out: Measurement) -> None:
         res = gradient_pass(ctx, self.per_example)
+        g = gram([res.sums[c] for c in CATEGORIES])
+        k = {c: i for i, c in enumerate(CATEGORIES)}
         for a, b in ALIGNMENT_PAIRS:
             ok = res.counts[a] > 0 and res.counts[b] > 0
-            out.add(self.name, "cosine", cosine(res.sums[a], res.sums[b]) if ok else float("nan"), group=f"{a}~{b}")
+            value = cosine_from_gram(g, k[a], k[b]) if ok else float("nan")
+            out.add(self.name, "cosine", value, group=f"{a}~{b}")
         for c in CATEGORIES:
             n = res.counts[c]
-            out.add(
-                self.name, "group_grad_norm", float(res.sums[c].double().norm()) / n if n else float("nan"), group=c
-            )
+            out.add(self.name, "group_grad_norm", math.sqrt(g[k[c], k[c]]) / n if n else float("nan"), group=c)
 
 
 class GradNorms(Instrument):
