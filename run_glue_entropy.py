@@ -665,6 +665,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
             config=config,
             ignore_mismatched_sizes=True,
             output_loading_info=True,
+            **_gguf_dense(model_args.gguf_file),
             **common,
         )
     finally:
@@ -675,6 +676,9 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
     if decoder:
         # Decoders classify from the last token: pad on the left so it is a real token.
         tokenizer.padding_side = "left"
+        # save_pretrained writes the tokenizer's init kwargs, not the attribute: without this the
+        # run folder's tokenizer reloads right-padded and a reloaded run is scored differently.
+        tokenizer.init_kwargs["padding_side"] = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -688,6 +692,20 @@ def load_model_and_tokenizer(model_args: ModelArguments, ent_args: EntropyArgume
         feedforward_modules=ent_args.feedforward_modules,
     )
     return model, tokenizer, decoder
+
+
+def _gguf_dense(gguf_file: Optional[str]) -> dict:
+    """`from_pretrained` arguments that unpack a GGUF file into a plain dense model.
+
+    transformers 5 loads GGUF weights as quantized (and may keep them packed), and its Trainer then
+    refuses to train the model; the study trains LoRA adapters (or every weight) on the dense
+    weights, so they are dequantised once at load, which also drops the "quantized" mark. Older
+    transformers (no `GgufConfig`) always dequantise and need nothing.
+    """
+    config_class = getattr(transformers, "GgufConfig", None)
+    if not gguf_file or config_class is None:
+        return {}
+    return {"quantization_config": config_class(gguf_file=gguf_file, dequantize=True)}
 
 
 #: Parameter names of classification heads (and the poolers some heads use), new when a checkpoint has none.
