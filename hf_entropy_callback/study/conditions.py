@@ -147,6 +147,16 @@ MAIN_SETTINGS = (
 )
 #: LoRA ranks of the study's main matrix (sweeps/main_matrix.sh LOW_RANK, HIGH_RANK).
 MAIN_RANKS = (8, 64)
+#: What a comparison across methods and LoRA ranks varies (rank sweep, trajectory grid, matched learning
+#: rates): the method and rank, and the settings that come with them: LoRA alpha (the script scales it with
+#: the rank), LoRA dropout and the adapted modules (full fine-tuning has none of them).
+METHOD_SETTINGS = ("method", "rank", "lora_alpha", "lora_dropout", "target_modules")
+#: What a comparison across models varies (decoders vs encoders): the model, its path and architecture, and
+#: the adapted modules (each architecture has its own default).
+MODEL_SETTINGS = ("model", "model_name_or_path", "architecture", "target_modules")
+#: What a comparison across variants varies: composition (which selects other tracked examples), label noise
+#: (with its drawing rule) and loss.
+VARIANT_SETTINGS = ("composition", "tracked_set", "label_noise", "noise_rule", "loss")
 
 
 class NoRunsFoundError(FileNotFoundError):
@@ -350,6 +360,173 @@ def condition_key(row: Mapping[str, Any], columns: Sequence[str] = KEY_COLUMNS) 
     return json.dumps([_plain(row.get(c)) for c in columns], default=str)
 
 
+def differing_settings(frame: pd.DataFrame, columns: Sequence[str]) -> List[str]:
+    """The `columns` of `frame` whose value is not the same in every row (NaN and None alike: not recorded).
+
+    >>> import pandas as pd
+    >>> differing_settings(pd.DataFrame({"bulk_size": [2000.0, 20000.0], "learning_rate": 1e-4}),
+    ...                    ["bulk_size", "learning_rate", "max_length"])
+    ['bulk_size']
+    """
+    return [c for c in columns if c in frame and frame[c].map(_plain).astype(str).nunique() > 1]
+
+
+def setting_text(row: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """The values of `columns` in `row` as condition labels name them, e.g. "bulk=2000, lr=0.0001".
+
+    >>> setting_text({"bulk_size": 2000.0, "learning_rate": 1e-4}, ["bulk_size", "learning_rate"])
+    'bulk=2000, lr=0.0001'
+    """
+    return ", ".join(f"{SHORT_NAMES.get(c, c)}={_fmt_setting(row.get(c))}" for c in columns)
+
+
+def settings_detail(frame: pd.DataFrame, columns: Sequence[str]) -> str:
+    """Each of `columns` with the values it takes in `frame`, as the notes on shared labels give them.
+
+    >>> import pandas as pd
+    >>> settings_detail(pd.DataFrame({"bulk_size": [20000.0, 2000.0], "learning_rate": [1e-4, 2e-4]}),
+    ...                 ["bulk_size", "learning_rate"])
+    'bulk: 2000, 20000; lr: 0.0001, 0.0002'
+    """
+    return "; ".join(
+        f"{SHORT_NAMES.get(c, c)}: " + ", ".join(sorted({_fmt_setting(v) for v in frame[c]})) for c in columns
+    )
+
+
+def _keys(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
+    """`condition_key` of each row over `columns` (NaN and None alike)."""
+    cols = list(columns)
+    return pd.Series(
+        [json.dumps([_plain(v) for v in row], default=str) for row in frame[cols].itertuples(index=False)],
+        index=frame.index,
+        dtype=object,
+    )
+
+
+#: A setting compared in proportion to another when it splits a family: LoRA alpha as alpha / rank, the
+#: scaling LoRA applies and the one the script's rule (alpha = 2 r) keeps constant across ranks.
+_PER = {"lora_alpha": ("rank", "alpha/r")}
+
+
+def _follow_values(frame: pd.DataFrame, column: str) -> Tuple[str, pd.Series]:
+    """(label name, plain values) of a setting that comes with the compared ones (see `_PER`)."""
+    if column in _PER and _PER[column][0] in frame:
+        base, name = _PER[column]
+        num, den = pd.to_numeric(frame[column], errors="coerce"), pd.to_numeric(frame[base], errors="coerce")
+        return name, (num / den).map(_plain)
+    return column, frame[column].map(_plain)
+
+
+def setting_families(
+    frame: pd.DataFrame, vary: Sequence[str], *, within: Sequence[str] = (), point: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Split the rows of `frame` into the *setting families* of a comparison across the settings `vary`.
+
+    A comparison across method and rank (or model, learning rate, variant) may only combine conditions that
+    agree on every other setting of the condition key: a family is the rows that agree on every key
+    column (`KEY_COLUMNS` present in `frame`) except `vary`. Rows of different families are never averaged
+    together; each family is a line, row or panel of its own.
+
+    `point` (part of `vary`) places a row in the comparison (a rank sweep: method and rank); the other
+    settings of `vary` come with it (LoRA alpha with the rank, dropout with LoRA). Should a family hold
+    several values of such a setting at one point (e.g. two LoRA alphas at rank 8), it is split by that
+    setting (LoRA alpha as alpha / rank, so the usual alpha = 2 r keeps one family across ranks), and rows
+    at other points to which the setting does not apply (None: full fine-tuning has no alpha) join every
+    part.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Rows with key columns (runs, or a table of them).
+    vary : sequence of str
+        The settings the comparison varies (e.g. `METHOD_SETTINGS`).
+    within : sequence of str
+        The groups whose families are labelled against each other (e.g. model x dataset).
+    point : sequence of str
+        The settings of `vary` that place a row in the comparison.
+
+    Returns
+    -------
+    frame : DataFrame
+        A copy in the order of `frame` (index reset; a row that joins several parts repeated in its
+        place) with ``family`` (a key) and
+        ``settings``: the settings that tell the family apart from the other families of its `within`
+        group, as condition labels name them ("bulk=2000"); "" where the group has one family.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> runs = pd.DataFrame({"model": "m", "method": ["lora", "lora", "full", "lora", "lora", "full"],
+    ...                      "rank": [8, 64, None, 8, 64, None], "lora_alpha": [16, 128, None] * 2,
+    ...                      "bulk_size": [20000.0] * 3 + [2000.0] * 3})
+    >>> fam = setting_families(runs, METHOD_SETTINGS, within=["model"], point=["method", "rank"])
+    >>> fam[["method", "rank", "settings"]]
+      method  rank    settings
+    0   lora   8.0  bulk=20000
+    1   lora  64.0  bulk=20000
+    2   full   NaN  bulk=20000
+    3   lora   8.0   bulk=2000
+    4   lora  64.0   bulk=2000
+    5   full   NaN   bulk=2000
+    >>> ablation = pd.concat([runs[:3], runs[:1].assign(lora_alpha=8)], ignore_index=True)
+    >>> setting_families(ablation, METHOD_SETTINGS, within=["model"], point=["method", "rank"])[
+    ...     ["method", "rank", "lora_alpha", "settings"]]
+      method  rank  lora_alpha   settings
+    0   lora   8.0        16.0  alpha/r=2
+    1   lora  64.0       128.0  alpha/r=2
+    2   full   NaN         NaN  alpha/r=2
+    3   full   NaN         NaN  alpha/r=1
+    4   lora   8.0         8.0  alpha/r=1
+    """
+    out = frame.reset_index(drop=True)
+    shared = [c for c in KEY_COLUMNS if c in out and c not in vary]
+    follow = [c for c in vary if c in out and c not in point]
+    point = [c for c in point if c in out]
+    out = out.assign(family=_keys(out, shared))
+    values: Dict[str, Dict[str, Any]] = {}  # per family: the settings that may tell it apart
+    parts = []
+    for fam, g in out.groupby("family", sort=False):
+        shared_values = {c: _plain(g[c].iloc[0]) for c in shared}
+        follow_values = dict(_follow_values(g, c) for c in follow)
+        if not point or not follow_values:
+            values[fam] = shared_values
+            parts.append(g)
+            continue
+        at = _keys(g, point)
+        split = [
+            name for name, v in follow_values.items() if (v.astype(str).groupby(at, sort=False).nunique() > 1).any()
+        ]
+        if not split:
+            values[fam] = shared_values
+            parts.append(g)
+            continue
+        # Several values of a following setting at one point: split by it, so no point pools them.
+        fv = pd.DataFrame({name: follow_values[name] for name in split}, index=g.index)
+        sub = _keys(fv, split)
+        colliding = set(at[sub.groupby(at, sort=False).transform("nunique") > 1])
+        joins_all = (sub == json.dumps([None] * len(split))) & ~at.isin(colliding)
+        for k in dict.fromkeys(sub[~joins_all]):
+            own = g[(sub == k) & ~joins_all]
+            key = f"{fam}|{k}"
+            values[key] = {**shared_values, **dict(zip(split, json.loads(k)))}
+            parts.append(pd.concat([own, g[joins_all]]).assign(family=key))
+    out = pd.concat(parts) if parts else out
+    # The rows in their order (a row that joins several parts repeated in its place), so a caller may
+    # align the result with `frame` when no row joins several parts.
+    out = out.iloc[np.argsort(out.index.to_numpy(), kind="stable")].reset_index(drop=True)
+    settings = pd.Series("", index=out.index, dtype=object)
+    groups = [g.index for _, g in out.groupby(list(within), dropna=False, sort=False)] if within else [out.index]
+    for idx in groups:
+        fams = list(dict.fromkeys(out.loc[idx, "family"]))
+        if len(fams) < 2:
+            continue
+        table = pd.DataFrame([values[f] for f in fams])
+        differ = differing_settings(table, list(table.columns))
+        text = {f: setting_text(row, differ) for f, row in zip(fams, table.to_dict("records"))}
+        settings.loc[idx] = out.loc[idx, "family"].map(text).to_numpy()
+    return out.assign(settings=settings)
+
+
 def assign_conditions(runs: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
     """Group runs into conditions by every key column (see the module docstring); mark duplicates.
 
@@ -394,14 +571,11 @@ def assign_conditions(runs: pd.DataFrame) -> Tuple[pd.DataFrame, List[str]]:
         keys = grp.drop_duplicates("condition_key")
         if len(keys) < 2:
             continue
-        differ = [c for c in present if keys[c].map(_plain).astype(str).nunique() > 1]
+        differ = differing_settings(keys, present)
         for idx in grp.index:
-            extra = ", ".join(f"{SHORT_NAMES.get(c, c)}={_fmt_setting(out.at[idx, c])}" for c in differ)
-            labels.at[idx] = f"{base} · {extra}"
+            labels.at[idx] = f"{base} · {setting_text(out.loc[idx], differ)}"
             distinct.at[idx] = ", ".join(differ)
-        detail = "; ".join(
-            f"{SHORT_NAMES.get(c, c)}: " + ", ".join(sorted({_fmt_setting(v) for v in keys[c]})) for c in differ
-        )
+        detail = settings_detail(keys, differ)
         notes.append(f"{base}: {len(keys)} conditions that differ in {detail}; their runs are not pooled")
     out["condition"] = labels
     out["distinct_by"] = distinct

@@ -42,7 +42,14 @@ from matplotlib.figure import Figure
 
 from hf_entropy_callback.entropy import CATEGORIES, DEFAULT_THRESHOLDS
 
-from .conditions import method_label, order_conditions
+from .conditions import (
+    METHOD_SETTINGS,
+    VARIANT_SETTINGS,
+    method_label,
+    order_conditions,
+    setting_families,
+    setting_text,
+)
 
 __all__ = [
     "save_figure",
@@ -315,22 +322,40 @@ def trajectory_panel(
 
 
 def _trajectory_layout(curves: pd.DataFrame, runs: pd.DataFrame, variants: bool):
-    """(row keys, column keys, {(row, column): runs}) of the trajectory grid, or None without data."""
+    """(row keys, column keys, {(row, column): runs}) of the trajectory grid, or None without data.
+
+    A panel averages the runs of one condition only: a row is a setting family
+    (`hf_entropy_callback.study.conditions.setting_families`), so conditions that differ in a setting other
+    than what the columns vary (bulk size, learning rate, ...) get rows of their own, whose ``settings``
+    name that difference.
+    """
     u = runs[~_excluded(runs)]
     if variants:
         groups = u[u["variant"] != "base"][["model", "dataset", "method", "rank"]].drop_duplicates()
         keep = u.merge(groups, on=["model", "dataset", "method", "rank"])
         row_keys, col_key = ["dataset", "model", "method", "rank"], "variant"
+        point = ("composition", "label_noise", "loss")
+        keep = setting_families(keep, VARIANT_SETTINGS, within=row_keys, point=point) if len(keep) else keep
+        if len(keep):
+            # A family without a variant run has nothing to set beside its main-setting panel.
+            keep = keep[keep.groupby("family")["variant"].transform(lambda v: bool((v != "base").any()))]
     else:
         keep = u[u["variant"] == "base"]
         row_keys, col_key = ["dataset", "model"], "_col"
+        if len(keep):
+            keep = setting_families(keep, METHOD_SETTINGS, within=row_keys, point=("method", "rank"))
     if keep.empty or curves.empty:
         return None
+    row_keys = [*row_keys, "family"]
     keep = order_conditions(
         keep.assign(
             _col=[method_label(m, float(r) if pd.notna(r) else math.nan) for m, r in zip(keep["method"], keep["rank"])]
         )
     )
+    # A model's families one after the other (the method order within each kept).
+    keep = keep.sort_values(
+        [c for c in ("dataset", "architecture", "model") if c in keep] + ["settings"], kind="stable"
+    ).reset_index(drop=True)
     keep["_row"] = [tuple(r) for r in keep[row_keys].astype(str).itertuples(index=False)]
     if variants:
         cols = ["base"] + sorted(set(keep[col_key]) - {"base"})
@@ -396,7 +421,8 @@ def trajectory_plot(
                 ax.set_axis_off()
                 continue
             first = sel.iloc[0]
-            title = f"{first['model']} · {first['dataset']}\n{_method_column(first)}"
+            family = f" · {first['settings']}" if first.get("settings") else ""
+            title = f"{first['model']} · {first['dataset']}{family}\n{_method_column(first)}"
             if variants:
                 title += f" · {ckey}"
             trajectory_panel(
@@ -600,19 +626,21 @@ def _rank_runs(runs: pd.DataFrame):
 
 
 def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optional[Axes] = None) -> Axes:
-    """Spearman rho against LoRA rank per model for one dataset (error bars: sd across seeds).
+    """Spearman rho against LoRA rank per model (and setting family) for one dataset (error bars: sd across seeds).
 
     Encoders solid, decoders dashed; a model's full fine-tuning is drawn at the right end
     ("full"). Uses the main-setting runs of every model with a LoRA run; `dataset` may be left
-    out when the runs hold one. Returns the axes drawn into.
+    out when the runs hold one. Runs that differ in a setting other than method and rank (bulk
+    size, learning rate, ...) are separate lines (`hf_entropy_callback.study.tables.rank_families`),
+    labelled with it ("bulk=2000"). Returns the axes drawn into.
     """
-    from .tables import mean_sd
+    from .tables import mean_sd, rank_families
 
     ax = ax if ax is not None else _new_axes(4.6, 3.4)
-    u, lora = _rank_runs(runs)
+    _, lora = _rank_runs(runs)
     ds = _one(lora, "dataset", dataset, "rank_panel")
     stats_ = mean_sd(
-        u[u["method"].isin(["lora", "full"])], ["dataset", "architecture", "model", "method", "rank"], ["rho"]
+        rank_families(runs), ["dataset", "architecture", "model", "settings", "family", "method", "rank"], ["rho"]
     )
     # Ranks over every dataset, so side-by-side panels share their x axis.
     ranks = sorted(lora["rank"].unique())
@@ -621,7 +649,7 @@ def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optiona
     dec_colors = ["#d62728", "#ff7f0e", "#e377c2", "#bcbd22"]
     d = stats_[stats_["dataset"] == ds]
     ie = idc = 0
-    for (arch, model), g in d.groupby(["architecture", "model"], sort=True):
+    for (arch, model, settings, _), g in d.groupby(["architecture", "model", "settings", "family"], sort=True):
         if arch == "decoder":
             color, ls, idc = dec_colors[idc % len(dec_colors)], "--", idc + 1
         else:
@@ -638,7 +666,7 @@ def rank_panel(runs: pd.DataFrame, *, dataset: Optional[str] = None, ax: Optiona
             marker="o",
             capsize=3,
             lw=1.5,
-            label=f"{model} ({arch})",
+            label=f"{model} ({arch})" + (f" · {settings}" if settings else ""),
         )
         gf = g[g["method"] == "full"]
         if len(gf):
@@ -734,11 +762,13 @@ def cartography_plot(
         axes, nrows, min(ncols, len(first)), "cartography_plot", panel_w=4.2, panel_h=3.8, sharey=True, top=0.8
     )
     flat = grid.ravel()
-    for ax, r in zip(flat, first.itertuples(index=False)):
-        seed = "" if pd.isna(r.seed) else f", seed {int(r.seed)}"
-        cartography_panel(
-            examples, run_id=r.run_id, ax=ax, title=f"{r.model} · {r.dataset}\n{method_label(r.method, r.rank)}{seed}"
-        )
+    for ax, r in zip(flat, first.to_dict("records")):
+        seed = "" if pd.isna(r["seed"]) else f", seed {int(r['seed'])}"
+        # What tells this condition from others of the same label (e.g. "bulk=2000"), as its label says.
+        distinct = [c for c in str(r.get("distinct_by") or "").split(", ") if c]
+        family = f" · {setting_text(r, distinct)}" if distinct else ""
+        title = f"{r['model']} · {r['dataset']}{family}\n{method_label(r['method'], r['rank'])}{seed}"
+        cartography_panel(examples, run_id=r["run_id"], ax=ax, title=title)
     for ax in flat[len(first) :]:
         ax.set_axis_off()
     handles = [_line(CATEGORY_COLORS[c], c, ls="none", marker="o") for c in CATEGORIES]
@@ -1022,15 +1052,19 @@ def noise_plot(levels: pd.DataFrame, *, axes=None) -> Optional[Figure]:
     if levels.empty:
         return None
     keys = [k for k in _NOISE_KEYS if k in levels]
-    groups = list(levels.groupby(keys, dropna=False, sort=False))
+    # One panel row per setting family: the table's groups (baseline and noisy runs equal in every other
+    # setting) that share a title are told apart by their settings, never drawn as one line; two noise
+    # rules at one level are two rows, each with the baseline.
+    fam = setting_families(levels, ("label_noise", "noise_rule"), within=keys, point=("label_noise",))
+    groups = list(fam.groupby("family", sort=False))
     fig, grid, _ = _grid_into(
         axes, len(groups), 2, "noise_plot", panel_w=3.6, panel_h=2.6, sharey=False, top=0.5, wspace=0.8
     )
-    for i, (key, g) in enumerate(groups):
-        meta = dict(zip(keys, key))
+    for i, (_, g) in enumerate(groups):
+        meta = g.iloc[0]
         title = (
             f"{meta.get('model')} · {method_label(meta.get('method'), meta.get('rank', math.nan))} · "
-            f"{meta.get('dataset')}"
+            f"{meta.get('dataset')}" + (f"\n{meta['settings']}" if meta["settings"] else "")
         )
         noise_rho_panel(g, title=title, ax=grid[i, 0])
         noise_delta_panel(g, ax=grid[i, 1])
@@ -1053,6 +1087,10 @@ DRIFT_MEASURE_LABELS = {
     "cka_drift": "1 − layer-mean CKA (last point)",
     "attention_entropy_change": "Δ layer-mean attention entropy (nats)",
 }
+
+
+#: Markers that tell apart the lines of conditions sharing a method label in one instrument panel.
+_SHARED_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def _label_of(row) -> str:
@@ -1100,12 +1138,26 @@ def _curve_lines(ax, d: pd.DataFrame, value: str, colors: Mapping[str, tuple]) -
     """One line per condition of `d` (its method label), with the 95% t band over seeds where there is one."""
     labels = {c: _label_of(g.iloc[0]) for c, g in d.groupby("condition", sort=False)}
     shared = {lab for lab in labels.values() if list(labels.values()).count(lab) > 1}
+    seen: Dict[str, int] = {}
     for cond, g in d.groupby("condition", sort=False):
         g = g.sort_values("progress")
         label = labels[cond]
         color = colors.get(label, "#333333")
         ls = METHOD_STYLES.get(str(g["method"].iloc[0]), ":")
-        ax.plot(g["progress"], g[f"{value}_mean"], color=color, ls=ls, lw=1.6, label=cond if label in shared else label)
+        # Conditions of one method that differ in another setting (bulk size, ...) share colour and style:
+        # a marker of their own keeps their lines apart (the legend names each condition).
+        k = seen[label] = seen.get(label, -1) + 1
+        marker = _SHARED_MARKERS[k % len(_SHARED_MARKERS)] if label in shared else None
+        ax.plot(
+            g["progress"],
+            g[f"{value}_mean"],
+            color=color,
+            ls=ls,
+            lw=1.6,
+            marker=marker,
+            ms=4,
+            label=cond if label in shared else label,
+        )
         lo, hi = g[f"{value}_ci_low"].to_numpy(float), g[f"{value}_ci_high"].to_numpy(float)
         if np.isfinite(lo).any():
             ax.fill_between(g["progress"], lo, hi, color=color, alpha=0.2, lw=0)

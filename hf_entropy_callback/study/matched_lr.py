@@ -11,6 +11,12 @@ flagged ``underfit`` when its mean validation accuracy is within ``margin`` (def
 points) of chance, ``1 / num_classes`` (33.3% for NLI); ``lora_underfit_regime`` marks every row of a
 (model, dataset, rate) where LoRA is underfit while full fine-tuning is not: read rho and Delta L there
 as "LoRA did not train", not as a difference in learning dynamics.
+
+**Setting families.** Rates and methods are compared only between runs that agree on every other setting of
+the condition key (bulk size, epochs, data files, tracked set, ...; LoRA alpha, dropout and target modules
+come with the method): runs that differ in one are a separate family, with rows of their own whose
+``settings`` column names what tells them apart (e.g. "bulk=2000"; the column is there only when some model
+and dataset have several families).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .conditions import method_label
+from .conditions import METHOD_SETTINGS, method_label, setting_families
 
 __all__ = ["UNDERFIT_MARGIN", "MATCHED_LR_COLUMNS", "matched_lr_table"]
 
@@ -49,8 +55,10 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     """Compare methods at each matched learning rate.
 
     Uses the runs without a variant (composition all, no noise, CE) of LoRA and full fine-tuning,
-    for each (model, dataset) trained at two or more learning rates. Runs excluded from the
-    aggregates (diverged, incomplete) are left out.
+    for each (model, dataset, setting family) trained at two or more learning rates. Runs excluded from
+    the aggregates (diverged, incomplete) are left out. A setting family is the runs that agree on every
+    setting of the condition key but learning rate, method and rank (and what comes with them: LoRA
+    alpha, dropout, target modules); see the module docstring.
 
     Parameters
     ----------
@@ -66,9 +74,10 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     Returns
     -------
     table : DataFrame
-        One row per model x dataset x learning rate x method, columns ``MATCHED_LR_COLUMNS``,
-        sorted by model, dataset, rate, method; empty (same columns) when no (model, dataset) has
-        two rates.
+        One row per model x dataset [x setting family] x learning rate x method, columns
+        ``MATCHED_LR_COLUMNS`` (with ``settings`` after ``dataset`` when some model and dataset have
+        several families), sorted by model, dataset, family, rate, method; empty (same columns) when no
+        (model, dataset, family) has two rates.
 
     Examples
     --------
@@ -109,7 +118,16 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
         runs = runs[~runs["excluded"].astype(bool)]
     lr = runs["run_id"].map(lambda r: (study.configs.get(r) or {}).get("learning_rate"))
     runs = runs.assign(learning_rate=pd.to_numeric(lr, errors="coerce")).dropna(subset=["learning_rate"])
-    n_rates = runs.groupby(["model", "dataset"])["learning_rate"].transform("nunique")
+    if runs.empty:
+        return empty
+    # Rates and methods are compared within a setting family only (bulk size, epochs, ... all equal).
+    runs = setting_families(
+        runs,
+        ("learning_rate", *METHOD_SETTINGS),
+        within=("model", "dataset"),
+        point=("learning_rate", "method", "rank"),
+    )
+    n_rates = runs.groupby(["model", "dataset", "family"])["learning_rate"].transform("nunique")
     runs = runs[n_rates >= 2]
     if runs.empty:
         return empty
@@ -121,7 +139,7 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     per_run = ex.pivot_table(index="run_id", columns="category", values="delta_loss", aggfunc="mean")
     per_run = per_run.reindex(columns=["clean", "ambiguous", "contested"]).add_prefix("delta_loss_")
     runs = runs.merge(per_run, left_on="run_id", right_index=True, how="left")
-    keys = ["model", "dataset", "learning_rate", "method"]
+    keys = ["model", "dataset", "settings", "family", "learning_rate", "method"]
     g = runs.groupby(keys, sort=True)
     out = g.agg(
         n_runs=("run_id", "size"),
@@ -137,12 +155,13 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
     chance = 1.0 / num_classes
     acc = out["validation_accuracy_mean"]
     out["underfit"] = (acc <= chance + margin) & acc.notna()
-    lora_under = out[~out["_full"] & out["underfit"]].groupby(["model", "dataset", "learning_rate"]).size()
-    full_ok = out[out["_full"] & ~out["underfit"]].groupby(["model", "dataset", "learning_rate"]).size()
+    at = ["model", "dataset", "family", "learning_rate"]  # the regime is judged within a setting family
+    lora_under = out[~out["_full"] & out["underfit"]].groupby(at).size()
+    full_ok = out[out["_full"] & ~out["underfit"]].groupby(at).size()
     regime = set(lora_under.index) & set(full_ok.index)
-    out["lora_underfit_regime"] = [k in regime for k in zip(out["model"], out["dataset"], out["learning_rate"])]
+    out["lora_underfit_regime"] = [k in regime for k in zip(*(out[c] for c in at))]
     out["_m"] = np.where(out["_full"], 1, 0)
-    out = out.sort_values(["model", "dataset", "learning_rate", "_m", "method"], kind="stable")
+    out = out.sort_values(["model", "dataset", "settings", "learning_rate", "_m", "method"], kind="stable")
     out["underfit"] = out["underfit"].astype(bool)
     for col in (
         "rho_mean",
@@ -154,4 +173,7 @@ def matched_lr_table(study: Any, *, num_classes: int = 3, margin: float = UNDERF
         "validation_accuracy_sd",
     ):
         out[col] = out[col].astype(float).map(lambda v: v if not (isinstance(v, float) and math.isinf(v)) else np.nan)
-    return out[MATCHED_LR_COLUMNS].reset_index(drop=True)
+    cols = list(MATCHED_LR_COLUMNS)
+    if (out["settings"] != "").any():
+        cols.insert(cols.index("dataset") + 1, "settings")
+    return out[cols].reset_index(drop=True)

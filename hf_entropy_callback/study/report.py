@@ -46,7 +46,17 @@ from hf_entropy_callback.runs import TRACKING_DIRNAME, apply_umask, remove_stale
 from . import figures as F
 from . import instruments as I
 from . import tables as T
-from .conditions import CONDITION_KEYS, MAIN_RANKS, condition_table, discover_runs
+from .conditions import (
+    CONDITION_KEYS,
+    KEY_COLUMNS,
+    MAIN_RANKS,
+    METHOD_SETTINGS,
+    condition_table,
+    differing_settings,
+    discover_runs,
+    setting_families,
+    settings_detail,
+)
 from .loading import Options, Study, load_study
 from .matched_lr import UNDERFIT_MARGIN, matched_lr_table
 
@@ -325,8 +335,13 @@ def _comparison_display(t: pd.DataFrame, vary: str) -> pd.DataFrame:
     keys = [
         k for k in ("model", "method", "rank", "dataset", "composition", "label_noise", "loss") if k in t and k != vary
     ]
+    # The table's groups differ in every key column but the shown ones too (bulk size, learning rate, ...):
+    # name that difference, as condition labels do, so two groups never read as one.
+    fam = setting_families(t, (vary, *T.VARIED_WITH.get(vary, ())), within=keys)
+    t = t.assign(settings=fam["settings"].to_numpy())
     cols = [
         *keys,
+        *(["settings"] if (t["settings"] != "").any() else []),
         vary,
         "noise_rule",
         "category",
@@ -491,7 +506,13 @@ def compose(
                 "Mean tracked loss −log p(gold) (nats) of the clean / ambiguous / contested train "
                 "examples over training, averaged over seeds; band: 95% CI of the mean over examples "
                 "(averaged over seeds). Rows: model × dataset; columns: LoRA ranks, IA3, full FT; legend: entropy "
-                "category.",
+                "category."
+                + (
+                    " A model's conditions that differ in another setting (bulk size, learning rate, ...) are rows "
+                    "of their own, named in the panel titles: a panel is one condition, never several pooled."
+                    if _has_families(runs)
+                    else ""
+                ),
             )
         )
     else:
@@ -597,6 +618,13 @@ def compose(
     if t["rank_sweep"].empty:
         s.note("no model has main-setting LoRA runs at two or more ranks; rank sweep skipped.")
     else:
+        if "settings" in t["rank_sweep"]:
+            s.text(
+                "A sweep combines only conditions that agree on every setting but method and rank (and LoRA alpha, "
+                "dropout and target modules, which come with them). A model's conditions that differ in another "
+                "setting are separate sweeps, never averaged together: settings names what tells them apart, and "
+                "the trend test and the figure treat each sweep on its own."
+            )
         s.blocks.append(
             _table(
                 "rank_sweep",
@@ -623,7 +651,8 @@ def compose(
                 "rho_vs_rank",
                 figs["rho_vs_rank"],
                 "rho vs LoRA rank per model (error bars: sd over seeds); encoders solid, decoders "
-                "dashed; squares: full fine-tuning.",
+                "dashed; squares: full fine-tuning."
+                + (" One line per sweep (its settings in the legend)." if "settings" in t["rank_sweep"] else ""),
             )
         )
     sections.append(s)
@@ -864,12 +893,19 @@ def compose(
     if t["architecture"].empty:
         s.note("no main-setting LoRA runs.")
     else:
+        split = "settings" in t["architecture"]
+        if split:
+            s.note(
+                "runs that differ in a setting other than the model (its path, architecture and target modules) "
+                "are not pooled: each setting family is a row of its own, named in the settings column."
+            )
         s.blocks.append(
             _table(
                 "architecture",
                 "rho by architecture and LoRA rank",
                 t,
-                "Pooled over the models of an architecture and their seeds (sd: over all those runs).",
+                "Pooled over the models of an architecture and their seeds (sd: over all those runs)"
+                + (", within a setting family (settings)." if split else "."),
                 display=format_table(t["architecture"], drop_keys=False),
             )
         )
@@ -919,6 +955,11 @@ def compose(
             f"within {UNDERFIT_MARGIN:g} of chance (1/K); lora_underfit_regime: LoRA underfit where full "
             "fine-tuning is not, so LoRA's rho and ΔL there describe a model that did not train."
         )
+        if "settings" in t["matched_lr"]:
+            s.text(
+                "Rates and methods are compared only between runs that agree on every other setting; a model's "
+                "runs that differ in one (named in the settings column) are separate rows, never averaged together."
+            )
         s.blocks.append(_table("matched_lr", "Full FT vs LoRA at matched learning rates", t))
     sections.append(s)
 
@@ -1091,6 +1132,27 @@ def _at_ends(frame: pd.DataFrame, keys: Sequence[str], by: str, value: str, whic
     return out[[c for c in out if c != "instrument_setting" or c in keys]]
 
 
+def _has_families(runs: pd.DataFrame) -> bool:
+    """Whether some conditions share their label (model, method, dataset, variant) and differ in another
+    setting: then the figures' rows per model are split into setting families."""
+    return "distinct_by" in runs and bool((runs["distinct_by"].fillna("") != "").any())
+
+
+def _pooled_settings_text(runs: pd.DataFrame, per_run: pd.DataFrame) -> str:
+    """A sentence naming the settings, besides method and rank, in which the runs of `per_run` differ (a
+    statistic over runs pools them by design), or "" when they differ in none."""
+    used = runs[runs["run_id"].isin(set(per_run["run_id"]))] if "run_id" in per_run else runs.iloc[:0]
+    differ = differing_settings(used, [c for c in KEY_COLUMNS if c not in METHOD_SETTINGS])
+    if "model" in differ:  # its path says the same again
+        differ = [c for c in differ if c != "model_name_or_path"]
+    if not differ:
+        return ""
+    return (
+        f" The runs pooled here also differ in other settings ({settings_detail(used, differ)}), so these rho "
+        "mix those differences too; drift_delta_runs has each run with its condition."
+    )
+
+
 def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dict[str, List[str]]) -> List[Section]:
     """Sections 12 (gradient alignment), 13 (gradient norms by category) and 13b (drift) of the report.
 
@@ -1258,6 +1320,7 @@ def instrument_sections(study: Study, tables: Dict[str, pd.DataFrame], figs: Dic
                 "point minus the first, as in section 3). Spearman rho over runs (scipy.stats.spearmanr, "
                 "two-sided p) within each instrument setting, over all runs and within each method (methods "
                 "differ in both, so the pooled rho mostly compares methods); needs three runs."
+                + _pooled_settings_text(study.runs, t["drift_delta_runs"])
             )
             s.blocks.append(
                 _table(

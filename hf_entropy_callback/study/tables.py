@@ -38,7 +38,15 @@ from hf_entropy_callback.agreement import METRICS as AGREEMENT_METRICS
 from hf_entropy_callback.entropy import CATEGORIES, quartile_bins, tercile_bins
 from hf_entropy_callback.inference import cohen_d, percentile_interval, spearman_permutation_test
 
-from .conditions import CONDITION_KEYS, KEY_COLUMNS, SHORT_NAMES, order_conditions
+from .conditions import (
+    CONDITION_KEYS,
+    KEY_COLUMNS,
+    METHOD_SETTINGS,
+    MODEL_SETTINGS,
+    SHORT_NAMES,
+    order_conditions,
+    setting_families,
+)
 
 ALPHA = 0.05
 #: Settings that must agree between a variant run and the run it is compared with: every key column
@@ -398,15 +406,50 @@ def delta_loss_table(runs: pd.DataFrame, examples: pd.DataFrame) -> pd.DataFrame
 # --------------------------------------------------------------------------------------------
 
 
+#: A rank sweep's lines: one per model x dataset x setting family.
+RANK_KEYS = ["model", "architecture", "dataset"]
+
+
+def _with_settings(frame: pd.DataFrame, cols: Sequence[str], after: str) -> list:
+    """`cols` with ``settings`` after `after` when some row of `frame` names its setting family (so a
+    report with one family per comparison keeps the table it always had)."""
+    cols = list(cols)
+    if "settings" in frame and (frame["settings"] != "").any():
+        cols.insert(cols.index(after) + 1, "settings")
+    return cols
+
+
+def rank_families(runs: pd.DataFrame) -> pd.DataFrame:
+    """The usable main-setting LoRA and full fine-tuning runs, split into the setting families of a rank sweep.
+
+    A sweep line combines only runs that agree on every setting of the condition key but method, rank and
+    what comes with them (`hf_entropy_callback.study.conditions.METHOD_SETTINGS`: LoRA alpha, dropout,
+    target modules): runs at another bulk size, learning rate, number of epochs, data file, tracked set,
+    ... are a line of their own (`hf_entropy_callback.study.conditions.setting_families`; ``settings``
+    names what tells the lines of a model x dataset apart, e.g. "bulk=2000"). A full fine-tuning run goes
+    with every LoRA line of its family.
+    """
+    u = _usable(runs)
+    u = u[u["variant"] == "base"] if "variant" in u else u
+    u = u[u["method"].isin(["lora", "full"])]
+    return setting_families(u, METHOD_SETTINGS, within=_present(u, RANK_KEYS), point=("method", "rank"))
+
+
 def rank_sweep(runs: pd.DataFrame) -> pd.DataFrame:
-    """rho per LoRA rank for every model x dataset with at least two ranks (main setting), with full FT beside.
+    """rho per LoRA rank for every model x dataset x setting family with at least two ranks (main setting),
+    with full FT beside.
+
+    Runs that differ in a setting other than method and rank (and LoRA alpha, dropout and target modules,
+    which come with them) are never averaged together: each setting family is a sweep of its own
+    (`rank_families`), and ``settings`` names the settings that tell the sweeps of a model x dataset apart
+    (e.g. "bulk=2000"; the column is there only when some model x dataset has several).
 
     Returns
     -------
     table : DataFrame
-        ``model``, ``architecture``, ``dataset``, ``method`` ("lora" rows by rank, then the
-        "full" row with rank NaN when the model has a full fine-tuning run), ``rank``,
-        ``n_runs``, ``seeds``, ``rho_mean``, ``rho_sd``.
+        ``model``, ``architecture``, ``dataset``, [``settings``], ``method`` ("lora" rows by rank, then
+        the "full" row with rank NaN when the family has a full fine-tuning run), ``rank``, ``n_runs``,
+        ``seeds``, ``rho_mean``, ``rho_sd``.
 
     Examples
     --------
@@ -420,26 +463,33 @@ def rank_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     0   lora   4.0       1      0.10
     1   lora  16.0       2      0.25
     2   full   NaN       1      0.05
+    >>> rank_sweep(runs.assign(bulk_size=[2000, 2000, 20000, 2000]))[["settings", "method", "rank", "rho_mean"]]
+      settings method  rank  rho_mean
+    0  bulk=2000   lora   4.0      0.10
+    1  bulk=2000   lora  16.0      0.30
+    2  bulk=2000   full   NaN      0.05
     """
-    u = _usable(runs)
-    u = u[u["variant"] == "base"] if "variant" in u else u
-    keys = ["model", "architecture", "dataset"]
-    lora = u[(u["method"] == "lora") & u["rank"].notna()]
-    n_ranks = lora.groupby(keys)["rank"].nunique()
+    keys = RANK_KEYS
+    fam = rank_families(runs)
+    lora = fam[(fam["method"] == "lora") & fam["rank"].notna()]
+    n_ranks = lora.groupby([*keys, "family"])["rank"].nunique()
     swept = n_ranks[n_ranks >= 2].index
     if len(swept) == 0:
         return pd.DataFrame(columns=[*keys, "method", "rank", "n_runs", "seeds", "rho_mean", "rho_sd"])
-    sel = u.set_index(keys).index.isin(swept) & u["method"].isin(["lora", "full"])
-    part = u[sel]
-    out = mean_sd(part, [*keys, "method", "rank"], ["rho"])
-    seeds = part.groupby([*keys, "method", "rank"], dropna=False)["seed"].apply(_seeds).rename("seeds")
-    out = out.merge(seeds.reset_index(), on=[*keys, "method", "rank"])
-    out = out[[*keys, "method", "rank", "n_runs", "seeds", "rho_mean", "rho_sd"]]
-    return order_conditions(out)
+    part = fam[fam.set_index([*keys, "family"]).index.isin(swept)]
+    by = [*keys, "settings", "family", "method", "rank"]
+    out = mean_sd(part, by, ["rho"])
+    seeds = part.groupby(by, dropna=False)["seed"].apply(_seeds).rename("seeds")
+    out = out.merge(seeds.reset_index(), on=by)
+    out = order_conditions(out)
+    # Each family's rows together (the method and rank order within it kept).
+    out = out.sort_values([*_present(out, ["dataset", "architecture", "model"]), "settings"], kind="stable")
+    cols = _with_settings(out, [*keys, "method", "rank", "n_runs", "seeds", "rho_mean", "rho_sd"], "dataset")
+    return out[cols].reset_index(drop=True)
 
 
 def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Spearman correlation of LoRA rank with rho, per model x dataset of a `rank_sweep` table.
+    """Spearman correlation of LoRA rank with rho, per model x dataset (x setting family) of a `rank_sweep` table.
 
     The correlation is taken over the per-rank mean rho (one point per rank: seeds are
     replicates, not extra ranks). ``p_val`` is the **one-sided permutation p** for "rho grows with
@@ -448,7 +498,8 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
     Carlo with 100,000 seeded permutations. Six perfectly monotone ranks give 1/720 = 0.00139
     (two-sided it would be 2/720). It needs at least three ranks (two points always give +-1).
     ``monotonic`` is True when the mean rho strictly increases with rank; ``rho_full`` is the full
-    fine-tuning mean rho for comparison.
+    fine-tuning mean rho for comparison. A sweep with a ``settings`` column is tested per setting
+    family (the column is kept).
 
     Examples
     --------
@@ -462,8 +513,9 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
        n_ranks  spearman_r  monotonic  rho_full
     0        4         0.8      False      0.05
     """
+    keys = [*RANK_KEYS, *_present(sweep, ["settings"])]
     rows = []
-    for (model, arch, dataset), grp in sweep.groupby(["model", "architecture", "dataset"], sort=False):
+    for key, grp in sweep.groupby(keys, sort=False):
         lora = grp[grp["method"] == "lora"].sort_values("rank")
         full = grp[grp["method"] == "full"]["rho_mean"]
         r, p, method = np.nan, np.nan, ""
@@ -474,9 +526,7 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
             r, p, method = float(res["rho"].iloc[0]), float(res["p_val"].iloc[0]), str(res["method"].iloc[0])
         rows.append(
             {
-                "model": model,
-                "architecture": arch,
-                "dataset": dataset,
+                **dict(zip(keys, key)),
                 "ranks": ", ".join(str(int(k)) for k in lora["rank"]),
                 "n_ranks": len(lora),
                 "spearman_r": r,
@@ -494,8 +544,15 @@ def rank_trend(sweep: pd.DataFrame) -> pd.DataFrame:
 def architecture_table(runs: pd.DataFrame) -> pd.DataFrame:
     """rho of decoders vs encoders at each LoRA rank (main setting), pooled over models and seeds.
 
-    Returns one row per dataset x rank x architecture: ``models``, ``n_models``, ``n_runs``,
-    ``rho_mean``, ``rho_sd`` (sd over all runs, so between-model and between-seed spread together).
+    Pooled over the models of an architecture (their path and target modules differ by design), but only
+    within a setting family: runs that differ in any other setting of the condition key (bulk size,
+    learning rate, epochs, data files, tracked set, LoRA alpha, ...) are separate rows, and ``settings``
+    names what tells the families at a dataset x rank apart (e.g. "bulk=2000"; the column is there only
+    when some dataset x rank has several).
+
+    Returns one row per dataset x rank x architecture [x setting family]: ``models``, ``n_models``,
+    ``n_runs``, ``rho_mean``, ``rho_sd`` (sd over all runs, so between-model and between-seed spread
+    together).
 
     Examples
     --------
@@ -508,6 +565,12 @@ def architecture_table(runs: pd.DataFrame) -> pd.DataFrame:
       architecture  n_models  rho_mean
     0      decoder         1      0.40
     1      encoder         2      0.15
+    >>> t = architecture_table(runs.assign(bulk_size=[20000, 2000, 20000]))
+    >>> t[["architecture", "settings", "models", "rho_mean"]].round(2)
+      architecture    settings models  rho_mean
+    0      decoder  bulk=20000     d1       0.4
+    1      encoder   bulk=2000     e2       0.2
+    2      encoder  bulk=20000     e1       0.1
     """
     u = _usable(runs)
     u = u[(u["method"] == "lora") & u["rank"].notna() & (u["variant"] == "base")]
@@ -516,12 +579,15 @@ def architecture_table(runs: pd.DataFrame) -> pd.DataFrame:
             columns=["dataset", "rank", "architecture", "models", "n_models", "n_runs", "rho_mean", "rho_sd"]
         )
     keys = ["dataset", "rank", "architecture"]
-    out = mean_sd(u, keys, ["rho"])
-    models = u.groupby(keys)["model"].agg(lambda m: ", ".join(sorted(set(m)))).rename("models")
-    out = out.merge(models.reset_index(), on=keys)
+    fam = setting_families(u, MODEL_SETTINGS, within=["dataset", "rank"], point=("model", "architecture"))
+    by = [*keys, "settings", "family"]
+    out = mean_sd(fam, by, ["rho"])
+    models = fam.groupby(by)["model"].agg(lambda m: ", ".join(sorted(set(m)))).rename("models")
+    out = out.merge(models.reset_index(), on=by)
     out["n_models"] = out["models"].str.count(", ") + 1
-    out = out[[*keys, "models", "n_models", "n_runs", "rho_mean", "rho_sd"]]
-    return out.sort_values(keys).reset_index(drop=True)
+    out = out.sort_values([*keys, "settings"])
+    out = out[_with_settings(out, [*keys, "models", "n_models", "n_runs", "rho_mean", "rho_sd"], "architecture")]
+    return out.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------
