@@ -14,24 +14,15 @@ import os
 
 import pandas as pd
 
+from hf_entropy_callback.study.report import markdown_table
+
 
 def _fmt(x, digits=3):
-    if pd.isna(x):
-        return "—"
-    if isinstance(x, float):
-        return f"{x:+.{digits}f}" if digits else f"{x:g}"
-    return str(x)
+    return "—" if pd.isna(x) else f"{x:+.{digits}f}"
 
 
 def _p(x):
     return "—" if pd.isna(x) else f"{x:.2g}"
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join(df.columns) + " |"
-    rule = "|" + "|".join("---" for _ in df.columns) + "|"
-    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, rule, *rows])
 
 
 def per_run(tables: str) -> pd.DataFrame:
@@ -84,7 +75,7 @@ def by_condition(tables: str) -> pd.DataFrame:
 
 
 def alignment(tables: str) -> pd.DataFrame:
-    """clean~contested cosine at the first, middle and last tracking point per condition."""
+    """Cosine of each pair of categories at the first, middle and last tracking point, and its mean, per condition."""
     path = os.path.join(tables, "grad_alignment.csv")
     if not os.path.exists(path):
         return pd.DataFrame()
@@ -123,7 +114,7 @@ def main(argv=None) -> None:
         ("Gradient alignment (cosine of the categories' summed gradients)", alignment(tables)),
     ):
         print(f"### {title}\n")
-        print(_markdown(df) if not df.empty else "(none)")
+        print(markdown_table(df) if not df.empty else "(none)")
         print()
 
 
