@@ -232,3 +232,39 @@ def test_run_summary_marks_an_incomplete_history(tmp_path):
     text = format_summary(summary)
     assert "WARNING: incomplete history" in text
     assert "WARNING" not in format_summary(run_summary(full))
+
+
+def test_a_run_that_did_not_learn_is_flagged_in_the_report_not_dropped(tmp_path):
+    """A run left near chance (the 'NOT LEARNED' warning its script printed) must not sit in the report as
+    an ordinary row: its rho describes an untrained model. It stays in the means (the protocol keeps it)."""
+    runs = tmp_path / "runs"
+    _run(runs, "ok_s1")
+    _run(runs, "ok_s2", {"seed": 2})
+    stuck = Dynamics(final_loss=1.6, entropy_slope=0.0, length_slope=0.0, noise_sd=0.3)
+    write_synthetic_run(str(runs / "stuck_s3"), {"seed": 3}, n_train=30, n_val=9, steps=STEPS, dynamics=stuck)
+    acc = run_summary(load_run(str(runs / "stuck_s3")))["validation_accuracy"]
+    assert acc < 1 / 3 + 0.05 and "NOT LEARNED" in format_summary(run_summary(load_run(str(runs / "stuck_s3"))))
+
+    rep = build_report([str(runs)], str(tmp_path / "rep"), progress=False, html_index=False)
+    per_seed = pd.read_csv(tmp_path / "rep" / "tables" / "per_seed.csv").set_index("run_id")
+    assert per_seed.loc["stuck_s3", "validation_accuracy"] == pytest.approx(acc)
+    assert not per_seed.loc["stuck_s3", "learned"] and per_seed.loc[["ok_s1", "ok_s2"], "learned"].all()
+    assert (per_seed["status"] == "ok").all()  # flagged, not excluded
+    rho = pd.read_csv(tmp_path / "rep" / "tables" / "rho_by_condition.csv")
+    assert rho.loc[0, "n_runs"] == 3 and rho.loc[0, "n_not_learned"] == 1
+    assert rho.loc[0, "rho_mean"] == pytest.approx(per_seed["rho"].mean())
+    inventory = pd.read_csv(tmp_path / "rep" / "tables" / "runs.csv").set_index("run_id")
+    assert list(inventory["learned"]) == [True, True, False]
+    index = (tmp_path / "rep" / "index.md").read_text()
+    assert f"stuck_s3 ({rho.loc[0, 'condition']}, seed 3): NOT LEARNED: validation accuracy {acc:.3f}" in index
+    assert "1 usable run(s) did not learn" in index
+    assert [n for n in rep.notes if "NOT LEARNED" in n] == [n for n in rep.notes if "stuck_s3" in n]
+
+
+def test_a_run_without_a_validation_set_is_not_called_unlearned(tmp_path):
+    runs = tmp_path / "runs"
+    write_synthetic_run(str(runs / "a"), {"seed": 1}, n_train=30, n_val=0, steps=STEPS, dynamics=FLAT)
+    rep = build_report([str(runs)], str(tmp_path / "rep"), progress=False, html_index=False)
+    assert rep.tables["per_seed"]["learned"].isna().all()
+    assert rep.tables["rho_by_condition"].loc[0, "n_not_learned"] == 0
+    assert not [n for n in rep.notes if "NOT LEARNED" in n]

@@ -3,7 +3,7 @@
     python docs/results/summary_tables.py REPORT_DIR
 
 Every number comes from the report's CSV tables (tables/per_seed.csv, delta_loss.csv,
-grad_alignment.csv, rho_by_condition.csv); this script only selects columns and rounds, so
+grad_alignment.csv, rho_by_condition.csv, matched_lr.csv); this script only selects columns and rounds, so
 RESULTS.md can be regenerated from the same runs without copying numbers by hand.
 """
 
@@ -25,6 +25,11 @@ def _p(x):
     return "—" if pd.isna(x) else f"{x:.2g}"
 
 
+def _not_learned(row) -> bool:
+    # The report's `learned` column: False less than 5 points above chance, empty without a validation set.
+    return str(getattr(row, "learned", "")) == "False"
+
+
 def per_run(tables: str) -> pd.DataFrame:
     """One row per usable run: rho(entropy, AULC) with its CI and one-sided p, tau, validation accuracy."""
     seeds = pd.read_csv(os.path.join(tables, "per_seed.csv"))
@@ -36,7 +41,7 @@ def per_run(tables: str) -> pd.DataFrame:
                 "condition": r.condition,
                 "seed": int(r.seed),
                 "steps": int(r.final_step),
-                "val. acc.": f"{r.validation_accuracy:.3f}",
+                "val. acc.": f"{r.validation_accuracy:.3f}" + (" NOT LEARNED" if _not_learned(r) else ""),
                 "rho(H, AULC)": _fmt(r.rho),
                 "95% CI": f"[{_fmt(r.rho_ci_low)}, {_fmt(r.rho_ci_high)}]",
                 "p (rho > 0)": _p(r.p_greater),
@@ -59,7 +64,7 @@ def by_condition(tables: str) -> pd.DataFrame:
         rows.append(
             {
                 "condition": r.condition,
-                "seeds": r.seeds,
+                "seeds": r.seeds + (f" ({r.n_not_learned} not learned)" if getattr(r, "n_not_learned", 0) else ""),
                 "rho mean": _fmt(r.rho_mean),
                 "rho sd": _fmt(r.rho_sd),
                 "95% CI": f"[{_fmt(r.rho_ci_low)}, {_fmt(r.rho_ci_high)}]",
@@ -103,6 +108,30 @@ def alignment(tables: str) -> pd.DataFrame:
     return out.fillna("—")
 
 
+def matched_lr(tables: str) -> pd.DataFrame:
+    """LoRA vs full fine-tuning rate by rate (the report's matched-learning-rate table), when the runs have one."""
+    path = os.path.join(tables, "matched_lr.csv")
+    if not os.path.exists(path):
+        return pd.DataFrame()
+    rows = []
+    for r in pd.read_csv(path).itertuples(index=False):
+        rows.append(
+            {
+                "dataset": r.dataset,
+                **({"settings": r.settings} if hasattr(r, "settings") and pd.notna(r.settings) else {}),
+                "learning rate": f"{r.learning_rate:g}",
+                "method": r.method,
+                "runs": int(r.n_runs),
+                "val. acc.": f"{r.validation_accuracy_mean:.3f}" + (" underfit" if r.underfit else ""),
+                "rho mean": _fmt(r.rho_mean),
+                "ΔL clean": _fmt(r.delta_loss_clean),
+                "ΔL ambiguous": _fmt(r.delta_loss_ambiguous),
+                "ΔL contested": _fmt(r.delta_loss_contested),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", help="a report folder (holding tables/)")
@@ -112,6 +141,7 @@ def main(argv=None) -> None:
         ("Per run", per_run(tables)),
         ("Per condition", by_condition(tables)),
         ("Gradient alignment (cosine of the categories' summed gradients)", alignment(tables)),
+        ("Matched learning rates", matched_lr(tables)),
     ):
         print(f"### {title}\n")
         print(markdown_table(df) if not df.empty else "(none)")

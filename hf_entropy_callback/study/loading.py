@@ -39,6 +39,11 @@ it, so its AULC and Delta L miss the early points (`hf_entropy_callback.runs.his
 Diverged runs and runs with an incomplete history are *excluded*: listed (status "diverged" or
 "incomplete history", the reason in ``exclusion``, rho over the finite examples) but kept out of
 every aggregate, comparison and figure, with a note.
+
+A run that did *not learn* (validation accuracy less than `hf_entropy_callback.dynamics.LEARNED_MARGIN` above
+chance, `hf_entropy_callback.dynamics.near_chance`) has ``learned`` False and a note, and stays in the
+aggregates: the protocol keeps every run that trained without diverging, and the matched-learning-rate
+analysis reads such runs on purpose. ``learned`` is None when the run has no validation accuracy.
 """
 
 from __future__ import annotations
@@ -53,7 +58,14 @@ import numpy as np
 import pandas as pd
 
 from hf_entropy_callback.agreement import agreement_table
-from hf_entropy_callback.dynamics import accuracy, calibration, correlation_table, example_dynamics
+from hf_entropy_callback.dynamics import (
+    LEARNED_MARGIN,
+    accuracy,
+    calibration,
+    correlation_table,
+    example_dynamics,
+    near_chance,
+)
 from hf_entropy_callback.entropy import CATEGORIES
 from hf_entropy_callback.inference import BootstrapResampler, percentile_interval
 from hf_entropy_callback.runs import RunFormatError, history_complete, load_run
@@ -325,6 +337,9 @@ def summarize_run(
         "tau": corr.loc["kendall", "r"],
         "tau_p_val": corr.loc["kendall", "p_val"],
         "validation_accuracy": val_acc,
+        "num_labels": int(run.logprobs[train_set].shape[2]),
+        # None: no validation accuracy to judge by (no validation set, or non-finite final log-probs).
+        "learned": None if not np.isfinite(val_acc) else not near_chance(val_acc, run.logprobs[train_set].shape[2]),
         "n_nonfinite": int((~finite.all(axis=0)).sum()),
         "first_nonfinite_step": int(steps[bad_points[0]]) if len(bad_points) else None,
         "max_mean_loss": float(np.nanmax(mean_loss)) if np.isfinite(mean_loss).any() else math.nan,
@@ -539,6 +554,13 @@ def load_study(
     val_bad = runs[~runs["excluded"] & (runs["n_validation"] > 0) & runs["validation_accuracy"].isna()]
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
+    for r in runs[~runs["excluded"] & runs["learned"].eq(False)].itertuples():
+        seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
+        notes.append(
+            f"{r.run_id} ({r.condition}, {seed}): NOT LEARNED: validation accuracy {r.validation_accuracy:.3f} is less "
+            f"than {LEARNED_MARGIN * 100:g} points above chance ({1 / r.num_labels:.3f} with {r.num_labels} classes); "
+            "kept in the aggregates like every run, but its rho and Delta L describe a model that did not learn the task"
+        )
     for r in runs[runs["excluded"] & ~dup].itertuples():
         seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
         notes.append(f"{r.run_id} ({r.condition}, {seed}): {r.status}: {r.exclusion}; excluded from aggregates")

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from hf_entropy_callback.chaosnli import NLI_LABELS
+from hf_entropy_callback.dynamics import LEARNED_MARGIN
 from hf_entropy_callback.runs import TRACKING_DIRNAME, apply_umask, remove_stale_temporaries, temp_name_prefix
 
 from . import figures as F
@@ -380,6 +381,7 @@ def compute_tables(study: Study, alpha: float = T.ALPHA, family: str = "main") -
                 "condition",
                 "seed",
                 "status",
+                "learned",
                 "n_train",
                 "n_validation",
                 "n_points",
@@ -466,6 +468,7 @@ def compose(
     s = Section("Runs")
     n_incomplete = int((~runs["history_complete"] & ~runs["diverged"]).sum()) if "history_complete" in runs else 0
     n_dup = int(runs["duplicate_of"].notna().sum()) if "duplicate_of" in runs else 0
+    n_not_learned = int((runs["learned"].eq(False) & ~runs["excluded"]).sum()) if "learned" in runs else 0
     s.text(
         f"{len(runs)} runs in {len(conds)} conditions. A condition is defined by every recorded setting that "
         f"changes the numbers (model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / "
@@ -478,6 +481,8 @@ def compose(
         f"column). "
         f"Diverged: a non-finite tracked loss, or a mean tracked loss above the sanity bound 10 ln K nats "
         f"(K classes; ln K is the loss of a uniform prediction) at any tracking point. "
+        f"{n_not_learned} usable run(s) did not learn: validation accuracy less than {LEARNED_MARGIN * 100:g} "
+        f"points above chance (learned False in the inventory; kept in the aggregates, named in the warnings). "
         f"Datasets: {', '.join(sorted(runs['dataset'].unique()))}."
     )
     s.blocks.append(
@@ -544,7 +549,10 @@ def compose(
         f"share their examples; a seed with rho < 0 has p near 1, so mixed signs are never significant). "
         f"Correction family (--family {family}): {fam_text}; p_bonf / p_bh: p_max corrected over that family with "
         f"pingouin.multicomp (Bonferroni / Benjamini–Hochberg); conditions outside it have none. sig_* at alpha = "
-        f"{alpha:g}. Excluded runs (diverged, incomplete history, duplicates) are not in the mean."
+        f"{alpha:g}. Excluded runs (diverged, incomplete history, duplicates) are not in the mean. Runs that did not "
+        f"learn (validation accuracy less than {LEARNED_MARGIN * 100:g} points above chance: learned False in the "
+        f"per-seed table, counted in n_not_learned) are in it, as the protocol keeps them; their rho describes an "
+        f"untrained model, so read such a condition with care."
     )
     s.blocks.append(_table("rho_by_condition", "rho(entropy, AULC) per condition", t))
     if figs.get("entropy_aulc"):
@@ -569,7 +577,9 @@ def compose(
             "p_bonf / p_bh: each run's two-sided p corrected over all usable runs. validation_accuracy: argmax "
             "accuracy on the validation set at the last tracking point. Diverged runs: status "
             "'diverged', rho over the examples whose losses stayed finite; runs resumed without their "
-            "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out.",
+            "earlier trajectory: status 'incomplete history'; exclusion: why a run is left out. learned: False when "
+            f"the validation accuracy is less than {LEARNED_MARGIN * 100:g} points above chance (NOT LEARNED), empty "
+            "without a validation set.",
             inline=True,
         )
     )

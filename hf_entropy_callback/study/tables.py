@@ -182,7 +182,8 @@ def rho_by_condition(
     Returns
     -------
     table : DataFrame
-        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``n_incomplete``,
+        One row per condition: keys, ``n_runs`` (usable), ``n_diverged``, ``n_incomplete``, ``n_not_learned``
+        (usable runs whose ``learned`` is False; only when `runs` has ``learned``),
         ``seeds``, ``n_examples``, ``rho_mean``, ``rho_sd``, ``rho_ci_low``, ``rho_ci_high``,
         ``rho_min``, ``rho_max``, ``n_positive``, ``n_sig_seeds`` (seeds with one-sided p < alpha),
         ``p_max``, ``in_family``, ``p_bonf``, ``p_bh``, ``sig_bonf``, ``sig_bh``.
@@ -232,6 +233,7 @@ def rho_by_condition(
                 "n_runs": len(ok),
                 "n_diverged": int(diverged.loc[grp.index].sum()),
                 **extra,
+                **({"n_not_learned": int(ok["learned"].eq(False).sum())} if "learned" in ok else {}),
                 "seeds": _seeds(ok["seed"]) if "seed" in ok else "—",
                 "n_examples": float(ok["n"].median()) if len(ok) else np.nan,
                 "rho_mean": ok["rho"].mean(),
@@ -304,6 +306,7 @@ def per_seed_table(runs: pd.DataFrame) -> pd.DataFrame:
         "p_bh",
         "tau",
         "validation_accuracy",
+        "learned",
         "final_step",
         "tracked_set",
         "n_nonfinite",
