@@ -1374,6 +1374,7 @@ def _train(model_args, data_args, ent_args, training_args, run_config, checkpoin
         run_config = run_config.replace(
             architecture="decoder" if decoder else "encoder",
             n_train=len(train),
+            n_bulk=len(train) - len(tracked),
             n_tracked=len(tracked),
             n_validation=len(val),
         )

@@ -83,6 +83,9 @@ class RunConfig:
     max_eval_samples: Optional[int] = None
     max_tracked_samples: Optional[int] = None
     n_train: Optional[int] = field(default=None, metadata=_RECORDED)
+    # Bulk examples actually in the training set: fewer than bulk_size when the bulk file holds fewer
+    # (the MNLI subset's 9,999 for the study's 20,000), so reports name the data the run saw.
+    n_bulk: Optional[int] = field(default=None, metadata=_RECORDED)
     n_tracked: Optional[int] = field(default=None, metadata=_RECORDED)
     n_validation: Optional[int] = field(default=None, metadata=_RECORDED)
     # -- loss

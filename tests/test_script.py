@@ -293,3 +293,23 @@ def test_instrument_flags_reach_the_run(inputs, tmp_path):
     assert set(run.instruments["point"]) == set(range(len(HAND_SCHEDULE)))
     assert set(run.instruments["instrument"]) == {"grad_alignment", "grad_norms", "drift"}
     assert len(run.instrument_examples) == 6 * len(HAND_SCHEDULE)
+
+
+def test_a_bulk_file_smaller_than_bulk_size_is_recorded_as_what_was_trained(inputs, tmp_path):
+    """The MNLI subset holds 9,999 examples, fewer than the study's --bulk_size 20000: the run trains on all
+    of them, and its record and the report must say so, not the 20,000 that was asked for."""
+    from hf_entropy_callback.study.loading import load_study
+    from hf_entropy_callback.study.report import build_report
+
+    asked = tmp_path / "runs" / "asked1000-s1"
+    with pytest.warns(UserWarning, match="Asked for 1000 bulk examples but only 40 exist"):
+        run_glue_entropy.main(_argv(inputs, asked, bulk_size=1000, seed=1))
+    exact = tmp_path / "runs" / "asked40-s2"
+    run_glue_entropy.main(_argv(inputs, exact, bulk_size=40, seed=2))
+    cfg = load_run(str(asked)).config
+    assert (cfg["bulk_size"], cfg["n_bulk"], cfg["n_train"]) == (1000, 40, 88)
+    assert load_run(str(exact)).config["n_bulk"] == 40
+    rep = build_report([str(tmp_path / "runs")], str(tmp_path / "report"), progress=False, html_index=False)
+    # Same training data: one condition with both seeds, its bulk setting the 40 examples trained on.
+    assert len(rep.tables["conditions"]) == 1 and rep.tables["rho_by_condition"]["seeds"].tolist() == ["1, 2"]
+    assert load_study([str(tmp_path / "runs")], progress=False).runs["bulk_size"].tolist() == [40, 40]

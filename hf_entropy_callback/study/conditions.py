@@ -2,7 +2,8 @@
 
 A *condition* is defined by every recorded setting that changes a run's numbers (`SETTINGS`:
 model, method, rank, LoRA alpha and dropout, learning rate and schedule, epochs / max_steps, batch
-size x gradient accumulation x world size, bulk size, track_every, max length, data files, split
+size x gradient accumulation x world size, bulk size (the bulk examples trained on, ``n_bulk``, where the
+run recorded it: fewer than ``--bulk_size`` when the file holds fewer), track_every, max length, data files, split
 seed, the tracked example set, composition, label noise and its drawing rule, loss, class weights,
 label names, ...); only the seed varies within one. Its label is model · method · dataset ·
 variant (what differs from the study's main setting: composition, label noise, loss), followed by
@@ -99,7 +100,7 @@ SETTINGS = (
     ("num_train_epochs", "epochs", lambda c: _num(c.num_train_epochs)),
     ("max_steps", "max_steps", _max_steps),
     ("batch", "batch", _batch),
-    ("bulk_size", "bulk", lambda c: _num(c.bulk_size)),
+    ("bulk_size", "bulk", lambda c: _num(c.n_bulk if c.n_bulk is not None else c.bulk_size)),
     ("track_every", "track_every", lambda c: _num(c.track_every)),
     ("max_length", "max length", lambda c: _num(c.max_length)),
     ("chaosnli_file", "chaosnli file", lambda c: _basename(c.chaosnli_file)),
