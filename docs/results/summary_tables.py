@@ -66,7 +66,7 @@ def by_condition(tables: str) -> pd.DataFrame:
                 "condition": r.condition,
                 "seeds": r.seeds + (f" ({r.n_not_learned} not learned)" if getattr(r, "n_not_learned", 0) else ""),
                 "rho mean": _fmt(r.rho_mean),
-                "rho sd": _fmt(r.rho_sd),
+                "rho sd": _fmt(r.rho_sd).lstrip("+"),  # a spread, never signed
                 "95% CI": f"[{_fmt(r.rho_ci_low)}, {_fmt(r.rho_ci_high)}]",
                 "p_max": _p(r.p_max),
                 "p Bonferroni": _p(r.p_bonf),
