@@ -242,8 +242,9 @@ def test_a_run_that_did_not_learn_is_flagged_in_the_report_not_dropped(tmp_path)
     _run(runs, "ok_s2", {"seed": 2})
     stuck = Dynamics(final_loss=1.6, entropy_slope=0.0, length_slope=0.0, noise_sd=0.3)
     write_synthetic_run(str(runs / "stuck_s3"), {"seed": 3}, n_train=30, n_val=9, steps=STEPS, dynamics=stuck)
-    acc = run_summary(load_run(str(runs / "stuck_s3")))["validation_accuracy"]
-    assert acc < 1 / 3 + 0.05 and "NOT LEARNED" in format_summary(run_summary(load_run(str(runs / "stuck_s3"))))
+    summary = run_summary(load_run(str(runs / "stuck_s3")))
+    acc = summary["validation_accuracy"]
+    assert acc < 1 / 3 + 0.05 and "NOT LEARNED" in format_summary(summary)
 
     rep = build_report([str(runs)], str(tmp_path / "rep"), progress=False, html_index=False)
     per_seed = pd.read_csv(tmp_path / "rep" / "tables" / "per_seed.csv").set_index("run_id")

@@ -292,7 +292,8 @@ def summarize_run(
     by_id = dyn.sort_values("example_id", kind="stable")
     boot = resampler.spearman(by_id["entropy"].to_numpy(float), by_id["aulc"].to_numpy(float))
     rho_lo, rho_hi = percentile_interval(boot)
-    bound = loss_bound(run.logprobs[train_set].shape[2])
+    num_labels = int(run.logprobs[train_set].shape[2])
+    bound = loss_bound(num_labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # points where no loss is finite
         mean_loss = np.nanmean(np.where(finite, losses, np.nan), axis=1)
@@ -337,9 +338,9 @@ def summarize_run(
         "tau": corr.loc["kendall", "r"],
         "tau_p_val": corr.loc["kendall", "p_val"],
         "validation_accuracy": val_acc,
-        "num_labels": int(run.logprobs[train_set].shape[2]),
+        "num_labels": num_labels,
         # None: no validation accuracy to judge by (no validation set, or non-finite final log-probs).
-        "learned": None if not np.isfinite(val_acc) else not near_chance(val_acc, run.logprobs[train_set].shape[2]),
+        "learned": None if not np.isfinite(val_acc) else not near_chance(val_acc, num_labels),
         "n_nonfinite": int((~finite.all(axis=0)).sum()),
         "first_nonfinite_step": int(steps[bad_points[0]]) if len(bad_points) else None,
         "max_mean_loss": float(np.nanmax(mean_loss)) if np.isfinite(mean_loss).any() else math.nan,
@@ -414,6 +415,11 @@ def _worker_count(workers: Optional[int], n_runs: int) -> int:
     if workers is None or workers < 1:
         workers = min(os.cpu_count() or 1, n_runs // RUNS_PER_WORKER)
     return max(1, min(int(workers), n_runs))
+
+
+def _seed_text(seed) -> str:
+    """A run's seed as the notes name it ("seed 42", or "no seed" when the run recorded none)."""
+    return f"seed {seed:g}" if isinstance(seed, (int, float)) and not math.isnan(seed) else "no seed"
 
 
 def load_study(
@@ -555,15 +561,15 @@ def load_study(
     for r in val_bad.itertuples():
         notes.append(f"{r.run_id}: non-finite validation log-probabilities at the final point; no validation accuracy")
     for r in runs[~runs["excluded"] & runs["learned"].eq(False)].itertuples():
-        seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
         notes.append(
-            f"{r.run_id} ({r.condition}, {seed}): NOT LEARNED: validation accuracy {r.validation_accuracy:.3f} is less "
+            f"{r.run_id} ({r.condition}, {_seed_text(r.seed)}): NOT LEARNED: validation accuracy {r.validation_accuracy:.3f} is less "
             f"than {LEARNED_MARGIN * 100:g} points above chance ({1 / r.num_labels:.3f} with {r.num_labels} classes); "
             "kept in the aggregates like every run, but its rho and Delta L describe a model that did not learn the task"
         )
     for r in runs[runs["excluded"] & ~dup].itertuples():
-        seed = f"seed {r.seed:g}" if isinstance(r.seed, (int, float)) and not math.isnan(r.seed) else "no seed"
-        notes.append(f"{r.run_id} ({r.condition}, {seed}): {r.status}: {r.exclusion}; excluded from aggregates")
+        notes.append(
+            f"{r.run_id} ({r.condition}, {_seed_text(r.seed)}): {r.status}: {r.exclusion}; excluded from aggregates"
+        )
 
     keep = set(runs.loc[~runs["excluded"], "run_id"])
 

@@ -27,12 +27,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hf_entropy_callback.dynamics import LEARNED_MARGIN
+
 from .conditions import METHOD_SETTINGS, method_label, setting_families
 
 __all__ = ["UNDERFIT_MARGIN", "MATCHED_LR_COLUMNS", "matched_lr_table"]
 
-#: Validation accuracy within this of chance counts as underfit.
-UNDERFIT_MARGIN = 0.05
+#: Validation accuracy within this of chance counts as underfit: the margin the run summary and the
+#: report's ``learned`` column use (`hf_entropy_callback.dynamics.LEARNED_MARGIN`), so the two never drift.
+UNDERFIT_MARGIN = LEARNED_MARGIN
 MATCHED_LR_COLUMNS = [
     "model",
     "dataset",
